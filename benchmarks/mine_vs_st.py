@@ -1,0 +1,110 @@
+"""posmine mining vs sentence-transformers' `mine_hard_negatives`, same model/data/settings.
+
+Both run end to end in this one process, one after the other: posmine (data + Ray Data embed +
+sharded FAISS + TopK-PercPos 0.95) and ST (`relative_margin=0.05`, `range_max=top_k`,
+`sampling_strategy="top"`, `use_faiss=True`). Reports wall times, their ratio, and the
+per-query overlap of the chosen negatives.
+
+    python benchmarks/mine_vs_st.py [--data PATH] [--out DIR] [--actors N] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+
+import torch
+
+from posmine import pipeline, storage
+from posmine.config import default_beir_dir, load_config
+from posmine.embed import resolve_model
+
+
+def run_posmine(data: str, out: str, actors: int, threads: int) -> tuple[float, dict, dict]:
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config("jobs/configs/scifact.yaml", [
+        f"data.path={data}", f"output.dir={out}", f"teacher.num_actors={actors}",
+        f"teacher.cpus_per_actor={1.0 if actors == 1 else 0.5}", f"teacher.torch_threads={threads}",
+        "mining.rule=topk_percpos", "mining.perc=0.95", "mining.num_negatives=4", "mining.top_k=30",
+        "mining.dedup_text=exact",
+    ])
+    t0 = time.perf_counter()
+    manifest = pipeline.mine(cfg)
+    seconds = time.perf_counter() - t0
+    mined = storage.read_parquet(f"{out}/mine/mined.parquet").to_pylist()
+    return seconds, {r["query"]: r["negatives"] for r in mined}, manifest
+
+
+def run_st(data: str) -> tuple[float, dict]:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from posmine import data as pdata
+
+    t0 = time.perf_counter()
+    ds = pdata.load(data)
+    corpus = {}
+    for chunk in ds.corpus_chunks():
+        for r in chunk.to_pylist():
+            corpus[r["id"]] = f"{r['title']} {r['text']}".strip()
+    qtext = dict(zip(ds.queries.column("id").to_pylist(), ds.queries.column("text").to_pylist(),
+                     strict=True))
+    pairs = [(qtext[q], corpus[d]) for q, d, s in zip(
+        *(ds.qrels["train"].column(c).to_pylist() for c in ("query_id", "doc_id", "score")),
+        strict=True) if s > 0]
+    model = SentenceTransformer(resolve_model("default"), device="cpu")
+    model.max_seq_length = 256
+    mined = mine_hard_negatives(
+        Dataset.from_dict({"query": [p[0] for p in pairs], "positive": [p[1] for p in pairs]}),
+        model, corpus=list(corpus.values()), range_max=30, relative_margin=0.05, num_negatives=4,
+        sampling_strategy="top", batch_size=32, use_faiss=True, output_format="n-tuple",
+        verbose=True)
+    seconds = time.perf_counter() - t0
+    out: dict[str, list[str]] = {}
+    for r in mined:
+        out[r["query"]] = [r[f"negative_{i}"] for i in range(1, 5)]
+    return seconds, out
+
+
+def compare(ours: dict[str, list[str]], theirs: dict[str, list[str]]) -> dict:
+    common = sorted(set(ours) & set(theirs))
+    overlaps = [len(set(ours[q]) & set(theirs[q])) / max(len(theirs[q]), 1) for q in common]
+    identical = sum(ours[q] == theirs[q] for q in common)
+    return {"queries_posmine": len(ours), "queries_st": len(theirs), "queries_both": len(common),
+            "identical_lists": identical, "mean_overlap": sum(overlaps) / max(len(overlaps), 1),
+            "only_posmine": len(set(ours) - set(theirs)), "only_st": len(set(theirs) - set(ours))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default=default_beir_dir("scifact"))
+    p.add_argument("--out", default="/tmp/posmine-bench-mine")
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    pipeline.ensure_ray()
+    pm_s, pm, manifest = run_posmine(a.data, a.out, a.actors, a.threads)
+    st_s, st = run_st(a.data)
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "posmine_seconds": round(pm_s, 1), "st_seconds": round(st_s, 1),
+        "speedup_st_over_posmine": round(st_s / pm_s, 3),
+        "posmine_stage_seconds": {"mine_total": manifest["seconds"]},
+        "posmine_dropped_by_rule": manifest["stats"]["dropped_by_rule"],
+        **compare(pm, st),
+    }
+    print(json.dumps(result, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""`posmine` command line: one verb per stage, each a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from posmine.config import ConfigError, load_config
+from posmine.data import DataError
+from posmine.storage import StorageError
+
+VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "report")
+
+
+def _data(args: argparse.Namespace) -> int:
+    from posmine import data
+
+    summary = data.load(args.path).summary()
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from posmine import pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(pipeline.embed(cfg), indent=2, default=str))
+    return 0
+
+
+def _mine(args: argparse.Namespace) -> int:
+    from posmine import pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = pipeline.mine(cfg)
+    print(json.dumps(manifest, indent=2, default=str))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from posmine import pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    result = pipeline.evaluate(cfg, model=args.model)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from posmine import report
+
+    path = report.histogram(args.mined_dir, args.out)
+    print(path)
+    return 0
+
+
+def _not_built(verb: str) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(f"posmine {verb}: not built yet in this version", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="posmine",
+        description="Positive-aware hard-negative mining and contrastive fine-tuning on Ray.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    d = sub.add_parser("data", help="check a BEIR dataset")
+    dsub = d.add_subparsers(dest="data_verb", required=True)
+    check = dsub.add_parser("check", help="validate a dataset and print its counts as JSON")
+    check.add_argument("path", help="dataset folder, fsspec URL (s3://...), or beir:<name>")
+    check.set_defaults(func=_data)
+
+    def staged(name: str, help_: str, func: Callable[[argparse.Namespace], int]) -> None:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config", help="YAML config (see jobs/configs/)")
+        sp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        sp.set_defaults(func=func)
+        if name == "evaluate":
+            sp.add_argument("--model", default=None,
+                            help="model to evaluate (default: teacher.model)")
+
+    staged("embed", "embed corpus and queries with the teacher (Ray Data)", _embed)
+    staged("mine", "mine positive-aware hard negatives (runs embed/index when stale)", _mine)
+    staged("train", "fine-tune the student on mined examples (Ray Train)", _not_built("train"))
+    staged("evaluate", "nDCG@10, Recall@k, MRR, MAP on held-out qrels", _evaluate)
+    staged("tune", "Ray Tune search over mining parameters", _not_built("tune"))
+    staged("run", "the whole pipeline: embed, mine, train, evaluate", _not_built("run"))
+    r = sub.add_parser("report", help="PNG histogram of teacher scores of a mined output")
+    r.add_argument("mined_dir", help="the mine stage folder (<output.dir>/mine)")
+    r.add_argument("--out", default=None, help="PNG path (default: <mined_dir>/scores.png)")
+    r.set_defaults(func=_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ConfigError, DataError, StorageError, FileNotFoundError) as e:
+        print(f"posmine: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

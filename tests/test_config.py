@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from posmine.config import RULES, Config, ConfigError, config_hash, load_config
+
+CONFIGS = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_papers() -> None:
+    cfg = Config()
+    assert cfg.mining.rule == "topk_percpos" and cfg.mining.perc == 0.95
+    assert cfg.mining.margin == 0.05 and cfg.mining.threshold == 0.7 and cfg.mining.shift == 10
+    assert cfg.mining.num_negatives == 4
+    assert cfg.train.temperature == 0.05
+    assert set(RULES) == {"naive_topk", "topk_shifted", "topk_abs", "topk_marginpos", "topk_percpos"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_job_config_loads(path: Path) -> None:
+    assert isinstance(load_config(path), Config)
+
+
+def test_documented_override_keys(tmp_path: Path) -> None:
+    cfg = load_config(None, [
+        "data.path=s3://b/scifact", "data.split=dev", "teacher.model=/models/x",
+        "mining.rule=topk_marginpos", "mining.perc=0.9", "mining.margin=0.1",
+        "mining.threshold=0.8", "mining.num_negatives=7", "mining.top_k=50",
+        "train.epochs=3", "output.dir=s3://b/out",
+    ])
+    assert cfg.data.path == "s3://b/scifact" and cfg.data.split == "dev"
+    assert cfg.teacher.model == "/models/x" and cfg.mining.rule == "topk_marginpos"
+    assert (cfg.mining.perc, cfg.mining.margin, cfg.mining.threshold) == (0.9, 0.1, 0.8)
+    assert (cfg.mining.num_negatives, cfg.mining.top_k, cfg.train.epochs) == (7, 50, 3)
+    assert cfg.output.dir == "s3://b/out"
+
+
+def test_configs_are_frozen() -> None:
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.mining.perc = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("mining.rul=topk_abs", "mining.rul"),
+    ("minning.rule=x", "minning"),
+    ("mining.rule=topk_best", "allowed values"),
+    ("mining.num_negatives=four", "mining.num_negatives must be an integer"),
+    ("mining.perc=3", "mining.perc must be in"),
+    ("train.in_batch_negatives=maybe", "train.in_batch_negatives must be true or false"),
+    ("teacher.pooling=max", "teacher.pooling"),
+    ("nodot", "key.sub=value"),
+])
+def test_bad_keys_and_values_are_named(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_yaml_unknown_key_named(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("mining:\n  rule: naive_topk\n  negatives: 3\n")
+    with pytest.raises(ConfigError, match=r"mining\.negatives.*allowed: rule"):
+        load_config(p)
+
+
+def test_hash_changes_with_config() -> None:
+    a, b = Config(), load_config(None, ["mining.perc=0.9"])
+    assert config_hash(a.mining) != config_hash(b.mining)
+    assert config_hash(a.mining) == config_hash(Config().mining)

@@ -1,0 +1,199 @@
+import gzip
+import http.server
+import io
+import json
+import os
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from posmine import data, storage
+from posmine.cli import main
+from posmine.config import DataConfig, default_beir_dir
+from tests.conftest import CORPUS, QRELS, QUERIES, write_beir
+
+SCIFACT = default_beir_dir("scifact")
+
+
+def _scifact_counts(summary: dict) -> None:
+    assert summary["corpus"] == 5183 and summary["queries"] == 1109
+    assert summary["qrels"] == {"test": 339, "train": 919}
+
+
+def test_scifact_counts() -> None:
+    _scifact_counts(data.load(SCIFACT).summary())
+
+
+def test_cli_data_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "check", SCIFACT]) == 0
+    _scifact_counts(json.loads(capsys.readouterr().out))
+
+
+def test_scifact_through_s3(s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
+    fs, _ = storage.filesystem(s3_bucket)
+    fs.put(SCIFACT, f"{s3_bucket[5:]}/beir/scifact", recursive=True)
+    assert main(["data", "check", f"{s3_bucket}/beir/scifact"]) == 0
+    _scifact_counts(json.loads(capsys.readouterr().out))
+
+
+def test_gzip_and_parquet_layouts(tmp_path: Path) -> None:
+    gz = data.load(str(write_beir(tmp_path / "gz", gz=True))).summary()
+    assert gz["corpus"] == len(CORPUS) and gz["queries"] == len(QUERIES)
+    # the same dataset as Parquet, written by the data stage, reads back as a BEIR folder
+    data.prepare(DataConfig(path=str(tmp_path / "gz")), str(tmp_path / "out"))
+    pq_root = tmp_path / "pq"
+    (pq_root / "qrels").mkdir(parents=True)
+    staged = tmp_path / "out" / "data"
+    storage.write_parquet(storage.read_parquet(str(staged / "corpus")), str(pq_root / "corpus.parquet"))
+    storage.write_parquet(storage.read_parquet(str(staged / "queries.parquet")),
+                          str(pq_root / "queries.parquet"))
+    storage.write_parquet(storage.read_parquet(str(staged / "qrels" / "test.parquet")),
+                          str(pq_root / "qrels" / "test.parquet"))
+    summary = data.load(str(pq_root)).summary()
+    assert summary["corpus"] == len(CORPUS) and summary["qrels"] == {"test": len(QRELS["test"])}
+
+
+def test_dev_holdout_is_seeded_and_disjoint(tiny_beir: Path) -> None:
+    ds = data.load(str(tiny_beir))
+    a = data.prepared_qrels(ds, DataConfig(path=str(tiny_beir), dev_fraction=0.25, holdout_dev=True))
+    b = data.prepared_qrels(ds, DataConfig(path=str(tiny_beir), dev_fraction=0.25, holdout_dev=True))
+    dev = set(a["dev"].column("query_id").to_pylist())
+    train = set(a["train"].column("query_id").to_pylist())
+    assert dev and not dev & train
+    assert dev | train == set(ds.qrels["train"].column("query_id").to_pylist())
+    assert dev == set(b["dev"].column("query_id").to_pylist())
+
+
+def test_prepare_resumes_by_manifest(tiny_beir: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    cfg = DataConfig(path=str(tiny_beir))
+    first = data.prepare(cfg, out)
+    assert data.prepare(cfg, out)["finished_at"] == first["finished_at"]  # skipped
+    os.remove(Path(out) / "data" / storage.MANIFEST)  # as if it died before committing
+    assert storage.read_manifest(str(Path(out) / "data")) is None
+    redone = data.prepare(cfg, out)
+    assert redone["rows"]["corpus"] == len(CORPUS)
+
+
+def test_beir_download_path_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`beir:<name>` downloads the zip from the (here: loopback) BEIR URL into the cache."""
+    src = write_beir(tmp_path / "src" / "tinyset")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in src.rglob("*"):
+            if f.is_file():
+                z.write(f, f.relative_to(src.parent))
+    body = buf.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path.endswith("/tinyset.zip")
+            self.send_response(200 if ok else 404)
+            self.end_headers()
+            if ok:
+                self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("POSMINE_BEIR_URL", f"http://127.0.0.1:{server.server_port}/{{name}}.zip")
+    monkeypatch.setenv("POSMINE_CACHE", str(tmp_path / "cache"))
+    try:
+        assert data.load("beir:tinyset").summary()["corpus"] == len(CORPUS)
+        assert (tmp_path / "cache" / "beir" / "tinyset" / "corpus.jsonl").exists()
+        with pytest.raises(data.DataError, match="beir:missing: download"):
+            data.load("beir:missing")
+    finally:
+        server.shutdown()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _lines(rows: list) -> bytes:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+
+
+BAD_CASES = {
+    "malformed_json": ("corpus.jsonl", _lines([CORPUS[0], '{"_id": "x", "text": '] ),
+                       r"corpus\.jsonl:2: malformed JSON"),
+    "not_an_object": ("corpus.jsonl", _lines([CORPUS[0], "[1, 2]"]),
+                      r"corpus\.jsonl:2: expected a JSON object"),
+    "missing_id": ("corpus.jsonl", _lines([CORPUS[0], {"text": "t"}]),
+                   r"corpus\.jsonl:2: missing '_id'"),
+    "missing_text": ("queries.jsonl", _lines([QUERIES[0], {"_id": "q1"}]),
+                     r"queries\.jsonl:2 \(id 'q1'\): missing 'text'"),
+    "id_wrong_type": ("corpus.jsonl", _lines([{"_id": ["a"], "text": "t"}]),
+                      r"corpus\.jsonl:1: '_id' must be a string"),
+    "duplicate_id": ("corpus.jsonl", _lines([*CORPUS, CORPUS[3]]),
+                     rf"corpus\.jsonl:{len(CORPUS) + 1}: duplicate id 'd3'"),
+    "non_utf8": ("queries.jsonl", _lines(QUERIES[:2]) + b'{"_id": "qx", "text": "caf\xe9"}\n',
+                 r"queries\.jsonl:3: not valid UTF-8"),
+    "empty_file": ("corpus.jsonl", b"", r"corpus\.jsonl: empty file"),
+    "blank_only_file": ("queries.jsonl", b"\n\n", r"queries\.jsonl: empty file"),
+    "qrels_bad_header": ("qrels/train.tsv", b"qid\tdocid\trel\nq0\td0\t1\n",
+                         r"train\.tsv:1: bad header"),
+    "qrels_bad_score": ("qrels/train.tsv", b"query-id\tcorpus-id\tscore\nq0\td0\thigh\n",
+                        r"train\.tsv:2: score 'high' is not an integer"),
+    "qrels_wrong_fields": ("qrels/train.tsv", b"query-id\tcorpus-id\tscore\nq0 d0 1\n",
+                           r"train\.tsv:2: expected 3 tab-separated fields"),
+    "qrels_missing_query": ("qrels/train.tsv", b"query-id\tcorpus-id\tscore\nq0\td0\t1\nq99\td1\t1\n",
+                            r"train\.tsv:3: query id 'q99' is not in the queries file"),
+    "qrels_missing_doc": ("qrels/test.tsv", b"query-id\tcorpus-id\tscore\nq0\tnope\t1\n",
+                          r"test\.tsv:2: doc id 'nope' \(query 'q0'\) is not in the corpus"),
+    "qrels_empty": ("qrels/test.tsv", b"query-id\tcorpus-id\tscore\n", r"test\.tsv: empty file"),
+    "empty_id": ("queries.jsonl", _lines([{"_id": " ", "text": "t"}]), r"queries\.jsonl:1: empty '_id'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_names_file_and_line(case: str, tiny_beir: Path, tmp_path: Path) -> None:
+    name, content, pattern = BAD_CASES[case]
+    (tiny_beir / name).write_bytes(content)
+    out = str(tmp_path / "out")
+    with pytest.raises(data.DataError, match=pattern):
+        data.prepare(DataConfig(path=str(tiny_beir)), out)
+    assert storage.read_manifest(str(tmp_path / "out" / "data")) is None  # nothing looks finished
+
+
+def test_bad_gzip_line_is_named(tiny_beir: Path) -> None:
+    (tiny_beir / "corpus.jsonl").unlink()
+    (tiny_beir / "corpus.jsonl.gz").write_bytes(gzip.compress(_lines([CORPUS[0], "{oops"])))
+    with pytest.raises(data.DataError, match=r"corpus\.jsonl\.gz:2: malformed JSON"):
+        data.load(str(tiny_beir))
+
+
+def test_parquet_missing_column_is_named(tiny_beir: Path) -> None:
+    import pyarrow as pa
+
+    (tiny_beir / "corpus.jsonl").unlink()
+    storage.write_parquet(pa.table({"id": ["a"], "body": ["x"]}), str(tiny_beir / "corpus.parquet"))
+    with pytest.raises(data.DataError, match=r"corpus\.parquet: missing column\(s\) \['title', 'text'\]"):
+        data.load(str(tiny_beir))
+
+
+def test_missing_folder_and_qrels(tmp_path: Path) -> None:
+    with pytest.raises(data.DataError, match="dataset folder not found"):
+        data.load(str(tmp_path / "nope"))
+    root = write_beir(tmp_path / "noqrels")
+    for f in (root / "qrels").iterdir():
+        f.unlink()
+    with pytest.raises(data.DataError, match="no qrels files"):
+        data.load(str(root))
+
+
+def test_empty_text_is_warned_and_counted(tmp_path: Path) -> None:
+    corpus = [*CORPUS, {"_id": "blank", "title": "", "text": "  "}]
+    summary = data.load(str(write_beir(tmp_path / "t", corpus=corpus))).summary()
+    assert summary["warnings"] == {"corpus_empty_text": 1}
+    assert summary["corpus"] == len(CORPUS) + 1
+
+
+def test_cli_reports_bad_data_nonzero(tiny_beir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tiny_beir / "corpus.jsonl").write_bytes(b'{"_id": "a", "text": "x"}\n{bad\n')
+    assert main(["data", "check", str(tiny_beir)]) == 1
+    assert "corpus.jsonl:2: malformed JSON" in capsys.readouterr().err

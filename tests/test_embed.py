@@ -1,0 +1,91 @@
+"""Encoder pooling and ordering, the packaged model against sentence-transformers, and the
+Ray Data embed stage against the plain encoder."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from posmine import storage
+from posmine.config import DataConfig, TeacherConfig
+from posmine.data import prepare
+from posmine.embed import Encoder, ModelError, pool, read_embeddings, resolve_model, run
+
+TEXTS = ["cell protein", "the brain and the heart of a mouse study with a long text here",
+         "drug", "vitamin diet sleep stress immune"]
+
+
+def test_pooling_shapes_and_values() -> None:
+    hidden = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)  # (batch, seq, dim)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    mean = pool(hidden, mask, "mean")
+    torch.testing.assert_close(mean[0], hidden[0, :2].mean(0))
+    torch.testing.assert_close(mean[1], hidden[1].mean(0))
+    torch.testing.assert_close(pool(hidden, mask, "cls"), hidden[:, 0])
+    torch.testing.assert_close(pool(hidden, mask, "last"), torch.stack([hidden[0, 1], hidden[1, 2]]))
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding: last real token at -1
+    torch.testing.assert_close(pool(hidden, left, "last"), hidden[:, -1])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_batched_encoding_equals_one_by_one(tiny_model: str, pooling: str) -> None:
+    enc = Encoder(TeacherConfig(model=tiny_model, pooling=pooling, batch_size=3))  # type: ignore[arg-type]
+    together = enc.encode(TEXTS)  # sorted by length, padded, then put back in order
+    alone = np.stack([enc.encode([t])[0] for t in TEXTS])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert together.shape == (4, 32)
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, rtol=1e-5)
+
+
+def test_prefix_and_no_normalisation(tiny_model: str) -> None:
+    enc = Encoder(TeacherConfig(model=tiny_model, normalize=False))
+    plain, prefixed = enc.encode(["cell"]), enc.encode(["cell"], prefix="query: ")
+    assert not np.allclose(plain, prefixed)
+    assert abs(float(np.linalg.norm(plain)) - 1.0) > 1e-3
+
+
+def test_packaged_model_matches_sentence_transformers() -> None:
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model("default")
+    ours = Encoder(TeacherConfig(max_length=256)).encode(TEXTS)
+    st = SentenceTransformer(path, device="cpu")
+    st.max_seq_length = 256
+    theirs = st.encode(TEXTS, normalize_embeddings=True)
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+def test_bad_model_paths_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no such directory"):
+        resolve_model(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a model directory"):
+        resolve_model(str(tmp_path / "empty"))
+
+
+def test_ray_data_stage_equals_plain_encoder(ray_local: None, tiny_beir: Path, tiny_model: str,
+                                             tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    manifest = prepare(DataConfig(path=str(tiny_beir)), out)
+    cfg = TeacherConfig(model=tiny_model, num_actors=1, cpus_per_actor=0.5, batch_size=4,
+                        query_prefix="query: ", torch_threads=1)
+    emb = run(cfg, f"{out}/data", out, manifest["config_hash"])
+    assert emb["rows"] == {"corpus": 40, "queries": 12}
+    target = storage.join(out, "embed")
+    [folder] = storage.listdir(target)
+    ids, mat = read_embeddings(f"{target}/{folder}/corpus")
+    assert sorted(ids) == sorted(f"d{i}" for i in range(40)) and mat.shape == (40, 32)
+    corpus = storage.read_parquet(f"{out}/data/corpus").to_pylist()
+    text = {r["id"]: f"{r['title']} {r['text']}".strip() for r in corpus}
+    plain = Encoder(cfg).encode([text[i] for i in ids])
+    np.testing.assert_allclose(mat, plain, atol=1e-5)
+    qids, qmat = read_embeddings(f"{target}/{folder}/queries")
+    qtext = {r["id"]: r["text"] for r in storage.read_parquet(f"{out}/data/queries.parquet").to_pylist()}
+    np.testing.assert_allclose(qmat, Encoder(cfg).encode([qtext[q] for q in qids], "query: "),
+                               atol=1e-5)
+    # rerun with the same config: skipped (manifest current)
+    assert run(cfg, f"{out}/data", out, manifest["config_hash"])["finished_at"] == emb["finished_at"]
+    other = run(replace(cfg, pooling="cls"), f"{out}/data", out, manifest["config_hash"])
+    assert other["config_hash"] != emb["config_hash"]

@@ -1,0 +1,50 @@
+"""Our metrics equal pytrec_eval's (trec_eval semantics, as BEIR and MTEB use) on the same run."""
+
+import numpy as np
+import pytest
+import pytrec_eval
+
+from posmine.metrics import evaluate, ranked
+
+
+def _random_case(seed: int) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    qrels, run = {}, {}
+    for q in range(30):
+        docs = [f"d{j}" for j in rng.choice(200, 120, replace=False)]
+        rel = {d: int(rng.integers(0, 3)) for d in rng.choice([*docs, "unretrieved"], 4)}
+        qrels[f"q{q}"] = rel
+        # rounded scores make ties, which trec_eval breaks by doc id (descending)
+        run[f"q{q}"] = {d: float(np.round(rng.random(), 1)) for d in docs}
+    return qrels, run
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_equal_pytrec_eval(seed: int) -> None:
+    qrels, run = _random_case(seed)
+    ks = (1, 10, 100)
+    ours = evaluate(qrels, run, ks, ignore_identical_ids=False)
+    measures = {f"ndcg_cut.{','.join(map(str, ks))}", f"recall.{','.join(map(str, ks))}",
+                f"map_cut.{','.join(map(str, ks))}"}
+    ref = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    for k in ks:
+        for ours_name, ref_name in ((f"ndcg@{k}", f"ndcg_cut_{k}"), (f"recall@{k}", f"recall_{k}"),
+                                    (f"map@{k}", f"map_cut_{k}")):
+            want = np.mean([r[ref_name] for r in ref.values()])
+            assert ours[ours_name] == pytest.approx(want, abs=1e-9), ours_name
+    # MRR@10 = trec_eval's recip_rank on the run cut to its top 10 (trec order)
+    cut = {q: {d: docs[d] for d in ranked(docs)[:10]} for q, docs in run.items()}
+    rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+    assert ours["mrr@10"] == pytest.approx(np.mean([r["recip_rank"] for r in rr.values()]), abs=1e-9)
+
+
+def test_ignore_identical_ids() -> None:
+    qrels = {"q1": {"d1": 1}}
+    run = {"q1": {"q1": 0.9, "d1": 0.8}}
+    assert evaluate(qrels, run, (1,), ignore_identical_ids=True)["ndcg@1"] == 1.0
+    assert evaluate(qrels, run, (1,), ignore_identical_ids=False)["ndcg@1"] == 0.0
+
+
+def test_queries_missing_from_run_are_not_averaged() -> None:
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    assert evaluate(qrels, {"q1": {"d1": 1.0}}, (10,))["ndcg@10"] == 1.0

@@ -1,0 +1,189 @@
+"""The paper's rules on hand-computed scores, the batched rule against its per-query twin,
+sampling, and properties over random inputs."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from posmine.config import RULES, MiningConfig
+from posmine.mining import (
+    QueryCandidates,
+    combine_teachers,
+    mine,
+    normalize_text,
+    query_rng,
+    rule_keep,
+    rule_keep_reference,
+)
+
+# One query, two positives (p1 0.80, p2 0.70): s+ = 0.70, the weakest positive.
+CANDS = ["p1", "a", "b", "p2", "c", "d", "e", "f"]
+SCORES = np.array([0.80, 0.75, 0.69, 0.70, 0.665, 0.60, 0.50, 0.40])
+Q = QueryCandidates("q", CANDS, SCORES, ["p1", "p2"], np.array([0.80, 0.70]))
+
+
+def negs(cfg: MiningConfig, q: QueryCandidates = Q) -> list[str]:
+    rows, _ = mine([q], cfg)
+    return rows[0]["negative_ids"] if rows else []
+
+
+@pytest.mark.parametrize("rule, params, expected", [
+    ("naive_topk", {}, ["a", "b", "c", "d"]),
+    ("topk_shifted", {"shift": 2}, ["c", "d", "e", "f"]),
+    # s < 0.7 (absolute)
+    ("topk_abs", {"threshold": 0.7}, ["b", "c", "d", "e"]),
+    # s < s+ - margin = 0.70 - 0.05 = 0.65
+    ("topk_marginpos", {"margin": 0.05}, ["d", "e", "f"]),
+    # s < s+ * perc = 0.70 * 0.95 = 0.665 (exclusive: c at exactly 0.665 is dropped)
+    ("topk_percpos", {"perc": 0.95}, ["d", "e", "f"]),
+    ("topk_percpos", {"perc": 1.0}, ["b", "c", "d", "e"]),
+])
+def test_rules_on_hand_computed_scores(rule: str, params: dict, expected: list[str]) -> None:
+    cfg = replace(MiningConfig(rule=rule, num_negatives=4), **params)  # type: ignore[arg-type]
+    assert negs(cfg) == expected
+
+
+def test_anchor_is_the_weakest_positive_and_positives_never_return() -> None:
+    # a (0.75) outscores p2 (0.70): a single-positive anchor at p1 (0.80) would keep it.
+    got = negs(MiningConfig(rule="topk_marginpos", margin=0.0, num_negatives=8))
+    assert "a" not in got and not {"p1", "p2"} & set(got)
+    assert got == ["b", "c", "d", "e", "f"]
+
+
+def test_percpos_with_negative_scores_stays_below_the_positive() -> None:
+    # s+ = -0.2: s+ * 0.95 = -0.19 would be ABOVE s+; the rule uses s+ - |s+| * 0.05 = -0.21.
+    q = QueryCandidates("q", ["x", "y", "z"], np.array([-0.195, -0.205, -0.3]), ["p"], np.array([-0.2]))
+    assert negs(MiningConfig(rule="topk_percpos", perc=0.95), q) == ["z"]
+    assert negs(MiningConfig(rule="topk_marginpos", margin=0.05), q) == ["z"]
+
+
+def test_ties_keep_candidate_order() -> None:
+    q = QueryCandidates("q", ["t1", "t2", "t3", "t4"], np.array([0.5, 0.5, 0.5, 0.4]), ["p"],
+                        np.array([0.9]))
+    assert negs(MiningConfig(rule="naive_topk", num_negatives=2), q) == ["t1", "t2"]
+
+
+def test_k_larger_than_window_does_not_crash() -> None:
+    cfg = MiningConfig(rule="naive_topk", num_negatives=50, top_k=3)
+    rows, stats = mine([Q], cfg)
+    assert rows[0]["negative_ids"] == ["a", "b", "c"]
+    assert stats.queries_too_few == 1
+    rows, stats = mine([Q], replace(cfg, too_few="drop"))
+    assert rows == [] and stats.queries_dropped_too_few == 1
+
+
+def test_stats_count_what_the_rule_dropped() -> None:
+    _, stats = mine([Q], MiningConfig(rule="topk_percpos", top_k=30))
+    assert stats.removed_positive == 2
+    assert stats.dropped_by_rule == 3  # a 0.75, b 0.69, c 0.665 >= 0.665
+    assert stats.positives_not_in_topk == 0 and stats.queries_out == 1
+    assert stats.hist_dropped.sum() == 3 and stats.hist_positive.sum() == 2
+
+
+def test_self_hit_duplicates_and_no_positive() -> None:
+    q = QueryCandidates("q7", ["q7", "dup", "dupq", "ok"], np.array([0.9, 0.5, 0.45, 0.4]),
+                        ["p"], np.array([0.8]))
+    texts = {"p": "The  Cell, divides.", "dup": "the cell divides", "dupq": "What divides?",
+             "ok": "other", "q7": "x"}
+    rows, stats = mine([q, QueryCandidates("empty", ["a"], np.array([0.1]), [], np.zeros(0))],
+                       MiningConfig(rule="naive_topk"), texts, {"q7": "what divides"})
+    assert rows[0]["negative_ids"] == ["ok"]
+    assert (stats.removed_self, stats.removed_duplicate_text, stats.queries_no_positive) == (1, 2, 1)
+    rows, _ = mine([q], MiningConfig(rule="naive_topk", dedup_text="exact"), texts, {"q7": "x"})
+    assert rows[0]["negative_ids"] == ["dup", "dupq", "ok"]
+    assert normalize_text(" A-b  C. ") == "a b c"
+
+
+def test_positive_outside_top_k_is_counted() -> None:
+    q = QueryCandidates("q", ["a", "b"], np.array([0.5, 0.4]), ["far"], np.array([0.3]))
+    rows, stats = mine([q], MiningConfig(rule="naive_topk"))
+    assert stats.positives_not_in_topk == 1 and rows[0]["negative_ids"] == ["a", "b"]
+
+
+def test_sampling_is_seeded_and_from_the_top_n() -> None:
+    cands = [f"c{i}" for i in range(20)]
+    q = QueryCandidates("q", cands, np.linspace(0.6, 0.2, 20), ["p"], np.array([0.9]))
+    cfg = MiningConfig(rule="naive_topk", sampling="sample", sample_from=8, num_negatives=4)
+    a, b = negs(cfg, q), negs(cfg, q)
+    assert a == b and len(a) == 4 and set(a) <= set(cands[:8])
+    assert negs(replace(cfg, seed=7), q) != a or negs(replace(cfg, seed=8), q) != a
+    top1 = negs(replace(cfg, sampling="top1_sample"), q)
+    assert top1[0] == "c0" and set(top1[1:]) <= set(cands[1:8]) and len(top1) == 4
+    soft = negs(replace(cfg, sample_weights="softmax", sample_temperature=0.01), q)
+    assert set(soft) <= set(cands[:8])
+    # order is by score, best first
+    assert [cands.index(c) for c in a] == sorted(cands.index(c) for c in a)
+
+
+def test_softmax_sampling_prefers_high_scores() -> None:
+    cands = [f"c{i}" for i in range(10)]
+    q_scores = np.array([0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    cfg = MiningConfig(rule="naive_topk", sampling="sample", sample_from=10, num_negatives=1,
+                       sample_weights="softmax", sample_temperature=0.05)
+    picks = [mine([QueryCandidates(f"q{i}", cands, q_scores, ["p"], np.array([1.0]))], cfg)[0][0]
+             ["negative_ids"][0] for i in range(50)]
+    assert sum(p in ("c0", "c1") for p in picks) >= 48
+
+
+def test_combine_teachers() -> None:
+    t1 = [("a", 0.9), ("b", 0.8), ("c", 0.7)]
+    t2 = [("b", 0.85), ("d", 0.6), ("e", 0.5)]
+    intra = combine_teachers([t1, t2], "intra_sample", 4, query_rng(0, "q"))
+    assert [d for d, _ in intra] == ["a", "b", "d", "c"]
+    kept = combine_teachers([t1, t2], "intra_sample", 4, query_rng(0, "q"), dedup=False)
+    assert [d for d, _ in kept] == ["a", "b", "b", "d"]
+    cross = combine_teachers([t1, t2], "cross_sample", 2, query_rng(0, "q"))
+    assert cross in (t1[:2], t2[:2])
+    with pytest.raises(ValueError, match="allowed"):
+        combine_teachers([t1], "mix", 2, query_rng(0, "q"))
+
+
+# ---------------------------------------------------------------- batched == per-query
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_batched_rule_equals_reference(rule: str) -> None:
+    rng = np.random.default_rng(0)
+    scores = -np.sort(-rng.uniform(-1, 1, (64, 40)), axis=1)
+    scores[:, 5] = scores[:, 4]  # ties
+    eligible = rng.random((64, 40)) > 0.15
+    anchor = rng.uniform(-0.5, 1, 64)
+    cfg = MiningConfig(rule=rule, top_k=25, shift=3)  # type: ignore[arg-type]
+    keep, _ = rule_keep(scores, eligible, anchor, cfg)
+    ref = [rule_keep_reference(scores[i].tolist(), eligible[i].tolist(), float(anchor[i]), cfg)
+           for i in range(64)]
+    np.testing.assert_array_equal(keep, np.array(ref))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    scores=st.lists(st.floats(-1, 1, allow_nan=False), min_size=1, max_size=40),
+    n_pos=st.integers(1, 3),
+    rule=st.sampled_from(RULES),
+    k=st.integers(1, 8),
+    sampling=st.sampled_from(["topk", "sample", "top1_sample"]),
+    seed=st.integers(0, 10),
+)
+def test_rule_invariants(scores: list[float], n_pos: int, rule: str, k: int, sampling: str,
+                         seed: int) -> None:
+    s = np.sort(np.array(scores))[::-1]
+    ids = [f"d{i}" for i in range(len(s))]
+    pos = ids[:: max(1, len(ids) // n_pos)][:n_pos]
+    pos_scores = np.array([s[ids.index(p)] for p in pos])
+    q = QueryCandidates("q", ids, s, pos, pos_scores)
+    cfg = MiningConfig(rule=rule, num_negatives=k, sampling=sampling, seed=seed,  # type: ignore[arg-type]
+                       sample_from=5)
+    rows, _ = mine([q], cfg)
+    again, _ = mine([q], cfg)
+    assert rows == again  # deterministic for a seed
+    got = rows[0]
+    assert not set(got["negative_ids"]) & set(pos)
+    assert len(got["negative_ids"]) <= k
+    assert len(set(got["negative_ids"])) == len(got["negative_ids"])
+    anchor = float(pos_scores.min())
+    bound = {"topk_abs": cfg.threshold, "topk_marginpos": anchor - cfg.margin,
+             "topk_percpos": anchor - abs(anchor) * (1 - cfg.perc)}.get(rule, np.inf)
+    assert all(x < bound for x in got["negative_scores"])

@@ -1,0 +1,88 @@
+"""The straight line on a tiny dataset with a tiny model: data -> embed -> search -> mine,
+writing to a real S3 server on loopback; then report and evaluate."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from posmine import mine as mine_stage
+from posmine import pipeline, report, storage
+from posmine.cli import main
+from posmine.config import load_config
+from posmine.embed import Encoder
+from tests.conftest import CORPUS, QRELS, QUERIES
+
+
+def _overrides(tiny_beir: Path, tiny_model: str, out: str) -> list[str]:
+    return [f"data.path={tiny_beir}", f"teacher.model={tiny_model}", "teacher.cpus_per_actor=0.5",
+            "teacher.torch_threads=1", "mining.rule=topk_percpos", "mining.top_k=10",
+            "mining.num_negatives=3", "index.num_shards=2", f"output.dir={out}",
+            "evaluate.k_values=[1,10]", "evaluate.top_k=20"]
+
+
+def test_mine_to_s3_and_report(ray_local: None, tiny_beir: Path, tiny_model: str, s3_bucket: str,
+                               tmp_path: Path) -> None:
+    out = f"{s3_bucket}/runs/tiny"
+    cfg = load_config(None, _overrides(tiny_beir, tiny_model, out))
+    manifest = pipeline.mine(cfg)
+    assert manifest["rule"] == "topk_percpos"
+    stats = manifest["stats"]
+    assert stats["queries_in"] == 8 and stats["positives"] == len(QRELS["train"])
+    mined = storage.read_parquet(f"{out}/mine/mined.parquet")
+    assert mined.num_rows == stats["queries_out"] > 0
+    # every kept negative obeys the rule against the recomputed teacher scores
+    enc = Encoder(cfg.teacher)
+    doc_text = {d["_id"]: f"{d['title']} {d['text']}" for d in CORPUS}
+    q_text = {q["_id"]: q["text"] for q in QUERIES}
+    for row in mined.to_pylist():
+        q = enc.encode([q_text[row["query_id"]]])[0]
+        pos = enc.encode([doc_text[p] for p in row["positive_ids"]]) @ q
+        np.testing.assert_allclose(pos, row["positive_scores"], atol=1e-5)
+        s_plus = pos.min()
+        assert all(s < s_plus * 0.95 for s in row["negative_scores"])
+        assert not set(row["negative_ids"]) & set(row["positive_ids"])
+        assert row["negatives"] == [doc_text[d] for d in row["negative_ids"]]
+    # rerun: every stage skipped, same manifest
+    assert pipeline.mine(cfg)["finished_at"] == manifest["finished_at"]
+    png = report.histogram(f"{out}/mine")
+    fs, path = storage.filesystem(png)
+    assert fs.cat_file(path)[:8] == b"\x89PNG\r\n\x1a\n"
+    # exports
+    st = mine_stage.to_sentence_transformers(mined, 3)
+    assert st.column_names == ["query", "positive", "negative_1", "negative_2", "negative_3"]
+    flag = mine_stage.to_flag_embedding(mined).splitlines()
+    assert len(flag) == mined.num_rows and '"neg"' in flag[0]
+    # credentials never reach manifests
+    for name in ("data", "mine"):
+        text = storage.read_text(f"{out}/{name}/_manifest.json")
+        assert "testing-secret" not in text and "testing-key-id" not in text
+
+
+def test_cli_mine_and_evaluate_local(ray_local: None, tiny_beir: Path, tiny_model: str,
+                                     tiny_cross_encoder: str, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out")
+    args = [*_overrides(tiny_beir, tiny_model, out), "mining.rule=naive_topk"]
+    assert main(["mine", "jobs/configs/scifact.yaml", *args]) == 0
+    mined = storage.read_parquet(f"{out}/mine/mined.parquet")
+    assert all(len(n) == 3 for n in mined.column("negative_ids").to_pylist())
+    assert main(["evaluate", "jobs/configs/scifact.yaml", *args]) == 0
+    doc = storage.read_json(next(str(p) for p in Path(out, "evaluate").rglob("metrics.json")))
+    assert doc["split"] == "test" and 0.0 <= doc["metrics"]["ndcg@10"] <= 1.0
+    assert set(doc["metrics"]) == {f"{m}@{k}" for m in ("ndcg", "recall", "map", "mrr") for k in (1, 10)}
+    rescored = [*args, f"mining.cross_encoder={tiny_cross_encoder}"]
+    assert main(["mine", "jobs/configs/scifact.yaml", *rescored]) == 0
+    assert storage.read_manifest(f"{out}/mine")["mining"]["cross_encoder"] == tiny_cross_encoder
+    assert main(["report", f"{out}/mine"]) == 0
+    assert Path(out, "mine", "scores.png").exists()
+    capsys.readouterr()
+    assert main(["train", "jobs/configs/scifact.yaml"]) == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_report_needs_a_finished_stage(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no finished mine stage"):
+        report.histogram(str(tmp_path))
+    assert pa  # pyarrow imported for fixtures above
