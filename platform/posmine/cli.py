@@ -49,6 +49,24 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from posmine import pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(pipeline.train(cfg), indent=2, default=str))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from posmine import pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    summary = pipeline.run(cfg)
+    print(pipeline.format_table(summary))
+    print(f"model: {summary['model_dir']}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from posmine import report
 
@@ -90,10 +108,10 @@ def _parser() -> argparse.ArgumentParser:
 
     staged("embed", "embed corpus and queries with the teacher (Ray Data)", _embed)
     staged("mine", "mine positive-aware hard negatives (runs embed/index when stale)", _mine)
-    staged("train", "fine-tune the student on mined examples (Ray Train)", _not_built("train"))
+    staged("train", "fine-tune the student on mined examples (Ray Train)", _train)
     staged("evaluate", "nDCG@10, Recall@k, MRR, MAP on held-out qrels", _evaluate)
     staged("tune", "Ray Tune search over mining parameters", _not_built("tune"))
-    staged("run", "the whole pipeline: embed, mine, train, evaluate", _not_built("run"))
+    staged("run", "the whole pipeline: embed, mine, train, evaluate", _run)
     r = sub.add_parser("report", help="PNG histogram of teacher scores of a mined output")
     r.add_argument("mined_dir", help="the mine stage folder (<output.dir>/mine)")
     r.add_argument("--out", default=None, help="PNG path (default: <mined_dir>/scores.png)")

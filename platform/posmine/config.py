@@ -73,8 +73,11 @@ class TeacherConfig:
     num_actors: int = 1
     # Fractional CPUs: a 2-CPU machine needs room left for Ray Data's own read tasks.
     cpus_per_actor: float = 1.0
-    torch_threads: int = 0  # 0 = let torch decide (all cores)
+    torch_threads: int = 0  # per actor; 0 = all cores
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Query sets this small are embedded in the driver: a second actor pool would cost more
+    # to start (Ray Data + model load per actor) than the embedding itself.
+    local_queries_below: int = 20_000
 
     def __post_init__(self) -> None:
         _check_range("teacher.max_length", self.max_length, 8, 8192)
@@ -136,7 +139,10 @@ class MiningConfig:
 class TrainConfig:
     """Contrastive fine-tuning of the student."""
 
-    model: str = MODEL_DEFAULT
+    model: str = MODEL_DEFAULT  # the student: HF id, local directory, or "default"
+    pooling: Literal["mean", "cls", "last"] = "mean"
+    query_prefix: str = ""
+    passage_prefix: str = ""
     epochs: int = 1
     max_steps: int = 0  # 0 = run the epochs; >0 stops early (quick runs)
     batch_size: int = 32
@@ -151,12 +157,17 @@ class TrainConfig:
     distill_weight: float = 0.0  # 0 = pure InfoNCE, 1 = pure KL distillation
     query_max_length: int = 64
     passage_max_length: int = 256
+    export_max_length: int = 256  # max_seq_length the exported model is used at
     grad_clip: float = 1.0
     num_workers: int = 1
+    # Leave CPU for Ray Data's read tasks: 2 workers x 1 CPU on a 2-CPU machine starve them.
+    cpus_per_worker: float = 1.0
     use_gpu: Literal["auto", "never", "always"] = "auto"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 50
+    log_every: int = 5
     max_failures: int = 2
+    torch_threads: int = 0  # per worker; 0 = cores / workers
     seed: int = 42
 
     def __post_init__(self) -> None:

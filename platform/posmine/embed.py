@@ -117,6 +117,16 @@ def passage_texts(batch: dict[str, Any]) -> list[str]:
     return [f"{ti} {t}".strip() for ti, t in zip(batch["title"], texts, strict=True)]
 
 
+def _prefix(cfg: TeacherConfig, side: str) -> str:
+    return cfg.query_prefix if side == "queries" else cfg.passage_prefix
+
+
+def embed_table(encoder: Encoder, table: pa.Table, prefix: str) -> pa.Table:
+    """Arrow rows (`id, [title], text`) -> Arrow `id, embedding`."""
+    cols = table.to_pydict()
+    return embeddings_table(cols["id"], encoder.encode(passage_texts(cols), prefix))  # (n, dim)
+
+
 class EmbedActor:
     """Ray Data callable class: loads the encoder once, then embeds Arrow batches."""
 
@@ -124,12 +134,10 @@ class EmbedActor:
         threads = cfg.torch_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the actor's CPUs
         self.encoder = Encoder(cfg)
-        self.prefix = cfg.query_prefix if side == "queries" else cfg.passage_prefix
+        self.prefix = _prefix(cfg, side)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        cols = batch.to_pydict()
-        emb = self.encoder.encode(passage_texts(cols), self.prefix)  # (n, dim)
-        return embeddings_table(cols["id"], emb)
+        return embed_table(self.encoder, batch, self.prefix)
 
 
 def embeddings_table(ids: list[str], emb: np.ndarray) -> pa.Table:
@@ -174,9 +182,20 @@ def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[
                       ("queries", storage.join(data_dir, "queries.parquet"))):
         dst = storage.join(target, side)
         storage.remove(dst)
-        rows[side] = embed_ray(cfg, src, dst, side)
+        if side == "queries" and parquet_rows(src) < cfg.local_queries_below:
+            rows[side] = embed_local(cfg, src, dst, side)
+        else:
+            rows[side] = embed_ray(cfg, src, dst, side)
     return storage.commit_stage(target, "embed", key, rows=rows, started=started,
                                 extra={"model": cfg.model, "pooling": cfg.pooling})
+
+
+def embed_local(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
+    """Embed a small Parquet file in this process, with the same encoder and output format."""
+    table = storage.read_parquet(src)
+    out = embed_table(Encoder(cfg), table, _prefix(cfg, side))
+    storage.write_parquet(out, storage.join(dst, "part-00000.parquet"))
+    return table.num_rows
 
 
 def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:

@@ -15,6 +15,7 @@ from posmine import data, index, storage
 from posmine import embed as embed_stage
 from posmine import evaluate as eval_stage
 from posmine import mine as mine_stage
+from posmine import train as train_stage
 from posmine.config import Config, TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,46 @@ def mine(cfg: Config) -> dict[str, Any]:
 def evaluate(cfg: Config, model: str | None = None) -> dict[str, Any]:
     """Metrics of `model` (default: the teacher's model) on `cfg.evaluate.split`."""
     teacher = dataclasses.replace(cfg.teacher, model=model) if model else cfg.teacher
+    return _evaluate_with(cfg, teacher)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """data -> embed -> search -> mine -> train; returns the train manifest."""
+    mined = mine(cfg)
+    return train_stage.run(cfg.train, mined["dir"], cfg.output.dir,
+                           upstream=str(mined["config_hash"]))
+
+
+def student_view(cfg: Config, model: str) -> TeacherConfig:
+    """The student `model` seen through the embed stage (its pooling, prefixes, export length)."""
+    return dataclasses.replace(cfg.teacher, model=model, pooling=cfg.train.pooling,
+                               query_prefix=cfg.train.query_prefix,
+                               passage_prefix=cfg.train.passage_prefix,
+                               max_length=cfg.train.export_max_length)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """The whole line: mine, train, then evaluate the base student and the fine-tuned one."""
+    trained = train(cfg)
+    base = _evaluate_with(cfg, student_view(cfg, cfg.train.model))
+    tuned = _evaluate_with(cfg, student_view(cfg, str(trained["model_dir"])))
+    summary = {"split": cfg.evaluate.split, "base": base["metrics"], "fine_tuned": tuned["metrics"],
+               "model_dir": trained["model_dir"], "rule": cfg.mining.rule}
+    storage.write_json(storage.join(cfg.output.dir, "summary.json"), summary)
+    return summary
+
+
+def _evaluate_with(cfg: Config, teacher: TeacherConfig) -> dict[str, Any]:
     cand_dir, cand = search(cfg, teacher, cfg.evaluate.split, cfg.evaluate.top_k)
     data_dir, _ = prepare(cfg)
     return eval_stage.score(cfg.evaluate, data_dir, cand_dir, cfg.output.dir, teacher.model,
                             upstream=str(cand["config_hash"]))
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """Base vs fine-tuned metrics side by side."""
+    lines = [f"{'metric':<12}{'base':>10}{'fine-tuned':>12}{'delta':>10}"]
+    for name in sorted(summary["base"]):
+        b, t = summary["base"][name], summary["fine_tuned"][name]
+        lines.append(f"{name:<12}{b:>10.4f}{t:>12.4f}{t - b:>+10.4f}")
+    return "\n".join(lines)

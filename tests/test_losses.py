@@ -1,0 +1,68 @@
+"""Losses against naive per-example implementations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from posmine.losses import contrastive_loss, distillation_kl, own_logits
+
+
+def _batch(b: int = 5, k: int = 3, d: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, p, n = (F.normalize(torch.randn(*s, generator=g), dim=-1) for s in ((b, d), (b, d), (b, k, d)))
+    mask = torch.ones(b, k, dtype=torch.bool)
+    mask[1, 2] = False  # a row with one negative fewer
+    return q, p, n, mask
+
+
+def _naive_info_nce(q, p, n, mask, t, in_batch):
+    total = 0.0
+    b, k = mask.shape
+    for i in range(b):
+        docs = [(p[i], True)] + [(n[i, j], bool(mask[i, j])) for j in range(k)]
+        if in_batch:
+            docs = []
+            for r in range(b):
+                docs += [(p[r], True)] + [(n[r, j], bool(mask[r, j])) for j in range(k)]
+        scores = [float(q[i] @ dvec) / t for dvec, ok in docs if ok]
+        own = float(q[i] @ p[i]) / t
+        total += -(own - math.log(sum(math.exp(s) for s in scores)))
+    return total / b
+
+
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_info_nce_equals_naive(in_batch: bool) -> None:
+    q, p, n, mask = _batch()
+    got = contrastive_loss(q, p, n, mask, None, temperature=0.05, in_batch_negatives=in_batch)
+    assert float(got) == pytest.approx(_naive_info_nce(q, p, n, mask, 0.05, in_batch), rel=1e-5)
+
+
+def test_distillation_equals_naive_kl_and_mixes() -> None:
+    q, p, n, mask = _batch(seed=1)
+    teacher = torch.rand(5, 4)
+    own = own_logits(q, p, n, mask)
+    full = torch.cat([torch.ones(5, 1, dtype=torch.bool), mask], 1)
+    want = 0.0
+    for i in range(5):
+        idx = [j for j in range(4) if full[i, j]]
+        ps = F.softmax(own[i, idx] / 0.05, -1)
+        pt = F.softmax(teacher[i, idx] / 0.1, -1)
+        want += float((pt * (pt.log() - ps.log())).sum())
+    kl = distillation_kl(own, teacher, full, 0.05, 0.1)
+    assert float(kl) == pytest.approx(want / 5, rel=1e-5)
+    mixed = contrastive_loss(q, p, n, mask, teacher, temperature=0.05, in_batch_negatives=False,
+                             distill_weight=0.3, teacher_temperature=0.1)
+    nce = _naive_info_nce(q, p, n, mask, 0.05, False)
+    assert float(mixed) == pytest.approx(0.7 * nce + 0.3 * want / 5, rel=1e-5)
+    with pytest.raises(ValueError, match="teacher"):
+        contrastive_loss(q, p, n, mask, None, temperature=0.05, in_batch_negatives=False,
+                         distill_weight=0.5)
+
+
+def test_loss_has_gradients() -> None:
+    q, p, n, mask = _batch()
+    q.requires_grad_(True)
+    contrastive_loss(q, p, n, mask, None, temperature=0.05, in_batch_negatives=True).backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -1,0 +1,99 @@
+"""Training: the step learns, Ray Train runs and exports a model that transformers and
+sentence-transformers load, and a killed worker resumes from its checkpoint."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from posmine import pipeline, storage
+from posmine.config import TeacherConfig, TrainConfig, load_config
+from posmine.embed import Encoder
+from posmine.train import StudentTrainer, expand, train_plain
+
+ROWS = [{"query": f"cell protein {w}", "positive": f"{w} gene study",
+         "negatives": ["brain heart", "drug trial dose", "liver kidney"], "scores": [0.9, 0.5, 0.4, 0.3]}
+        for w in ("virus", "cancer", "mouse", "human", "sleep", "diet")]
+
+
+def test_expand_one_row_per_positive() -> None:
+    mined = {"query_id": ["q"], "query": ["x"], "positives": [["p1", "p2"]],
+             "positive_scores": [[0.9, 0.8]], "negatives": [["n1"]], "negative_scores": [[0.1]]}
+    rows = expand(mined)
+    assert [r["positive"] for r in rows] == ["p1", "p2"]
+    assert rows[1]["scores"] == pytest.approx([0.8, 0.1])
+
+
+@pytest.mark.parametrize("in_batch, distill", [(True, 0.0), (False, 0.0), (False, 0.5)])
+def test_steps_reduce_the_loss(tiny_model: str, in_batch: bool, distill: float) -> None:
+    cfg = TrainConfig(model=tiny_model, lr=1e-3, warmup_ratio=0.0, batch_size=6, num_negatives=3,
+                      in_batch_negatives=in_batch, distill_weight=distill)
+    trainer = StudentTrainer(cfg, 30, torch.device("cpu"))
+    with torch.no_grad():
+        before = float(trainer.loss(ROWS))
+    for _ in range(15):
+        trainer.step(ROWS)
+    with torch.no_grad():
+        assert float(trainer.loss(ROWS)) < before * 0.85
+
+
+def test_rows_with_fewer_negatives(tiny_model: str) -> None:
+    rows = [dict(ROWS[0], negatives=["brain heart"]), ROWS[1]]
+    trainer = train_plain(TrainConfig(model=tiny_model, batch_size=2, num_negatives=3), rows)
+    assert trainer.step_no == 1
+
+
+def _cfg(tiny_beir: Path, tiny_model: str, out: str, *extra: str):
+    return load_config(None, [
+        f"data.path={tiny_beir}", f"teacher.model={tiny_model}", "teacher.cpus_per_actor=0.5",
+        "teacher.torch_threads=1", "mining.top_k=10", "mining.num_negatives=3",
+        "mining.rule=naive_topk", f"train.model={tiny_model}", "train.batch_size=2",
+        "train.num_negatives=3", "train.checkpoint_every=2", "train.log_every=1",
+        "train.lr=1e-4", "train.epochs=1", "train.cpus_per_worker=0.5",
+        "evaluate.k_values=[10]", "evaluate.top_k=20", f"output.dir={out}", *extra])
+
+
+def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, tiny_model: str,
+                                            tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    out = str(tmp_path / "out")
+    summary = pipeline.run(_cfg(tiny_beir, tiny_model, out))
+    manifest = storage.read_manifest(f"{out}/train")
+    assert manifest is not None and manifest["rows"]["examples"] == 10 and manifest["rows"]["steps"] == 5
+    model_dir = summary["model_dir"]
+    AutoModel.from_pretrained(model_dir)
+    st = SentenceTransformer(model_dir, device="cpu")
+    ours = Encoder(TeacherConfig(model=model_dir)).encode(["cell protein gene", "brain"])
+    np.testing.assert_allclose(st.encode(["cell protein gene", "brain"]), ours, atol=1e-5)
+    base = Encoder(TeacherConfig(model=tiny_model)).encode(["cell protein gene"])
+    assert not np.allclose(base, ours[:1])  # the weights moved
+    assert set(summary["base"]) == set(summary["fine_tuned"]) == {"ndcg@10", "recall@10", "map@10",
+                                                                   "mrr@10"}
+    assert "ndcg@10" in pipeline.format_table(summary)
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path, tiny_model: str,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    marker = tmp_path / "crashed"
+    out = str(tmp_path / "out")
+    cfg = _cfg(tiny_beir, tiny_model, out)
+    pipeline.mine(cfg)
+    # the worker process reads these: pass them through the job's runtime env
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"POSMINE_CRASH_AT_STEP": "3",
+                                       "POSMINE_CRASH_MARKER": str(marker)}})
+    try:
+        manifest = pipeline.train(cfg)
+    finally:
+        ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    assert marker.exists()  # the worker really died at step 3
+    assert manifest["stats"]["resumed_from_step"] == 2  # ... and restarted from the step-2 checkpoint
+    assert manifest["rows"]["steps"] == 5
+    assert (Path(out) / "train" / "model" / "model.safetensors").exists()
