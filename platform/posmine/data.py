@@ -18,7 +18,7 @@ import random
 import time
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,16 +272,24 @@ class Dataset:
         }
 
 
-def load(path: str) -> Dataset:
-    """Read and validate a whole BEIR dataset (corpus streamed; ids kept)."""
+def load(path: str, sink: Callable[[int, pa.Table], None] | None = None) -> Dataset:
+    """Read and validate a whole BEIR dataset; the corpus is streamed, only its ids kept.
+
+    Args:
+        path: dataset folder, fsspec URL, or `beir:<name>`.
+        sink: called with (chunk number, chunk) for each validated corpus chunk, so a caller
+            can write the corpus in the same pass.
+    """
     root = resolve(path)
     if not storage.exists(root):
         raise DataError(f"{storage.redact(root)}: dataset folder not found")
     warnings = Warnings()
     corpus_url = _find(root, "corpus")
     corpus_ids: set[str] = set()
-    for chunk in iter_records(corpus_url, "corpus", warnings):
+    for i, chunk in enumerate(iter_records(corpus_url, "corpus", warnings)):
         corpus_ids.update(chunk.column("id").to_pylist())
+        if sink is not None:
+            sink(i, chunk)
     queries = pa.concat_tables(list(iter_records(_find(root, "queries"), "queries", warnings)))
     query_ids = set(queries.column("id").to_pylist())
     splits = qrels_splits(root)
@@ -336,12 +344,14 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
     if storage.is_done(target, key):
         return storage.read_manifest(target) or {}
     started = time.time()
-    ds = load(cfg.path)
     storage.begin_stage(target)
     storage.remove(storage.join(target, "corpus"))
-    for i, chunk in enumerate(ds.corpus_chunks()):
+
+    def write_chunk(i: int, chunk: pa.Table) -> None:
         storage.write_parquet(sort_by_length(chunk),
                               storage.join(target, "corpus", f"part-{i:05d}.parquet"))
+
+    ds = load(cfg.path, sink=write_chunk)
     storage.write_parquet(ds.queries, storage.join(target, "queries.parquet"))
     qrels = prepared_qrels(ds, cfg)
     for split, table in qrels.items():

@@ -161,9 +161,18 @@ def read_embeddings(url: str) -> tuple[list[str], np.ndarray]:
 # ---------------------------------------------------------------- the stage
 
 
-def stage_dir(out_dir: str, cfg: TeacherConfig, model: str | None = None) -> str:
+OUTPUT_FIELDS = ("model", "pooling", "normalize", "query_prefix", "passage_prefix", "max_length",
+                 "dtype")
+
+
+def output_key(cfg: TeacherConfig) -> str:
+    """Hash of the settings that change the vectors; actors, threads and batch size do not."""
+    return config_hash({f: getattr(cfg, f) for f in OUTPUT_FIELDS})
+
+
+def stage_dir(out_dir: str, cfg: TeacherConfig) -> str:
     """One folder per teacher, so several teachers (and students) can coexist."""
-    return storage.join(out_dir, "embed", config_hash(cfg, model or cfg.model))
+    return storage.join(out_dir, "embed", output_key(cfg))
 
 
 def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[str, Any]:
@@ -172,7 +181,7 @@ def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[
     `upstream` is the data stage's config hash: new data means new embeddings.
     """
     target = stage_dir(out_dir, cfg)
-    key = config_hash(cfg, upstream)
+    key = config_hash(output_key(cfg), upstream)
     if storage.is_done(target, key):
         return storage.read_manifest(target) or {}
     started = time.time()

@@ -220,20 +220,22 @@ def _worker(config: dict[str, Any]) -> None:
                 continue  # done before a restart: skip without compute
             if trainer.step_no >= steps:
                 break
-            rows = expand(batch)
+            rows = batch.to_pylist()  # already one row per (query, positive): see `run`
             losses.append(trainer.step(rows))
             timer.tick(len(rows) * ctx.get_world_size())
             _report(trainer, losses, epoch, steps, cfg)
             _crash_hook(trainer.step_no)
-    if ctx.get_world_rank() == 0:
-        with tempfile.TemporaryDirectory() as d:
+    final = {"step": trainer.step_no, "loss": float(np.mean(losses[-10:] or [0.0])),
+             "resumed_from": done_before, "steady_samples_per_s": timer.rate(), "done": 1}
+    with tempfile.TemporaryDirectory() as d:
+        is_rank0 = ctx.get_world_rank() == 0
+        if is_rank0:
             trainer.export(d)
             fs, path = storage.filesystem(config["model_dir"])
             storage.remove(config["model_dir"])
             fs.put(d.rstrip("/") + "/", path, recursive=True)
-    ray.train.report({"step": trainer.step_no, "loss": float(np.mean(losses[-10:] or [0.0])),
-                      "resumed_from": done_before, "steady_samples_per_s": timer.rate(),
-                      "done": 1})
+        # Ray Train keeps the metrics of checkpointed reports: the export is the last checkpoint.
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d) if is_rank0 else None)
 
 
 class StepTimer:
