@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from posmine.cli import main
+try:
+    from posmine.cli import main
+except ImportError:  # a working_dir upload without an install: use the source folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+    from posmine.cli import main
 
 
 def run(verb: str) -> None:

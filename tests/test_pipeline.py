@@ -78,7 +78,7 @@ def test_cli_mine_and_evaluate_local(ray_local: None, tiny_beir: Path, tiny_mode
     assert main(["report", f"{out}/mine"]) == 0
     assert Path(out, "mine", "scores.png").exists()
     capsys.readouterr()
-    assert main(["train", "jobs/configs/scifact.yaml"]) == 2
+    assert main(["tune", "jobs/configs/scifact.yaml"]) == 2
     assert "not built yet" in capsys.readouterr().err
 
 

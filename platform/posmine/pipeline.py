@@ -32,8 +32,10 @@ def ensure_ray() -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # address="local": a stale `ray start` must not be mistaken for a live cluster.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        # address="local": a stale `ray start` must not be mistaken for a live cluster. The
+        # dashboard serves the State API that Ray Train's placement-group cleaner polls.
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
 
 
 def prepare(cfg: Config) -> tuple[str, str]:

@@ -276,6 +276,10 @@ def _report(trainer: StudentTrainer, losses: list[float], epoch: int, steps: int
     step = trainer.step_no
     metrics = {"step": step, "epoch": epoch, "loss": float(np.mean(losses[-cfg.log_every:])),
                "lr": trainer.scheduler.get_last_lr()[0]}
+    if step % cfg.log_every == 0 and ray.train.get_context().get_world_rank() == 0:
+        # Ray forwards worker stdout to the driver: the user's progress line.
+        print(f"[posmine train] step {step}/{steps} epoch {epoch} loss {metrics['loss']:.4f} "
+              f"lr {metrics['lr']:.2e}", flush=True)
     if step % cfg.checkpoint_every == 0 and step < steps:
         with tempfile.TemporaryDirectory() as d:
             is_rank0 = ray.train.get_context().get_world_rank() == 0
