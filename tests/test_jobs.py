@@ -3,10 +3,12 @@ through the Jobs API (as `ray job submit --working-dir .` does) mines and evalua
 dataset with a tiny model, joining the cluster through RAY_ADDRESS."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +30,18 @@ def ray_head(tmp_path: Path):
     gcs, dash = _port(), _port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     ray_bin = Path(sys.executable).parent / "ray"
+    # a short temp dir: Ray's Unix socket paths under it must stay below ~107 characters
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    head_log = open(tmp_path / "ray-head.log", "wb")  # noqa: SIM115 - closed at teardown
     proc = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         "--num-cpus=2", f"--temp-dir={tmp_path / 'ray'}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+         "--num-cpus=2", f"--temp-dir={temp}",
+         # free ports, not the defaults: another Ray on this machine may hold those
+         f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
+         f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}",
+         f"--ray-client-server-port={_port()}"],
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     from ray.job_submission import JobSubmissionClient
 
@@ -45,6 +54,7 @@ def ray_head(tmp_path: Path):
         except Exception:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
+                print((tmp_path / "ray-head.log").read_text()[-3000:])
                 raise
             time.sleep(2)
     yield client
@@ -53,6 +63,8 @@ def ray_head(tmp_path: Path):
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    head_log.close()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.integration
@@ -65,11 +77,20 @@ def test_job_submit_mines_and_evaluates(ray_head, tiny_beir: Path, tiny_model: s
             "teacher.num_actors=1 teacher.cpus_per_actor=0.5 mining.top_k=10 mining.num_negatives=3 "
             f"evaluate.k_values=[10] evaluate.top_k=20 output.dir={out}")
     py = sys.executable
-    job = ray_head.submit_job(
-        entrypoint=f"{py} jobs/mine.py {args} && {py} jobs/evaluate.py {args}",
-        runtime_env={"working_dir": str(ROOT),
-                     "excludes": [".venv", ".git", "posmine-out", "**/__pycache__", "*.egg-info"],
-                     "env_vars": {"RAY_AUTH_MODE": "disabled"}})
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up a little after its dashboard
+        try:
+            job = ray_head.submit_job(
+                entrypoint=f"{py} jobs/mine.py {args} && {py} jobs/evaluate.py {args}",
+                runtime_env={"working_dir": str(ROOT),
+                             "excludes": [".venv", ".git", "posmine-out", "**/__pycache__",
+                                          "*.egg-info", ".*_cache", ".hypothesis"],
+                             "env_vars": {"RAY_AUTH_MODE": "disabled"}})
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(3)
     deadline = time.time() + 420
     status = ray_head.get_job_status(job)
     while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
