@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -69,7 +70,9 @@ def plain_rate(rows: list[dict], cfg: TrainConfig, steps: int) -> float:
 def ray_rate(mined_dir: str, cfg: TrainConfig, steps: int, workers: int) -> float:
     out = tempfile.mkdtemp(prefix="posmine-bench-train-")
     try:
+        # same global batch: each of n workers takes batch/n (and n times less activation memory)
         cfg = dataclasses.replace(cfg, num_workers=workers, max_steps=steps,
+                                  batch_size=cfg.batch_size // workers,
                                   cpus_per_worker=0.5 if workers > 1 else 1.0,
                                   checkpoint_every=10_000, log_every=10_000)
         manifest = run(cfg, mined_dir, out, upstream="bench")
@@ -95,6 +98,7 @@ def main() -> None:
               "max_length": cfg.passage_max_length, "steps": a.steps,
               "st_samples_per_s": st_rate(rows, cfg, a.steps),
               "posmine_plain_samples_per_s": plain_rate(rows, cfg, a.steps)}
+    gc.collect()
     pipeline.ensure_ray()
     for workers in (1, 2):
         result[f"posmine_ray_{workers}w_samples_per_s"] = ray_rate(a.mined, cfg, a.steps, workers)

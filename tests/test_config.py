@@ -67,3 +67,18 @@ def test_hash_changes_with_config() -> None:
     a, b = Config(), load_config(None, ["mining.perc=0.9"])
     assert config_hash(a.mining) != config_hash(b.mining)
     assert config_hash(a.mining) == config_hash(Config().mining)
+
+
+def test_stages_override_and_reject_bad_keys(tmp_path: Path) -> None:
+    from posmine.config import resolve_stages
+
+    p = tmp_path / "stages.yaml"
+    p.write_text("train: {epochs: 2}\nstages:\n  - {}\n"
+                 "  - {train: {in_batch_negatives: false}, mining: {rule: topk_marginpos},"
+                 " remine_with_student: true}\n")
+    [(m1, t1, r1), (m2, t2, r2)] = resolve_stages(load_config(p))
+    assert (m1.rule, t1.in_batch_negatives, r1) == ("topk_percpos", True, False)
+    assert (m2.rule, t2.in_batch_negatives, t2.epochs, r2) == ("topk_marginpos", False, 2, True)
+    p.write_text("stages:\n  - {train: {in_batch: false}}\n")
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.train\.in_batch"):
+        load_config(p)

@@ -97,3 +97,20 @@ def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path,
     assert manifest["stats"]["resumed_from_step"] == 2  # ... and restarted from the step-2 checkpoint
     assert manifest["rows"]["steps"] == 5
     assert (Path(out) / "train" / "model" / "model.safetensors").exists()
+
+
+def test_two_stages_remine_with_the_student(ray_local: None, tiny_beir: Path, tiny_model: str,
+                                            tmp_path: Path) -> None:
+    """The paper's recipe: stage 2 turns in-batch negatives off and mines with the student."""
+    out = str(tmp_path / "out")
+    cfg = _cfg(tiny_beir, tiny_model, out, "train.max_steps=2",
+               "stages=[{}, {train: {in_batch_negatives: false}, remine_with_student: true}]")
+    last = pipeline.train(cfg)
+    m0, m1 = storage.read_manifest(f"{out}/train-0"), storage.read_manifest(f"{out}/train-1")
+    assert m0 is not None and m1 is not None and last["model_dir"] == m1["model_dir"]
+    assert m1["train"]["model"] == m0["model_dir"]  # stage 2 trains stage 1's student
+    assert m1["train"]["in_batch_negatives"] is False
+    s0 = storage.read_parquet(f"{out}/mine-0/mined.parquet").column("positive_scores").to_pylist()
+    s1 = storage.read_parquet(f"{out}/mine-1/mined.parquet").column("positive_scores").to_pylist()
+    assert not np.allclose(np.concatenate(s0), np.concatenate(s1))  # scored by the student
+    assert len(storage.listdir(f"{out}/embed")) == 2

@@ -206,6 +206,19 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """One stage of multi-stage training; its keys override the top-level `mining`/`train`.
+
+    The paper's stage 2, for example: `{train: {in_batch_negatives: false}}`. With
+    `remine_with_student`, the stage mines again with the previous stage's student as teacher.
+    """
+
+    mining: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)
+    remine_with_student: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -215,6 +228,22 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    stages: tuple[StageConfig, ...] = ()  # empty: one stage with `mining` and `train`
+
+    def __post_init__(self) -> None:
+        resolve_stages(self)  # reject bad stage overrides at load time, naming the key
+
+
+def resolve_stages(cfg: Config) -> list[tuple[MiningConfig, TrainConfig, bool]]:
+    """(mining, train, remine_with_student) per stage, overrides applied and checked."""
+    if not cfg.stages:
+        return [(cfg.mining, cfg.train, False)]
+    out = []
+    for i, st in enumerate(cfg.stages):
+        mining = from_dict(MiningConfig, {**to_dict(cfg.mining), **st.mining}, f"stages[{i}].mining")
+        train = from_dict(TrainConfig, {**to_dict(cfg.train), **st.train}, f"stages[{i}].train")
+        out.append((mining, train, st.remine_with_student))
+    return out
 
 
 def _check_range(key: str, value: float, lo: float, hi: float) -> None:

@@ -43,9 +43,9 @@ def positive_scores(embed_dir: str, positives: dict[str, list[str]]) -> dict[str
 
 
 def run(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dir: str, out_dir: str,
-        split: str, upstream: str) -> dict[str, Any]:
-    """Mine `split` (skipped when the manifest is current); returns the manifest."""
-    target = storage.join(out_dir, "mine")
+        split: str, upstream: str, name: str = "mine") -> dict[str, Any]:
+    """Mine `split` into `<out_dir>/<name>` (skipped when current); returns the manifest."""
+    target = storage.join(out_dir, name)
     key = config_hash(cfg, upstream, split)
     if storage.is_done(target, key):
         return storage.read_manifest(target) or {}

@@ -16,7 +16,7 @@ from posmine import embed as embed_stage
 from posmine import evaluate as eval_stage
 from posmine import mine as mine_stage
 from posmine import train as train_stage
-from posmine.config import Config, TeacherConfig
+from posmine.config import Config, MiningConfig, TeacherConfig, resolve_stages
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,19 @@ def search(cfg: Config, teacher: TeacherConfig, split: str, k: int) -> tuple[str
                             upstream=str(emb["config_hash"]))
 
 
-def mine(cfg: Config) -> dict[str, Any]:
+def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig | None = None,
+         name: str = "mine") -> dict[str, Any]:
     """data -> embed -> search -> mine on `cfg.data.split`; returns the mine manifest."""
+    teacher, mining = teacher or cfg.teacher, mining or cfg.mining
     # Fetch enough candidates that `top_k` remain after removing positives and self-hits.
     data_dir, _ = prepare(cfg)
     positives = data.positives_by_query(data.read_prepared_qrels(data_dir, cfg.data.split))
     extra = max((len(p) for p in positives.values()), default=0) + 1
-    cand_dir, cand = search(cfg, cfg.teacher, cfg.data.split, cfg.mining.top_k + extra)
-    emb_dir = embed_stage.stage_dir(cfg.output.dir, cfg.teacher)
-    manifest = mine_stage.run(cfg.mining, data_dir, emb_dir, cand_dir, cfg.output.dir,
-                              cfg.data.split, upstream=str(cand["config_hash"]))
-    manifest["dir"] = storage.join(cfg.output.dir, "mine")
+    cand_dir, cand = search(cfg, teacher, cfg.data.split, mining.top_k + extra)
+    emb_dir = embed_stage.stage_dir(cfg.output.dir, teacher)
+    manifest = mine_stage.run(mining, data_dir, emb_dir, cand_dir, cfg.output.dir,
+                              cfg.data.split, upstream=str(cand["config_hash"]), name=name)
+    manifest["dir"] = storage.join(cfg.output.dir, name)
     return manifest
 
 
@@ -85,10 +87,24 @@ def evaluate(cfg: Config, model: str | None = None) -> dict[str, Any]:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """data -> embed -> search -> mine -> train; returns the train manifest."""
-    mined = mine(cfg)
-    return train_stage.run(cfg.train, mined["dir"], cfg.output.dir,
-                           upstream=str(mined["config_hash"]))
+    """data -> embed -> search -> mine -> train, once per stage; returns the last train manifest.
+
+    Stage i trains the previous stage's student; with `remine_with_student` it first mines
+    again with that student as the teacher. One stage writes `mine/` and `train/`; several
+    write `mine-<i>/` and `train-<i>/`.
+    """
+    stages = resolve_stages(cfg)
+    teacher, student, trained = cfg.teacher, cfg.train.model, {}
+    for i, (mining, train_cfg, remine) in enumerate(stages):
+        suffix = f"-{i}" if len(stages) > 1 else ""
+        if remine and i > 0:
+            teacher = student_view(cfg, student)
+        mined = mine(cfg, teacher, mining, name=f"mine{suffix}")
+        trained = train_stage.run(dataclasses.replace(train_cfg, model=student), mined["dir"],
+                                  cfg.output.dir, upstream=str(mined["config_hash"]),
+                                  name=f"train{suffix}")
+        student = str(trained["model_dir"])
+    return trained
 
 
 def student_view(cfg: Config, model: str) -> TeacherConfig:
