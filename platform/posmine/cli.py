@@ -23,38 +23,18 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed(args: argparse.Namespace) -> int:
-    from posmine import pipeline
+def _stage(name: str) -> Callable[[argparse.Namespace], int]:
+    """A verb that runs `pipeline.<name>(cfg)` and prints its manifest or result as JSON."""
 
-    cfg = load_config(args.config, args.overrides)
-    print(json.dumps(pipeline.embed(cfg), indent=2, default=str))
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        from posmine import pipeline
 
+        cfg = load_config(args.config, args.overrides)
+        kwargs = {"model": args.model} if name == "evaluate" else {}
+        print(json.dumps(getattr(pipeline, name)(cfg, **kwargs), indent=2, default=str))
+        return 0
 
-def _mine(args: argparse.Namespace) -> int:
-    from posmine import pipeline
-
-    cfg = load_config(args.config, args.overrides)
-    manifest = pipeline.mine(cfg)
-    print(json.dumps(manifest, indent=2, default=str))
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from posmine import pipeline
-
-    cfg = load_config(args.config, args.overrides)
-    result = pipeline.evaluate(cfg, model=args.model)
-    print(json.dumps(result, indent=2, default=str))
-    return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    from posmine import pipeline
-
-    cfg = load_config(args.config, args.overrides)
-    print(json.dumps(pipeline.train(cfg), indent=2, default=str))
-    return 0
+    return run
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -106,10 +86,10 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--model", default=None,
                             help="model to evaluate (default: teacher.model)")
 
-    staged("embed", "embed corpus and queries with the teacher (Ray Data)", _embed)
-    staged("mine", "mine positive-aware hard negatives (runs embed/index when stale)", _mine)
-    staged("train", "fine-tune the student on mined examples (Ray Train)", _train)
-    staged("evaluate", "nDCG@10, Recall@k, MRR, MAP on held-out qrels", _evaluate)
+    staged("embed", "embed corpus and queries with the teacher (Ray Data)", _stage("embed"))
+    staged("mine", "mine positive-aware hard negatives (runs embed/index when stale)", _stage("mine"))
+    staged("train", "fine-tune the student on mined examples (Ray Train)", _stage("train"))
+    staged("evaluate", "nDCG@10, Recall@k, MRR, MAP on held-out qrels", _stage("evaluate"))
     staged("tune", "Ray Tune search over mining parameters", _not_built("tune"))
     staged("run", "the whole pipeline: embed, mine, train, evaluate", _run)
     r = sub.add_parser("report", help="PNG histogram of teacher scores of a mined output")
