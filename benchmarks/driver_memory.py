@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import emit
+
 ROOT = Path("/tmp/posmine-bench-memory")
 WORDS = ("cell protein gene cancer virus brain heart blood drug trial mouse human risk dose study "
          "effect level rate high low increase decrease patients treatment therapy").split()
@@ -94,9 +96,7 @@ def main() -> None:
                      "corpus_jsonl_mib": round((data / "corpus.jsonl").stat().st_size / 2**20, 1),
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(rows[-1], flush=True)
-    print(json.dumps(rows, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2))
+    emit(rows, a.json)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ same texts, same threads, in one process one after the other.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -15,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from _common import emit
 from posmine import data, pipeline, storage
 from posmine.config import TeacherConfig, default_beir_dir
 from posmine.embed import Encoder, embed_ray, passage_texts, read_embeddings
@@ -52,10 +52,7 @@ def main() -> None:
               "ray_data_seconds": round(ray_s, 2), "overhead": round(ray_s / plain_s - 1, 4),
               "plain_docs_per_s": round(len(texts) / plain_s, 2),
               "ray_docs_per_s": round(len(texts) / ray_s, 2), "max_abs_diff": max_diff}
-    print(json.dumps(result, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ per-query overlap of the chosen negatives.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -19,6 +18,7 @@ import time
 
 import torch
 
+from _common import emit
 from posmine import pipeline, storage
 from posmine.config import default_beir_dir, load_config
 from posmine.embed import resolve_model
@@ -102,10 +102,7 @@ def main() -> None:
         "posmine_dropped_by_rule": manifest["stats"]["dropped_by_rule"],
         **compare(pm, st),
     }
-    print(json.dumps(result, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, a.json)
 
 
 if __name__ == "__main__":

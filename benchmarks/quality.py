@@ -10,12 +10,12 @@ others so the corpus is embedded once.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+from _common import emit
 from posmine import pipeline, storage
 from posmine.config import load_config
 
@@ -50,9 +50,7 @@ def main() -> None:
             "samples_per_s": train.get("stats", {}).get("samples_per_s")}
         print(rule, pipeline.format_table(summary), sep="\n", flush=True)
         first = first or out
-    print(json.dumps(results, indent=2))
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2))
+    emit(results, a.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ costs n * dim * nq multiply-adds: 1M x 384 x 2k = 768 GFLOP (x2 for FLOPs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -18,6 +17,7 @@ import time
 import faiss
 import numpy as np
 
+from _common import emit
 from posmine import pipeline, storage
 from posmine.config import IndexConfig
 from posmine.embed import embeddings_table
@@ -74,10 +74,7 @@ def main() -> None:
             "max_score_diff": float(np.abs(s - s_single).max()),
             "bytes_per_shard": a.n * a.dim * 4 // shards}
     result["driver_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    print(json.dumps(result, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, a.json)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import shutil
 import tempfile
 
 import torch
 
+from _common import emit
 from posmine import pipeline, storage
 from posmine.config import TrainConfig
 from posmine.embed import resolve_model
@@ -105,10 +105,7 @@ def main() -> None:
     result["posmine_over_st"] = round(result["posmine_ray_1w_samples_per_s"] / result["st_samples_per_s"], 3)
     result["ray_train_overhead"] = round(
         1 - result["posmine_ray_1w_samples_per_s"] / result["posmine_plain_samples_per_s"], 3)
-    print(json.dumps(result, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, a.json)
 
 
 if __name__ == "__main__":
