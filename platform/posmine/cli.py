@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from posmine.config import ConfigError, load_config
@@ -47,20 +49,24 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from posmine import storage, tune
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = tune.run(cfg)
+    print(tune.format_table(manifest["trials"], manifest["metric"], manifest["stats"]["base"]))
+    target = tune.stage_dir(cfg)
+    for name in ("results.csv", "results.parquet", "best.yaml", "metric_vs_param.png"):
+        print(f"{name:<20}{storage.redact(storage.join(target, name))}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from posmine import report
 
     path = report.histogram(args.mined_dir, args.out)
     print(path)
     return 0
-
-
-def _not_built(verb: str) -> Callable[[argparse.Namespace], int]:
-    def run(_: argparse.Namespace) -> int:
-        print(f"posmine {verb}: not built yet in this version", file=sys.stderr)
-        return 2
-
-    return run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     staged("mine", "mine positive-aware hard negatives (runs embed/index when stale)", _stage("mine"))
     staged("train", "fine-tune the student on mined examples (Ray Train)", _stage("train"))
     staged("evaluate", "nDCG@10, Recall@k, MRR, MAP on held-out qrels", _stage("evaluate"))
-    staged("tune", "Ray Tune search over mining parameters", _not_built("tune"))
+    staged("tune", "Ray Tune search over mining rules and margins, scored on dev", _tune)
     staged("run", "the whole pipeline: embed, mine, train, evaluate", _run)
     r = sub.add_parser("report", help="PNG histogram of teacher scores of a mined output")
     r.add_argument("mined_dir", help="the mine stage folder (<output.dir>/mine)")
@@ -99,15 +105,36 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from posmine.embed import EmbeddingError, ModelError
+
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "aiobotocore", "s3fs", "urllib3", "fsspec"):
+        # Their DEBUG lines carry signed request headers (the access key id): never log them.
+        logging.getLogger(noisy).setLevel(logging.INFO)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (kubectl delete, a scheduler's kill) stops as cleanly as Ctrl-C.
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, StorageError, FileNotFoundError) as e:
+    except (ConfigError, DataError, StorageError, EmbeddingError, ModelError,
+            FileNotFoundError) as e:
         print(f"posmine: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Finished stages and finished parts are kept; no manifest was written for the rest.
+        print("posmine: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

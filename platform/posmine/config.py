@@ -51,10 +51,13 @@ class DataConfig:
     dev_fraction: float = 0.1
     holdout_dev: bool = False  # when True, `train` excludes the held-out dev queries
     max_queries: int | None = None  # a seeded subset of queries, for quick runs
+    # Corpus rows per Parquet part: the unit the embed stage resumes from after a crash.
+    rows_per_part: int = 50_000
     seed: int = 42
 
     def __post_init__(self) -> None:
         _check_range("data.dev_fraction", self.dev_fraction, 0.0, 0.9)
+        _check_range("data.rows_per_part", self.rows_per_part, 1, 100_000_000)
         if self.max_queries is not None and self.max_queries < 1:
             raise ConfigError(f"data.max_queries must be >= 1 or null, got {self.max_queries}")
 
@@ -136,6 +139,9 @@ class MiningConfig:
             raise ConfigError(f"mining.sample_temperature must be > 0, got {self.sample_temperature}")
 
 
+MINING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MiningConfig))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Contrastive fine-tuning of the student."""
@@ -190,14 +196,91 @@ class EvaluateConfig:
     ignore_identical_ids: bool = True
 
 
+# The paper's ranges (section 4): percentage 90-100%, margin 0-0.10, absolute 0.6-0.9, 1-8
+# negatives. One arm per rule, so a trial never carries another rule's parameter.
+DEFAULT_SPACE: tuple[Mapping[str, Any], ...] = (
+    {"rule": "naive_topk", "num_negatives": {"choice": [1, 2, 4, 8]}},
+    {"rule": "topk_percpos", "perc": {"uniform": [0.90, 1.00]},
+     "num_negatives": {"choice": [1, 2, 4, 8]}},
+    {"rule": "topk_marginpos", "margin": {"uniform": [0.0, 0.10]},
+     "num_negatives": {"choice": [1, 2, 4, 8]}},
+    {"rule": "topk_abs", "threshold": {"uniform": [0.6, 0.9]},
+     "num_negatives": {"choice": [1, 2, 4, 8]}},
+)
+DOMAINS = ("grid", "choice", "uniform", "randint")
+
+
 @dataclass(frozen=True)
 class TuneConfig:
-    """Ray Tune search over mining parameters (space as YAML: grid/choice/uniform)."""
+    """Ray Tune search over `mining` settings; every trial mines, fine-tunes and scores dev.
 
+    `space` is a list of arms; each maps `mining` keys to a value or a domain: `{grid: [..]}`
+    (every value), `{choice: [..]}`, `{uniform: [lo, hi]}`, `{randint: [lo, hi]}` (inclusive).
+    Arms are searched one after another as a grid; random domains draw `num_samples` times.
+    """
+
+    space: tuple[Mapping[str, Any], ...] = DEFAULT_SPACE
     num_samples: int = 1
     max_concurrent_trials: int = 1
     metric: str = "ndcg@10"
-    space: Mapping[str, Any] = field(default_factory=dict)
+    # ASHA stops trials whose dev score at a rung is in the bottom 1/reduction_factor.
+    scheduler: Literal["asha", "fifo"] = "asha"
+    evals_per_trial: int = 2  # dev evaluations (and ASHA rungs) spread over a trial's steps
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    # Dev scoring ranks the teacher's top `dev_pool` documents per dev query plus its
+    # positives (a re-ranking proxy that avoids re-embedding the corpus every evaluation);
+    # 0 ranks the whole corpus.
+    dev_pool: int = 30
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_failures: int = 2
+    seed: int = 42  # draws of the random domains
+
+    def __post_init__(self) -> None:
+        _check_range("tune.num_samples", self.num_samples, 1, 100_000)
+        _check_range("tune.max_concurrent_trials", self.max_concurrent_trials, 1, 4096)
+        _check_range("tune.evals_per_trial", self.evals_per_trial, 1, 1000)
+        _check_range("tune.reduction_factor", self.reduction_factor, 1.01, 100)
+        _check_range("tune.dev_pool", self.dev_pool, 0, 1_000_000)
+        _check_range("tune.cpus_per_trial", self.cpus_per_trial, 0.01, 256)
+        name, _, k = self.metric.partition("@")
+        if name not in ("ndcg", "recall", "map", "mrr") or not k.isdigit():
+            raise ConfigError(f"tune.metric={self.metric!r}: expected ndcg@k, recall@k, map@k or mrr@k")
+        if not self.space:
+            raise ConfigError("tune.space is empty: give at least one arm")
+        for i, arm in enumerate(self.space):
+            check_arm(arm, f"tune.space[{i}]")
+
+
+def check_arm(arm: Mapping[str, Any], where: str) -> None:
+    """Every key a `mining` field, every domain well formed, every value a valid setting."""
+    fixed = {}
+    for key, value in arm.items():
+        if key not in MINING_FIELDS:
+            raise ConfigError(f"{where}.{key}: not a mining key; allowed: {', '.join(MINING_FIELDS)}")
+        if isinstance(value, Mapping):
+            if len(value) != 1 or next(iter(value)) not in DOMAINS:
+                raise ConfigError(f"{where}.{key}: a domain is one of {{{', '.join(DOMAINS)}: ...}}, "
+                                  f"got {dict(value)!r}")
+            kind, args = next(iter(value.items()))
+            if not isinstance(args, list) or not args:
+                raise ConfigError(f"{where}.{key}.{kind}: expected a non-empty list, got {args!r}")
+            if kind in ("uniform", "randint") and (len(args) != 2 or not args[0] <= args[1]):
+                raise ConfigError(f"{where}.{key}.{kind}: expected [low, high], got {args!r}")
+            for v in args:  # each listed value (or bound) must be a valid setting on its own
+                _check_mining({key: v}, f"{where}.{key}")
+        else:
+            fixed[key] = value
+    _check_mining(fixed, where)
+
+
+def _check_mining(values: Mapping[str, Any], where: str) -> None:
+    try:
+        from_dict(MiningConfig, values, where)
+    except ConfigError as e:
+        msg = str(e)  # range checks name `mining.<key>`: say which arm it came from
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from e
 
 
 @dataclass(frozen=True)

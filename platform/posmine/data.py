@@ -272,13 +272,15 @@ class Dataset:
         }
 
 
-def load(path: str, sink: Callable[[int, pa.Table], None] | None = None) -> Dataset:
+def load(path: str, sink: Callable[[int, pa.Table], None] | None = None,
+         rows_per_part: int = 50_000) -> Dataset:
     """Read and validate a whole BEIR dataset; the corpus is streamed, only its ids kept.
 
     Args:
         path: dataset folder, fsspec URL, or `beir:<name>`.
         sink: called with (chunk number, chunk) for each validated corpus chunk, so a caller
             can write the corpus in the same pass.
+        rows_per_part: corpus rows per chunk.
     """
     root = resolve(path)
     if not storage.exists(root):
@@ -286,7 +288,7 @@ def load(path: str, sink: Callable[[int, pa.Table], None] | None = None) -> Data
     warnings = Warnings()
     corpus_url = _find(root, "corpus")
     corpus_ids: set[str] = set()
-    for i, chunk in enumerate(iter_records(corpus_url, "corpus", warnings)):
+    for i, chunk in enumerate(iter_records(corpus_url, "corpus", warnings, rows_per_part)):
         corpus_ids.update(chunk.column("id").to_pylist())
         if sink is not None:
             sink(i, chunk)
@@ -351,7 +353,7 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
         storage.write_parquet(sort_by_length(chunk),
                               storage.join(target, "corpus", f"part-{i:05d}.parquet"))
 
-    ds = load(cfg.path, sink=write_chunk)
+    ds = load(cfg.path, sink=write_chunk, rows_per_part=cfg.rows_per_part)
     storage.write_parquet(ds.queries, storage.join(target, "queries.parquet"))
     qrels = prepared_qrels(ds, cfg)
     for split, table in qrels.items():

@@ -1,14 +1,20 @@
 """Teacher embedding: an HF encoder, and the Ray Data stage that embeds corpus and queries.
 
-Reads the `data` stage's Parquet (`corpus/`, `queries.parquet`); writes
-`<out>/embed/<teacher-hash>/{corpus,queries}/*.parquet` with `id, embedding` (fixed-size
-float32 lists) and a manifest. The model loads once per actor; batches are sorted by length
-inside each actor call so sub-batches carry little padding.
+Reads the `data` stage's Parquet (`corpus/part-*.parquet`, `queries.parquet`); writes
+`<out>/embed/<teacher-hash>/{corpus,queries}/<part>.parquet` with `id, embedding`
+(fixed-size float32 lists), one output file per input part, and a manifest. The model loads
+once per actor; batches are sorted by length inside each actor call so sub-batches carry
+little padding.
+
+Resume: an output part is written (atomically) once all its rows are embedded, so a run
+that dies keeps its finished parts; the rerun embeds only the others. Ray Data restarts a
+killed actor and retries its batches; a part's rows are checked to arrive exactly once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -17,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from tqdm import tqdm
 
 from posmine import schemas, storage
 from posmine.config import MODEL_DEFAULT, TeacherConfig, config_hash
@@ -27,6 +34,10 @@ log = logging.getLogger(__name__)
 
 class ModelError(ValueError):
     """A model id or directory cannot be loaded; the message names it."""
+
+
+class EmbeddingError(ValueError):
+    """Vectors that cannot be used (NaN, wrong dimension); the message names file and id."""
 
 
 def resolve_model(model: str) -> str:
@@ -42,6 +53,11 @@ def resolve_model(model: str) -> str:
             raise ModelError(f"model {model!r}: no such directory")
         if not (p / "config.json").exists():
             raise ModelError(f"model {model!r}: not a model directory (no config.json)")
+        if not any(p.glob("*.safetensors")):
+            pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+            why = (f"only pickled weights ({', '.join(pickled)}), which posmine never loads; "
+                   "convert them to safetensors" if pickled else "no *.safetensors weights")
+            raise ModelError(f"model {model!r}: {why}")
         return str(p)
     return model  # a Hugging Face id: downloaded by transformers where a network exists
 
@@ -70,6 +86,14 @@ class Encoder:
         except (OSError, ValueError) as e:
             raise ModelError(f"model {model or cfg.model!r} ({path}): cannot load: {e}") from e
         self.model.to(self.device).eval()
+
+    @classmethod
+    def wrap(cls, cfg: TeacherConfig, model: Any, tokenizer: Any, device: torch.device) -> Encoder:
+        """An encoder over a model already in memory (a student being trained); the caller
+        switches it to eval mode while encoding."""
+        enc = cls.__new__(cls)
+        enc.cfg, enc.model, enc.tokenizer, enc.device = cfg, model, tokenizer, device
+        return enc
 
     @property
     def dim(self) -> int:
@@ -137,7 +161,26 @@ class EmbedActor:
         self.prefix = _prefix(cfg, side)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return embed_table(self.encoder, batch, self.prefix)
+        _crash_hook()
+        out = embed_table(self.encoder, batch, self.prefix)
+        # The source part travels with its rows: the driver writes a part when it is complete.
+        return out.append_column("path", batch.column("path")) if "path" in batch.column_names else out
+
+
+def _crash_hook() -> None:
+    """Fault injection for tests: kill this actor's process on its second batch, once (the
+    marker file), like a node lost mid-run; `POSMINE_EMBED_DELAY_S` slows every batch."""
+    if delay := os.environ.get("POSMINE_EMBED_DELAY_S"):
+        time.sleep(float(delay))
+    marker = os.environ.get("POSMINE_EMBED_CRASH_MARKER")
+    if not marker:
+        return
+    calls = Path(f"{marker}.calls")
+    with calls.open("a") as f:
+        f.write("x")
+    if calls.stat().st_size >= 2 and not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), 9)
 
 
 def embeddings_table(ids: list[str], emb: np.ndarray) -> pa.Table:
@@ -149,13 +192,44 @@ def embeddings_table(ids: list[str], emb: np.ndarray) -> pa.Table:
                     schema=schemas.embeddings(dim))
 
 
-def read_embeddings(url: str) -> tuple[list[str], np.ndarray]:
-    """ids and an (n, dim) float32 matrix from an embeddings Parquet file or folder."""
-    table = storage.read_parquet(url)
+def read_embeddings(url: str, dim: int | None = None) -> tuple[list[str], np.ndarray]:
+    """ids and an (n, dim) float32 matrix from an embeddings Parquet file or folder.
+
+    Raises EmbeddingError for files of different dimensions, a dimension other than `dim`,
+    or NaN/inf vectors, naming the file and the first bad id.
+    """
+    try:
+        table = storage.read_parquet(url)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise EmbeddingError(f"{storage.redact(url)}: embedding files disagree ({e})") from e
+    field_type = table.schema.field("embedding").type if "embedding" in table.column_names else None
+    if not isinstance(field_type, pa.FixedSizeListType):
+        raise EmbeddingError(f"{storage.redact(url)}: no fixed-size list column 'embedding'")
     col = table.column("embedding").combine_chunks()
-    dim = col.type.list_size
-    mat = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
-    return table.column("id").to_pylist(), mat.astype(np.float32, copy=False)
+    mat = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+    ids = table.column("id").to_pylist()
+    check_vectors(ids, mat, storage.redact(url), dim)
+    return ids, mat.astype(np.float32, copy=False)
+
+
+def check_vectors(ids: list[str], mat: np.ndarray, where: str, dim: int | None = None) -> None:
+    """(n, d) vectors: finite, and `dim`-dimensional when `dim` is given."""
+    if dim is not None and mat.shape[1] != dim:
+        raise EmbeddingError(f"{where}: vectors are {mat.shape[1]}-d, expected {dim}-d "
+                             "(embedded with another model?)")
+    bad = ~np.isfinite(mat).all(axis=1)  # (n,)
+    if bad.any():
+        raise EmbeddingError(f"{where}: {int(bad.sum())} vector(s) with NaN or inf, first id "
+                             f"{ids[int(bad.argmax())]!r}")
+
+
+def embedding_dim(url: str) -> int:
+    """The vector size of an embeddings Parquet file, from its schema alone."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        return int(pq.ParquetFile(f).schema_arrow.field("embedding").type.list_size)
 
 
 # ---------------------------------------------------------------- the stage
@@ -178,7 +252,8 @@ def stage_dir(out_dir: str, cfg: TeacherConfig) -> str:
 def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[str, Any]:
     """Embed corpus and queries on Ray Data (skipped when the manifest is current).
 
-    `upstream` is the data stage's config hash: new data means new embeddings.
+    `upstream` is the data stage's config hash: new data means new embeddings. Parts finished
+    by an earlier, interrupted run of the same key are kept.
     """
     target = stage_dir(out_dir, cfg)
     key = config_hash(output_key(cfg), upstream)
@@ -186,11 +261,11 @@ def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[
         return storage.read_manifest(target) or {}
     started = time.time()
     storage.begin_stage(target)
+    _claim(target, key)
     rows = {}
     for side, src in (("corpus", storage.join(data_dir, "corpus")),
                       ("queries", storage.join(data_dir, "queries.parquet"))):
         dst = storage.join(target, side)
-        storage.remove(dst)
         if side == "queries" and parquet_rows(src) < cfg.local_queries_below:
             rows[side] = embed_local(cfg, src, dst, side)
         else:
@@ -199,25 +274,60 @@ def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[
                                 extra={"model": cfg.model, "pooling": cfg.pooling})
 
 
+def _claim(target: str, key: str) -> None:
+    """Keep finished parts only if they were made from the same data: else start afresh."""
+    marker = storage.join(target, "_inputs.json")
+    try:
+        same = storage.read_json(marker).get("key") == key
+    except FileNotFoundError:
+        same = False
+    if not same:
+        for side in ("corpus", "queries"):
+            storage.remove(storage.join(target, side))
+        storage.write_json(marker, {"key": key})
+
+
 def embed_local(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
     """Embed a small Parquet file in this process, with the same encoder and output format."""
     table = storage.read_parquet(src)
     out = embed_table(Encoder(cfg), table, _prefix(cfg, side))
+    _check_table(out, f"{storage.redact(src)} embedded by {cfg.model}")
     storage.write_parquet(out, storage.join(dst, "part-00000.parquet"))
     return table.num_rows
 
 
-def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
-    """Stream `src` Parquet through an actor pool of encoders into Parquet shards at `dst`."""
-    import ray
-    from ray.data import ActorPoolStrategy
+def input_parts(src: str) -> dict[str, int]:
+    """{part file name: rows} of a Parquet folder (or of a single file)."""
+    if src.endswith(".parquet"):
+        return {src.rsplit("/", 1)[-1]: parquet_rows(src)}
+    return {name: parquet_rows(storage.join(src, name))
+            for name in storage.listdir(src) if name.endswith(".parquet")}
 
+
+def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
+    """Stream the unfinished parts of `src` through an actor pool of encoders into `dst`.
+
+    The driver collects each part's vectors (in input order, so about one part is held at a
+    time) and writes `dst/<part>` when every row of it is in.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    parts = input_parts(src)
+    src_dir = src.rsplit("/", 1)[0] if src.endswith(".parquet") else src
+    done = set(storage.listdir(dst))
+    pending = [p for p in sorted(parts) if p not in done]
+    total = sum(parts.values())
+    if not pending:
+        return total
+    log.info("embedding %d of %d %s parts (%d kept from an earlier run)", len(pending),
+             len(parts), side, len(parts) - len(pending))
     use_gpu = pick_device(cfg.device).type == "cuda"
-    src_fs, src_path = storage.arrow_filesystem(src)
-    dst_fs, dst_path = storage.arrow_filesystem(dst)
-    ds = ray.data.read_parquet(src_path, filesystem=src_fs)
-    # Small inputs arrive as one block; split so every actor gets work.
-    ds = ds.repartition(max(cfg.num_actors * 4, 1))
+    fs, root = storage.arrow_filesystem(src_dir)
+    todo = sum(parts[p] for p in pending)
+    ds = ray.data.read_parquet([f"{root}/{p}" for p in pending], filesystem=fs, include_paths=True)
+    # Blocks of about 4k rows keep every actor busy and a part's vectors streaming out.
+    ds = ds.repartition(max(cfg.num_actors * 4, math.ceil(todo / 4096)))
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={"cfg": cfg, "side": side},
@@ -227,8 +337,54 @@ def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
         num_cpus=0 if use_gpu else cfg.cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
     )
-    ds.write_parquet(dst_path, filesystem=dst_fs)
-    n = sum(parquet_rows(storage.join(dst, name))
-            for name in storage.listdir(dst) if name.endswith(".parquet"))
-    log.info("embedded %d %s rows into %s", n, side, storage.redact(dst))
-    return n
+    DataContext.get_current().execution_options.preserve_order = True
+    collector = PartCollector(parts, dst)
+    with tqdm(total=todo, desc=f"embed {side}", unit="doc") as bar:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            bar.update(collector.add(batch))
+    collector.check_complete(pending)
+    log.info("embedded %d %s rows into %s", todo, side, storage.redact(dst))
+    return total
+
+
+def _check_table(table: pa.Table, where: str) -> None:
+    """A model that overflows (fp16) or has broken weights must not leave NaN vectors."""
+    col = table.column("embedding").combine_chunks()
+    check_vectors(table.column("id").to_pylist(),
+                  col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size), where)
+
+
+class PartCollector:
+    """Groups embedded rows by source part and writes each part once all its rows are in."""
+
+    def __init__(self, parts: dict[str, int], dst: str) -> None:
+        self.parts, self.dst = parts, dst
+        self.buffers: dict[str, list[pa.Table]] = {}
+        self.written: set[str] = set()
+
+    def add(self, batch: pa.Table) -> int:
+        names = [p.rsplit("/", 1)[-1] for p in batch.column("path").to_pylist()]
+        batch = batch.drop_columns(["path"])
+        for name in dict.fromkeys(names):
+            mask = pa.array([n == name for n in names])
+            self.buffers.setdefault(name, []).append(batch.filter(mask))
+            got = sum(t.num_rows for t in self.buffers[name])
+            if got > self.parts[name]:
+                raise RuntimeError(f"part {name}: {got} embedded rows for {self.parts[name]} "
+                                   "inputs (a batch arrived twice)")
+            if got == self.parts[name]:
+                self._write(name)
+        return batch.num_rows
+
+    def _write(self, name: str) -> None:
+        table = pa.concat_tables(self.buffers.pop(name))
+        if len(set(table.column("id").to_pylist())) != table.num_rows:
+            raise RuntimeError(f"part {name}: duplicate ids in the embedded rows")
+        _check_table(table, f"corpus part {name}")
+        storage.write_parquet(table, storage.join(self.dst, name))
+        self.written.add(name)
+
+    def check_complete(self, pending: list[str]) -> None:
+        missing = [p for p in pending if p not in self.written]
+        if missing:
+            raise RuntimeError(f"embedding ended with parts incomplete: {missing[:5]}")

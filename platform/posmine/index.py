@@ -105,14 +105,15 @@ def plan_shards(corpus_dir: str, num_shards: int) -> tuple[list[ShardPlan], list
 
 def load_rows(plan: ShardPlan) -> np.ndarray:
     """(stop - start, dim) float32: the shard's rows, reading only the files that overlap it."""
-    from posmine.embed import read_embeddings
+    from posmine.embed import embedding_dim, read_embeddings
 
     parts, offset = [], 0
+    dim = embedding_dim(plan.files[0])  # every file the same size, or a named error
     for f in plan.files:
         n = parquet_rows(f)
         lo, hi = max(plan.start, offset), min(plan.stop, offset + n)
         if lo < hi:
-            parts.append(read_embeddings(f)[1][lo - offset:hi - offset])
+            parts.append(read_embeddings(f, dim=dim)[1][lo - offset:hi - offset])
         offset += n
     return np.concatenate(parts)
 
@@ -171,7 +172,7 @@ def candidates_table(query_ids: list[str], scores: np.ndarray, doc_ids: list[lis
 def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
                query_ids: list[str], k: int, upstream: str) -> tuple[str, dict[str, Any]]:
     """Write candidates for `query_ids` (skipped when current). Returns (folder, manifest)."""
-    from posmine.embed import read_embeddings
+    from posmine.embed import embedding_dim, read_embeddings
 
     key = config_hash(cfg, upstream, split, k, sorted(query_ids))
     target = storage.join(out_dir, "candidates", key)
@@ -179,7 +180,13 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
         return target, storage.read_manifest(target) or {}
     started = time.time()
     storage.begin_stage(target)
-    qids, qmat = read_embeddings(storage.join(embed_dir, "queries"))
+    corpus_dir = storage.join(embed_dir, "corpus")
+    first = next((n for n in storage.listdir(corpus_dir) if n.endswith(".parquet")), None)
+    if first is None:
+        raise FileNotFoundError(f"{storage.redact(corpus_dir)}: no embedding files")
+    # Query vectors must match the corpus's size (and be finite): say so before FAISS does.
+    qids, qmat = read_embeddings(storage.join(embed_dir, "queries"),
+                                 dim=embedding_dim(storage.join(corpus_dir, first)))
     row = {q: i for i, q in enumerate(qids)}
     missing = [q for q in query_ids if q not in row]
     if missing:

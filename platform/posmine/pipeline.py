@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 from posmine import data, index, storage
@@ -28,6 +30,7 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    on_term = signal.getsignal(signal.SIGTERM)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -36,6 +39,9 @@ def ensure_ray() -> None:
         # dashboard serves the State API that Ray Train's placement-group cleaner polls.
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  log_to_driver=True)
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        # ray.init replaces the SIGTERM handler with sys.exit; keep the CLI's clean stop.
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def prepare(cfg: Config) -> tuple[str, str]:

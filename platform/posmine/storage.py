@@ -6,19 +6,27 @@ backends read them; nothing here takes them from a config or writes them anywher
 
 A stage's output folder is finished when it holds `_manifest.json`, written last. A folder
 without one is unfinished whatever else it holds, so a crash halfway never looks done.
+
+Every call here is retried on transient errors (connection refused or reset, timeouts, 5xx,
+SlowDown) with exponential backoff, `POSMINE_STORAGE_RETRIES` times (default 6, about a
+minute in all); then it fails with a `StorageError` naming the URL. Missing buckets and
+missing credentials fail at once with a message that says so.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import io
 import json
+import logging
 import os
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -26,10 +34,87 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 MANIFEST = "_manifest.json"
+log = logging.getLogger(__name__)
 
 
 class StorageError(OSError):
     """A URL cannot be reached or used; the message names it (without credentials)."""
+
+
+# ---------------------------------------------------------------- retries
+
+F = TypeVar("F", bound=Callable[..., Any])
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                    "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
+                    "ClientOSError", "ClientPayloadError", "IncompleteRead", "ProxyConnectionError"}
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+                     errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+_TRANSIENT_TEXT = ("SlowDown", "ServiceUnavailable", "InternalError", "503", "500 Internal",
+                   "RequestTimeout", "Could not connect to the endpoint")
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth retrying: the service or the network hiccuped, not the request itself."""
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    chain: BaseException | None = e
+    while chain is not None:  # s3fs wraps botocore errors in OSError: look down the chain
+        if type(chain).__name__ in _TRANSIENT_NAMES or isinstance(chain, ConnectionError | TimeoutError):
+            return True
+        if isinstance(chain, OSError) and chain.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(t in str(chain) for t in _TRANSIENT_TEXT):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
+def _fatal(e: BaseException, url: str) -> StorageError | None:
+    """A clear error for what no retry fixes: no credentials, no bucket."""
+    text = f"{type(e).__name__}: {e}"
+    if "NoCredentialsError" in text or "Unable to locate credentials" in text:
+        return StorageError(f"{redact(url)}: no credentials: set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY (or a role, or a Kubernetes Secret) in the "
+                            "environment")
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        bucket = url.split("://", 1)[-1].split("/", 1)[0]
+        return StorageError(f"{redact(url)}: bucket {bucket!r} does not exist")
+    if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        return StorageError(f"{redact(url)}: the credentials in the environment were refused")
+    return None
+
+
+def retrying(fn: F) -> F:
+    """Retry `fn(url, ...)` (or `fn(x, url, ...)`) on transient storage errors with backoff."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        url = next((a for a in args if isinstance(a, str)), "?")
+        attempts = 1 + int(os.environ.get("POSMINE_STORAGE_RETRIES", "6"))
+        delay = float(os.environ.get("POSMINE_STORAGE_BACKOFF_S", "0.5"))
+        started = time.monotonic()
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except StorageError:
+                raise
+            except Exception as e:
+                fatal = _fatal(e, url)
+                if fatal is not None:
+                    raise fatal from e
+                if not _transient(e):
+                    raise
+                if attempt == attempts:
+                    raise StorageError(
+                        f"{redact(url)}: storage unreachable after {attempts} attempts over "
+                        f"{time.monotonic() - started:.0f} s ({type(e).__name__}: {e})") from e
+                log.warning("%s: %s; retry %d/%d in %.1f s", redact(url), type(e).__name__,
+                            attempt, attempts - 1, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 16.0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper  # type: ignore[return-value]
 
 
 def redact(url: str) -> str:
@@ -67,16 +152,19 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+@retrying
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
     return bool(fs.exists(path))
 
 
+@retrying
 def makedirs(url: str) -> None:
     fs, path = filesystem(url)
     fs.makedirs(path, exist_ok=True)
 
 
+@retrying
 def remove(url: str) -> None:
     """Remove a file or folder tree if it exists."""
     fs, path = filesystem(url)
@@ -84,6 +172,7 @@ def remove(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+@retrying
 def listdir(url: str) -> list[str]:
     """Base names under `url` (empty when it does not exist)."""
     fs, path = filesystem(url)
@@ -103,11 +192,13 @@ def open_read(url: str, compression: str | None = "infer") -> Iterator[IO[bytes]
         raise FileNotFoundError(f"{redact(url)}: no such file") from e
 
 
+@retrying
 def read_text(url: str) -> str:
     with open_read(url) as f:
         return f.read().decode("utf-8")
 
 
+@retrying
 def write_bytes(url: str, data: bytes) -> None:
     """Write `data` to `url` so that readers see the old object or the whole new one.
 
@@ -151,6 +242,7 @@ def write_parquet(table: pa.Table, url: str) -> None:
     write_bytes(url, buf.getvalue())
 
 
+@retrying
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet file, or every `*.parquet` file in a folder, in name order."""
     fs, path = filesystem(url)
@@ -187,9 +279,7 @@ def is_done(stage_dir: str, config_hash: str) -> bool:
 def begin_stage(stage_dir: str) -> None:
     """Mark `stage_dir` unfinished (drop its manifest) before writing into it."""
     makedirs(stage_dir)
-    fs, path = filesystem(join(stage_dir, MANIFEST))
-    if fs.exists(path):
-        fs.rm(path)
+    remove(join(stage_dir, MANIFEST))
 
 
 def commit_stage(stage_dir: str, stage: str, config_hash: str, *,

@@ -175,17 +175,29 @@ def batches(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
         yield buf
 
 
+def epoch_batches(rows: list[Row], cfg: TrainConfig, skip: int = 0) -> Iterator[list[Row]]:
+    """Batches of `rows`, reshuffled per epoch with the seed; the first `skip` are not built.
+
+    The same order on every call, so a run restored at step n continues with batch n + 1.
+    """
+    seen = 0
+    for epoch in range(cfg.epochs):
+        order = np.random.default_rng(cfg.seed + epoch).permutation(len(rows))
+        for start in range(0, len(rows), cfg.batch_size):
+            seen += 1
+            if seen > skip:
+                yield [rows[i] for i in order[start:start + cfg.batch_size]]
+
+
 def train_plain(cfg: TrainConfig, rows: list[Row], steps: int | None = None,
                 device: str = "cpu") -> StudentTrainer:
     """The same loop without Ray: one process, rows shuffled per epoch with the seed."""
     steps = steps or total_steps(cfg, len(rows))
     trainer = StudentTrainer(cfg, steps, torch.device(device))
-    for epoch in range(cfg.epochs):
-        order = np.random.default_rng(cfg.seed + epoch).permutation(len(rows))
-        for batch in batches((rows[i] for i in order), cfg.batch_size):
-            if trainer.step_no >= steps:
-                return trainer
-            trainer.step(batch)
+    for batch in epoch_batches(rows, cfg):
+        if trainer.step_no >= steps:
+            break
+        trainer.step(batch)
     return trainer
 
 
@@ -224,7 +236,7 @@ def _worker(config: dict[str, Any]) -> None:
             losses.append(trainer.step(rows))
             timer.tick(len(rows) * ctx.get_world_size())
             _report(trainer, losses, epoch, steps, cfg)
-            _crash_hook(trainer.step_no)
+            crash_hook(trainer.step_no)
     final = {"step": trainer.step_no, "loss": float(np.mean(losses[-10:] or [0.0])),
              "resumed_from": done_before, "steady_samples_per_s": timer.rate(), "done": 1}
     with tempfile.TemporaryDirectory() as d:
@@ -258,7 +270,7 @@ class StepTimer:
         return round(self.samples / (self.end - self.start), 3)
 
 
-def _crash_hook(step: int) -> None:
+def crash_hook(step: int) -> None:
     """Fault injection for tests: kill this worker once at step POSMINE_CRASH_AT_STEP.
 
     The marker file makes it fire on the first attempt only, like a real one-off failure.

@@ -1,0 +1,118 @@
+"""A 2-trial Ray Tune search with a tiny model on a real local Ray: table, best YAML, plot,
+dev hold-out never trained on, a trial killed mid-run resumed, the experiment restored."""
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import ray
+
+from posmine import data, storage, tune
+from posmine.cli import main
+from posmine.config import ConfigError, load_config
+from tests.conftest import QRELS
+
+SPACE = ("tune.space=[{rule: topk_percpos, perc: 0.95}, "
+         "{rule: topk_marginpos, margin: {grid: [0.05]}, num_negatives: 2}]")
+
+
+def _overrides(tiny_beir: Path, tiny_model: str, out: Path) -> list[str]:
+    return [f"data.path={tiny_beir}", "data.dev_fraction=0.25", f"teacher.model={tiny_model}",
+            "teacher.cpus_per_actor=0.5", "teacher.torch_threads=1", "index.num_shards=1",
+            "mining.top_k=10", "mining.num_negatives=3", f"train.model={tiny_model}",
+            "train.batch_size=4", "train.epochs=1", "train.lr=1e-3", "train.passage_max_length=32",
+            "train.export_max_length=32", "evaluate.k_values=[1,10]", "evaluate.top_k=20",
+            "tune.dev_pool=10", "tune.evals_per_trial=2", f"output.dir={out}", SPACE]
+
+
+def test_two_trial_search(ray_local: None, tiny_beir: Path, tiny_model: str, tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # a relative output dir, as in the shipped configs: Tune runs trials in their own cwd
+    monkeypatch.chdir(tmp_path)
+    args = _overrides(tiny_beir, tiny_model, Path("out"))
+    crash_marker = tmp_path / "crashed"
+    # trial processes read these: pass them through the runtime env
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"POSMINE_CRASH_AT_STEP": "2",
+                                       "POSMINE_CRASH_MARKER": str(crash_marker)}})
+    try:
+        assert main(["tune", str(_yaml(tmp_path)), *args]) == 0
+    finally:
+        ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    printed = capsys.readouterr().out
+    cfg = load_config(_yaml(tmp_path), args)
+    target = tune.stage_dir(cfg)
+    manifest = storage.read_manifest(target)
+    assert manifest is not None and manifest["stage"] == "tune" and manifest["split"] == "dev"
+    trials = manifest["trials"]
+    assert sorted(t["rule"] for t in trials) == ["topk_marginpos", "topk_percpos"]
+    assert {t["num_negatives"] for t in trials} == {2, 3}
+    for t in trials:
+        assert 0.0 <= t["ndcg@10"] <= 1.0 and t["error"] is None
+        assert t["step"] == t["steps"] and not t["stopped_early"]  # 2 trials: ASHA keeps both
+    # The injected kill hit the first trial at step 2; it resumed from its step-1 checkpoint.
+    assert crash_marker.exists()
+    assert sorted(t["resumed_from"] for t in trials) == [0, 1]
+    assert "untrained" in printed and "topk_percpos" in printed and "best.yaml" in printed
+    with open(Path(target) / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["rule"] for r in rows] == [t["rule"] for t in trials]
+    assert storage.read_parquet(f"{target}/results.parquet").num_rows == 2
+    assert (Path(target) / "metric_vs_param.png").read_bytes()[:4] == b"\x89PNG"
+    # best.yaml is a config `posmine run` takes, with the best trial's mining setting
+    best = load_config(Path(target) / "best.yaml")
+    assert best.mining.rule == trials[0]["rule"] and trials[0]["ndcg@10"] == max(
+        t["ndcg@10"] for t in trials)
+    assert best.data.holdout_dev is False and best.train.model == tiny_model
+    # trials never trained on a dev query, and dev is taken from train (test is never read)
+    data_dir = data.stage_dir(cfg.output.dir)
+    dev = set(data.read_prepared_qrels(data_dir, "dev").column("query_id").to_pylist())
+    assert dev and dev <= {q for q, _, _ in QRELS["train"]}
+    for trial_dir in Path(target, "trials").iterdir():
+        mined = storage.read_parquet(str(trial_dir / "mine" / "mined.parquet"))
+        assert not dev & set(mined.column("query_id").to_pylist())
+    # a finished search is skipped; without its manifest, Tune's experiment is restored
+    # (finished trials are not run again: same per-trial seconds)
+    assert tune.run(cfg)["finished_at"] == manifest["finished_at"]
+    os.remove(Path(target) / "_manifest.json")
+    again = tune.run(cfg)
+    assert [t["seconds"] for t in again["trials"]] == [t["seconds"] for t in trials]
+
+
+def _yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "tune.yaml"
+    path.write_text("tune:\n  scheduler: asha\n  max_concurrent_trials: 1\n")
+    return path
+
+
+def test_param_space_and_eval_points() -> None:
+    cfg = load_config(None, ["tune.space=[{rule: topk_percpos, perc: {uniform: [0.9, 1.0]}}, "
+                             "{rule: topk_abs, threshold: {grid: [0.6, 0.7]}, "
+                             "num_negatives: {randint: [1, 8]}}]"])
+    space = tune.param_space(cfg.tune)
+    arms = space["mining"]["grid_search"]
+    assert arms[0]["rule"] == "topk_percpos" and arms[0]["perc"].lower == 0.9
+    assert arms[1]["threshold"] == {"grid_search": [0.6, 0.7]}
+    assert arms[1]["num_negatives"].upper == 9  # YAML randint bounds are inclusive
+    assert tune.eval_points(10, 2) == [5, 10] and tune.eval_points(3, 5) == [1, 2, 3]
+    assert tune.eval_points(1, 3) == [1]
+    m = tune.trial_mining(cfg.mining, {"rule": "topk_abs", "threshold": 0.65})
+    assert m.rule == "topk_abs" and m.threshold == 0.65 and m.perc == cfg.mining.perc
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tune.space=[{rule: nope}]", "tune.space[0].rule='nope' is not allowed"),
+    ("tune.space=[{perc: {grid: [3.0]}}]", "tune.space[0].perc: mining.perc must be in"),
+    ("tune.space=[{percent: 0.9}]", "tune.space[0].percent: not a mining key"),
+    ("tune.space=[{perc: {between: [0, 1]}}]", "a domain is one of"),
+    ("tune.space=[{perc: {uniform: [1.0, 0.9]}}]", "expected [low, high]"),
+    ("tune.space=[]", "tune.space is empty"),
+    ("tune.metric=ndcg", "expected ndcg@k"),
+])
+def test_bad_space(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
