@@ -38,6 +38,18 @@ def test_steps_reduce_the_loss(tiny_model: str, in_batch: bool, distill: float) 
         assert float(trainer.loss(ROWS)) < before * 0.85
 
 
+def test_in_batch_negatives_only(tiny_model: str) -> None:
+    """num_negatives=0: the ablation's "no hard negatives" row trains on in-batch negatives."""
+    cfg = TrainConfig(model=tiny_model, lr=1e-3, warmup_ratio=0.0, batch_size=6, num_negatives=0)
+    trainer = StudentTrainer(cfg, 20, torch.device("cpu"))
+    with torch.no_grad():
+        before = float(trainer.loss(ROWS))
+    for _ in range(10):
+        trainer.step(ROWS)
+    with torch.no_grad():
+        assert float(trainer.loss(ROWS)) < before
+
+
 def test_rows_with_fewer_negatives(tiny_model: str) -> None:
     rows = [dict(ROWS[0], negatives=["brain heart"]), ROWS[1]]
     trainer = train_plain(TrainConfig(model=tiny_model, batch_size=2, num_negatives=3), rows)

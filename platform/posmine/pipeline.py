@@ -124,12 +124,17 @@ def student_view(cfg: Config, model: str) -> TeacherConfig:
 def run(cfg: Config) -> dict[str, Any]:
     """The whole line: mine, train, then evaluate the base student and the fine-tuned one."""
     trained = train(cfg)
-    base = _evaluate_with(cfg, student_view(cfg, cfg.train.model))
-    tuned = _evaluate_with(cfg, student_view(cfg, str(trained["model_dir"])))
+    base = evaluate_student(cfg, cfg.train.model)
+    tuned = evaluate_student(cfg, str(trained["model_dir"]))
     summary = {"split": cfg.evaluate.split, "base": base["metrics"], "fine_tuned": tuned["metrics"],
                "model_dir": trained["model_dir"], "rule": cfg.mining.rule}
     storage.write_json(storage.join(cfg.output.dir, "summary.json"), summary)
     return summary
+
+
+def evaluate_student(cfg: Config, model: str) -> dict[str, Any]:
+    """Metrics of a student `model` (a fine-tuned directory) as the student embeds."""
+    return _evaluate_with(cfg, student_view(cfg, model))
 
 
 def _evaluate_with(cfg: Config, teacher: TeacherConfig) -> dict[str, Any]:

