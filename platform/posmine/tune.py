@@ -404,8 +404,14 @@ def plot(trials: list[dict[str, Any]], metric: str, base: float | None) -> bytes
         done = [t for t in trials if t["rule"] == rule and t.get(metric) is not None]
         param = RULE_PARAM[rule] or "num_negatives"
         for k in sorted({t["num_negatives"] for t in done}):
-            pts = sorted((t[param], t[metric]) for t in done if t["num_negatives"] == k)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"k={k}")
+            pts = sorted((t[param], t[metric], bool(t.get("stopped_early"))) for t in done
+                         if t["num_negatives"] == k)
+            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=f"k={k}")[0]
+            for x, y, stopped in pts:  # hollow: ASHA stopped it, its score is from fewer steps
+                ax.plot(x, y, "o", color=line.get_color(),
+                        markerfacecolor="none" if stopped else line.get_color())
+        if any(t.get("stopped_early") for t in done):
+            ax.plot([], [], "o", color="grey", markerfacecolor="none", label="stopped early")
         if base is not None:
             ax.axhline(base, color="grey", ls="--", lw=1, label="untrained")
         ax.set_title(rule)
