@@ -112,8 +112,9 @@ def test_interrupted_embed_resumes_by_part(sig: signal.Signals, tiny_beir: Path,
                                            tmp_path: Path) -> None:
     ray.shutdown()  # the CLI starts its own local Ray, as a user's shell would
     out = tmp_path / "out"
+    # One actor: parts finish one after another (~3 s apart with the delay), never in a burst.
     cmd = [sys.executable, "-m", "posmine.cli", "embed", str(ROOT / "jobs/configs/scifact.yaml"),
-           *_embed_overrides(tiny_beir, tiny_model, out)]
+           *_embed_overrides(tiny_beir, tiny_model, out), "teacher.num_actors=1"]
     slow = {**os.environ, "POSMINE_EMBED_DELAY_S": "1.5"}
     proc = subprocess.Popen(cmd, env=slow, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     parts = out / "embed"
