@@ -46,6 +46,7 @@ from posmine.config import (
     to_dict,
 )
 from posmine.embed import Encoder, pick_device
+from posmine.evaluate import qrels_dict
 from posmine.index import brute_force_topk
 from posmine.train import StudentTrainer, crash_hook, epoch_batches, expand, total_steps
 
@@ -220,11 +221,7 @@ def search_key(cfg: Config) -> str:
 
 def dev_set(cfg: Config, data_dir: str, pool_dir: str | None) -> DevSet:
     """Dev queries, qrels and the documents to rank: teacher pool + positives, or all."""
-    qrels_table = data.read_prepared_qrels(data_dir, "dev")
-    qrels: dict[str, dict[str, int]] = {}
-    for q, d, s in zip(*(qrels_table.column(c).to_pylist() for c in ("query_id", "doc_id", "score")),
-                       strict=True):
-        qrels.setdefault(q, {})[d] = s
+    qrels = qrels_dict(data_dir, "dev")
     doc_filter: set[str] | None = None
     if pool_dir is not None:
         pool = storage.read_parquet(storage.join(pool_dir, "candidates.parquet"), ["doc_ids"])
