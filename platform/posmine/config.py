@@ -102,9 +102,13 @@ class IndexConfig:
     ef_search: int = 128
     use_gpu: Literal["auto", "never", "always"] = "auto"
     query_batch_size: int = 4096
+    # Ray CPUs each shard actor reserves; 0 = all shards together reserve 2 (at most 1 each),
+    # which leaves a small head node room for the driver's other tasks.
+    cpus_per_shard: float = 0.0
 
     def __post_init__(self) -> None:
         _check_range("index.num_shards", self.num_shards, 1, 4096)
+        _check_range("index.cpus_per_shard", self.cpus_per_shard, 0.0, 1024.0)
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 5
     max_failures: int = 2
+    # Worker-group starts Ray Train tries (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
+    # 60 s by default) before the stage fails: room for autoscaled GPU nodes to come up, but
+    # never a silent wait forever for resources that do not exist. -1 = wait forever.
+    startup_retries: int = 10
     torch_threads: int = 0  # per worker; 0 = cores / workers
     seed: int = 42
 
@@ -183,6 +191,7 @@ class TrainConfig:
         _check_range("train.temperature", self.temperature, 1e-4, 10.0)
         _check_range("train.distill_weight", self.distill_weight, 0.0, 1.0)
         _check_range("train.batch_size", self.batch_size, 1, 65536)
+        _check_range("train.startup_retries", self.startup_retries, -1, 10_000)
 
 
 @dataclass(frozen=True)

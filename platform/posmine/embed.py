@@ -192,6 +192,12 @@ def embeddings_table(ids: list[str], emb: np.ndarray) -> pa.Table:
                     schema=schemas.embeddings(dim))
 
 
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The fixed-size list column 'embedding' as an (n, dim) matrix (a view where Arrow allows)."""
+    col = table.column("embedding").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+
+
 def read_embeddings(url: str, dim: int | None = None) -> tuple[list[str], np.ndarray]:
     """ids and an (n, dim) float32 matrix from an embeddings Parquet file or folder.
 
@@ -205,8 +211,7 @@ def read_embeddings(url: str, dim: int | None = None) -> tuple[list[str], np.nda
     field_type = table.schema.field("embedding").type if "embedding" in table.column_names else None
     if not isinstance(field_type, pa.FixedSizeListType):
         raise EmbeddingError(f"{storage.redact(url)}: no fixed-size list column 'embedding'")
-    col = table.column("embedding").combine_chunks()
-    mat = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+    mat = embedding_matrix(table)
     ids = table.column("id").to_pylist()
     check_vectors(ids, mat, storage.redact(url), dim)
     return ids, mat.astype(np.float32, copy=False)
@@ -349,9 +354,7 @@ def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
 
 def _check_table(table: pa.Table, where: str) -> None:
     """A model that overflows (fp16) or has broken weights must not leave NaN vectors."""
-    col = table.column("embedding").combine_chunks()
-    check_vectors(table.column("id").to_pylist(),
-                  col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size), where)
+    check_vectors(table.column("id").to_pylist(), embedding_matrix(table), where)
 
 
 class PartCollector:

@@ -139,8 +139,11 @@ def sharded_search(corpus_dir: str, queries: np.ndarray, k: int,
     import ray
 
     plans, ids = plan_shards(corpus_dir, cfg.num_shards)
-    threads = max(1, (os.cpu_count() or 1) // len(plans))
-    shard_cls: Any = ray.remote(num_cpus=min(1.0, 2.0 / len(plans)))(IndexShard)
+    if cfg.cpus_per_shard:  # reserve N CPUs, run N FAISS threads
+        cpus, threads = cfg.cpus_per_shard, max(1, round(cfg.cpus_per_shard))
+    else:  # the shards share the machine's cores; Ray's reservation stays small
+        cpus, threads = min(1.0, 2.0 / len(plans)), max(1, (os.cpu_count() or 1) // len(plans))
+    shard_cls: Any = ray.remote(num_cpus=cpus)(IndexShard)
     actors: list[Any] = [shard_cls.remote(p, cfg, threads) for p in plans]
     k = min(k, len(ids))
     all_scores, all_rows = [], []

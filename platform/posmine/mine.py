@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from posmine import data, mining, schemas, storage
 from posmine.config import MiningConfig, config_hash, to_dict
-from posmine.embed import read_embeddings
+from posmine.embed import embedding_matrix, read_embeddings
 from posmine.rescore import CrossEncoderScorer, rescore
 
 BATCH = 4096  # queries per call of the pure miner
@@ -31,8 +31,7 @@ def positive_scores(embed_dir: str, positives: dict[str, list[str]]) -> dict[str
     need = {d for ps in positives.values() for d in ps}
     table = storage.read_parquet(storage.join(embed_dir, "corpus"))
     table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(need))))
-    col = table.column("embedding").combine_chunks()
-    dmat = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+    dmat = embedding_matrix(table)  # (D, dim)
     drow = {d: i for i, d in enumerate(table.column("id").to_pylist())}
     qrow = {q: i for i, q in enumerate(qids)}
     out = {}

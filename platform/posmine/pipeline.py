@@ -70,15 +70,19 @@ def search(cfg: Config, teacher: TeacherConfig, split: str, k: int) -> tuple[str
                             upstream=str(emb["config_hash"]))
 
 
+def candidate_depth(cfg: Config, top_k: int) -> int:
+    """Candidates to fetch so that `top_k` remain after removing positives and self-hits."""
+    data_dir, _ = prepare(cfg)
+    positives = data.positives_by_query(data.read_prepared_qrels(data_dir, cfg.data.split))
+    return top_k + max((len(p) for p in positives.values()), default=0) + 1
+
+
 def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig | None = None,
          name: str = "mine") -> dict[str, Any]:
     """data -> embed -> search -> mine on `cfg.data.split`; returns the mine manifest."""
     teacher, mining = teacher or cfg.teacher, mining or cfg.mining
-    # Fetch enough candidates that `top_k` remain after removing positives and self-hits.
     data_dir, _ = prepare(cfg)
-    positives = data.positives_by_query(data.read_prepared_qrels(data_dir, cfg.data.split))
-    extra = max((len(p) for p in positives.values()), default=0) + 1
-    cand_dir, cand = search(cfg, teacher, cfg.data.split, mining.top_k + extra)
+    cand_dir, cand = search(cfg, teacher, cfg.data.split, candidate_depth(cfg, mining.top_k))
     emb_dir = embed_stage.stage_dir(cfg.output.dir, teacher)
     manifest = mine_stage.run(mining, data_dir, emb_dir, cand_dir, cfg.output.dir,
                               cfg.data.split, upstream=str(cand["config_hash"]), name=name)

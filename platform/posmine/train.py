@@ -12,6 +12,7 @@ benchmarks and as the reference) runs exactly the same steps without Ray.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -330,6 +331,9 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         {k: [v] for k, v in r.items()}))
     use_gpu = cfg.use_gpu == "always" or (cfg.use_gpu == "auto" and torch.cuda.is_available())
     ray_fs, ray_path = storage.arrow_filesystem(storage.join(target, "ray"))
+    failure_kwargs: dict[str, Any] = {"max_failures": cfg.max_failures}
+    if "controller_failure_limit" in inspect.signature(FailureConfig).parameters:  # Train v2
+        failure_kwargs["controller_failure_limit"] = cfg.startup_retries
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": cfg, "steps": steps, "rows": rows,
@@ -339,7 +343,7 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         datasets={"train": ds},
         run_config=RunConfig(
             name=f"run-{key}", storage_path=ray_path, storage_filesystem=ray_fs,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(**failure_kwargs),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     result = trainer.fit()

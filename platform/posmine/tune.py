@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,7 @@ import torch
 import yaml
 
 from posmine import data, metrics, storage
+from posmine import embed as embed_stage
 from posmine import mine as mine_stage
 from posmine.config import (
     Config,
@@ -147,6 +150,9 @@ class Shared:
     dev: DevSet
 
 
+ELAPSED = "trial_seconds.json"  # in each trial checkpoint
+
+
 def trial(config: dict[str, Any], shared: Shared) -> None:
     """Mine with this trial's setting, train, and report dev metrics at `eval_points`."""
     from ray import tune
@@ -165,10 +171,12 @@ def trial(config: dict[str, Any], shared: Shared) -> None:
     steps = total_steps(train_cfg, len(rows))
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
     trainer = StudentTrainer(train_cfg, steps, pick_device("auto"))
-    checkpoint = tune.get_checkpoint()
+    checkpoint, earlier_s = tune.get_checkpoint(), 0.0
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.load_state(d)
+            # Seconds the trial's earlier attempts spent, so a restore does not reset the clock.
+            earlier_s = json.loads(Path(d, ELAPSED).read_text())["seconds"]
     encoder = Encoder.wrap(student_encoder_config(cfg), trainer.model, trainer.tokenizer,
                            trainer.device)
     resumed_from = trainer.step_no
@@ -188,9 +196,10 @@ def trial(config: dict[str, Any], shared: Shared) -> None:
                   "resumed_from": resumed_from,
                   "examples": len(rows), "queries_mined": stats["queries_out"],
                   "dropped_false_negatives": stats["dropped_by_rule"],
-                  "trial_seconds": round(time.time() - started, 1)}
+                  "trial_seconds": round(earlier_s + time.time() - started, 1)}
         with tempfile.TemporaryDirectory() as d:
             trainer.save_state(d)
+            Path(d, ELAPSED).write_text(json.dumps({"seconds": report["trial_seconds"]}))
             tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
 
@@ -239,14 +248,12 @@ def prepare_shared(cfg: Config, target: str) -> tuple[Shared, dict[str, Any]]:
     from posmine import pipeline
 
     data_dir, _ = pipeline.prepare(cfg)
-    positives = data.positives_by_query(data.read_prepared_qrels(data_dir, cfg.data.split))
-    extra = max((len(p) for p in positives.values()), default=0) + 1
-    depth = max(_largest(cfg.tune.space, "top_k", cfg.mining.top_k), 1) + extra
+    depth = pipeline.candidate_depth(cfg, max(_largest(cfg.tune.space, "top_k", cfg.mining.top_k), 1))
     cand_dir, cand = pipeline.search(cfg, cfg.teacher, cfg.data.split, depth)
     pool_dir = (pipeline.search(cfg, cfg.teacher, "dev", cfg.tune.dev_pool)[0]
                 if cfg.tune.dev_pool else None)
     dev = dev_set(cfg, data_dir, pool_dir)
-    emb_dir = pipeline.embed(cfg)["dir"]
+    emb_dir = embed_stage.stage_dir(cfg.output.dir, cfg.teacher)
     shared = Shared(cfg, data_dir, emb_dir, cand_dir, str(cand["config_hash"]),
                     storage.join(target, "trials"), dev)
     return shared, {"dev_queries": len(dev.query_ids), "dev_documents": len(dev.doc_ids),
