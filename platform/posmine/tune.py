@@ -176,7 +176,8 @@ def trial(config: dict[str, Any], shared: Shared) -> None:
         with checkpoint.as_directory() as d:
             trainer.load_state(d)
             # Seconds the trial's earlier attempts spent, so a restore does not reset the clock.
-            earlier_s = json.loads(Path(d, ELAPSED).read_text())["seconds"]
+            if Path(d, ELAPSED).exists():  # absent in checkpoints of older versions
+                earlier_s = json.loads(Path(d, ELAPSED).read_text())["seconds"]
     encoder = Encoder.wrap(student_encoder_config(cfg), trainer.model, trainer.tokenizer,
                            trainer.device)
     resumed_from = trainer.step_no
