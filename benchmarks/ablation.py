@@ -108,13 +108,17 @@ def config(teacher: str, row: str, seed: int, out: str, extra: list[str]) -> Con
         f"mining.seed={seed}", *BUDGET, *ROWS[row], *extra])
 
 
+def mine_name(cfg: Config, row: str, seed: int) -> str:
+    """The row's mine folder: one per rule, one per seed only where the seed changes the picks."""
+    return f"mine-{row}-s{seed}" if cfg.mining.sampling != "topk" else f"mine-{row}"
+
+
 def run_posmine(cfg: Config, row: str, seed: int) -> dict[str, Any]:
     """mine (shared per rule) -> train -> evaluate on test; returns the row's numbers."""
     if row == "base":
         return {"metrics": pipeline.evaluate_student(cfg, cfg.train.model)["metrics"]}
     t0 = time.perf_counter()
-    mined = pipeline.mine(cfg, cfg.teacher, cfg.mining,
-                          name=f"mine-{row}-s{seed}" if cfg.mining.sampling != "topk" else f"mine-{row}")
+    mined = pipeline.mine(cfg, cfg.teacher, cfg.mining, name=mine_name(cfg, row, seed))
     mine_s = time.perf_counter() - t0
     trained = train_stage.run(cfg.train, mined["dir"], cfg.output.dir,
                               upstream=str(mined["config_hash"]), name=f"train-{row}-s{seed}")
@@ -221,7 +225,8 @@ def mining_stats(a: argparse.Namespace) -> None:
         if row in ("base", "st_recipe", "in_batch_only"):
             continue
         cfg = config(a.teacher, row, a.seeds[0], str(Path(a.out) / a.teacher), a.overrides)
-        stats = pipeline.mine(cfg, cfg.teacher, cfg.mining, name=f"mine-{row}-s{a.seeds[0]}")["stats"]
+        stats = pipeline.mine(cfg, cfg.teacher, cfg.mining,
+                              name=mine_name(cfg, row, a.seeds[0]))["stats"]
         table[row] = {k: stats[k] for k in STAT_KEYS}
         print(row, table[row], flush=True)
     dest = a.results / a.teacher / "mining.json"

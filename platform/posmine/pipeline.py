@@ -70,10 +70,9 @@ def search(cfg: Config, teacher: TeacherConfig, split: str, k: int) -> tuple[str
                             upstream=str(emb["config_hash"]))
 
 
-def candidate_depth(cfg: Config, top_k: int) -> int:
+def candidate_depth(data_dir: str, split: str, top_k: int) -> int:
     """Candidates to fetch so that `top_k` remain after removing positives and self-hits."""
-    data_dir, _ = prepare(cfg)
-    positives = data.positives_by_query(data.read_prepared_qrels(data_dir, cfg.data.split))
+    positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
     return top_k + max((len(p) for p in positives.values()), default=0) + 1
 
 
@@ -82,7 +81,8 @@ def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig
     """data -> embed -> search -> mine on `cfg.data.split`; returns the mine manifest."""
     teacher, mining = teacher or cfg.teacher, mining or cfg.mining
     data_dir, _ = prepare(cfg)
-    cand_dir, cand = search(cfg, teacher, cfg.data.split, candidate_depth(cfg, mining.top_k))
+    depth = candidate_depth(data_dir, cfg.data.split, mining.top_k)
+    cand_dir, cand = search(cfg, teacher, cfg.data.split, depth)
     emb_dir = embed_stage.stage_dir(cfg.output.dir, teacher)
     manifest = mine_stage.run(mining, data_dir, emb_dir, cand_dir, cfg.output.dir,
                               cfg.data.split, upstream=str(cand["config_hash"]), name=name)

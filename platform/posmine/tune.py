@@ -249,7 +249,8 @@ def prepare_shared(cfg: Config, target: str) -> tuple[Shared, dict[str, Any]]:
     from posmine import pipeline
 
     data_dir, _ = pipeline.prepare(cfg)
-    depth = pipeline.candidate_depth(cfg, max(_largest(cfg.tune.space, "top_k", cfg.mining.top_k), 1))
+    top_k = max(_largest(cfg.tune.space, "top_k", cfg.mining.top_k), 1)
+    depth = pipeline.candidate_depth(data_dir, cfg.data.split, top_k)
     cand_dir, cand = pipeline.search(cfg, cfg.teacher, cfg.data.split, depth)
     pool_dir = (pipeline.search(cfg, cfg.teacher, "dev", cfg.tune.dev_pool)[0]
                 if cfg.tune.dev_pool else None)
