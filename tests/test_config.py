@@ -83,3 +83,24 @@ def test_stages_override_and_reject_bad_keys(tmp_path: Path) -> None:
     p.write_text("stages:\n  - {train: {in_batch: false}}\n")
     with pytest.raises(ConfigError, match=r"stages\[0\]\.train\.in_batch"):
         load_config(p)
+
+
+def test_extra_teachers_resolve_over_teacher_and_reject_bad_ones(tmp_path: Path) -> None:
+    from posmine.config import resolve_teachers
+
+    p = tmp_path / "teachers.yaml"
+    p.write_text("teacher: {model: a, batch_size: 16}\nextra_teachers:\n  - {model: b}\n"
+                 "  - {model: c, pooling: cls}\n")
+    first, second, third = resolve_teachers(load_config(p))
+    assert (first.model, second.model, second.batch_size, third.pooling) == ("a", "b", 16, "cls")
+    for override, needle in [
+        ("extra_teachers=[{modl: b}]", r"extra_teachers\[0\]\.modl"),
+        ("extra_teachers=[{batch_size: 0}]", r"extra_teachers\[0\]: teacher\.batch_size"),
+        ("extra_teachers=[{model: default}]", r"extra_teachers\[0\] repeats"),
+        ("extra_teachers=[b]", r"extra_teachers\[0\] must be a mapping"),
+        ("mining.combine=average", "allowed values"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match="distill_weight > 0 with extra_teachers"):
+        load_config(None, ["extra_teachers=[{model: b}]", "train.distill_weight=0.5"])

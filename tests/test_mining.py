@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from posmine.config import RULES, MiningConfig
 from posmine.mining import (
     QueryCandidates,
+    combine_mined,
     combine_teachers,
     mine,
     normalize_text,
@@ -139,6 +140,35 @@ def test_combine_teachers() -> None:
     assert cross in (t1[:2], t2[:2])
     with pytest.raises(ValueError, match="allowed"):
         combine_teachers([t1], "mix", 2, query_rng(0, "q"))
+
+
+def _mined(qid: str, negs: list[tuple[str, float]], pos_score: float) -> dict:
+    return {"query_id": qid, "query": f"text {qid}", "positive_ids": ["p"], "positives": ["pos"],
+            "positive_scores": [pos_score], "negative_ids": [d for d, _ in negs],
+            "negative_scores": [s for _, s in negs], "negatives": [f"doc {d}" for d, _ in negs]}
+
+
+def test_combine_mined_rows_of_two_teachers() -> None:
+    t1 = [_mined("q1", [("a", 0.9), ("b", 0.8), ("c", 0.7)], 0.95), _mined("q2", [("x", 0.5)], 0.6)]
+    t2 = [_mined("q1", [("b", 0.6), ("d", 0.5)], 0.7), _mined("q3", [("y", 0.4), ("z", 0.3)], 0.5)]
+    cfg = MiningConfig(num_negatives=3, combine="intra_sample")
+    rows, stats = combine_mined([t1, t2], cfg)
+    assert [r["query_id"] for r in rows] == ["q1", "q2", "q3"]  # first teacher's order first
+    q1 = rows[0]
+    # round-robin by rank: a (t1), b (t2's first); t1's b is then skipped, d (t2)
+    assert q1["negative_ids"] == ["a", "b", "d"]
+    assert q1["negative_scores"] == [0.9, 0.6, 0.5]  # each from the teacher it was taken from
+    assert q1["negatives"] == ["doc a", "doc b", "doc d"]
+    assert q1["positive_scores"] == [0.95]  # the primary teacher's s+
+    assert rows[2]["positive_scores"] == [0.5]  # q3: only teacher 2 kept it
+    assert stats["negatives_in_teacher"] == [3, 4]  # a, b, x | b, d, y, z
+    assert stats["negatives_in_several_teachers"] == 1  # b
+    assert (stats["queries_out"], stats["negatives_kept"], stats["queries_too_few"]) == (3, 6, 2)
+    dropped, dstats = combine_mined([t1, t2], replace(cfg, too_few="drop"))
+    assert [r["query_id"] for r in dropped] == ["q1"] and dstats["queries_dropped_too_few"] == 2
+    cross, _ = combine_mined([t1, t2], replace(cfg, combine="cross_sample"))
+    assert cross[0]["negative_ids"] in (["a", "b", "c"], ["b", "d"])
+    assert cross == combine_mined([t1, t2], replace(cfg, combine="cross_sample"))[0]  # seeded
 
 
 # ---------------------------------------------------------------- batched == per-query

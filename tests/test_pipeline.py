@@ -93,6 +93,32 @@ def test_cli_mine_and_evaluate_local(ray_local: None, tiny_beir: Path, tiny_mode
     assert Path(out, "mine", "scores.png").exists()
 
 
+def test_mine_with_two_teachers_combines_their_negatives(ray_local: None, tiny_beir: Path,
+                                                         tiny_model: str, tmp_path: Path) -> None:
+    """extra_teachers: each teacher mines into mine-t<i>, intra_sample merges them into mine/."""
+    out = str(tmp_path / "out")
+    cfg = load_config(None, [*_overrides(tiny_beir, tiny_model, out), "mining.rule=naive_topk",
+                             "extra_teachers=[{model: default}]"])  # the packaged MiniLM: ranks differently
+    manifest = pipeline.mine(cfg)
+    assert manifest["combine"] == "intra_sample" and len(manifest["teacher_dirs"]) == 2
+    per_teacher = [{r["query_id"]: r for r in storage.read_parquet(
+        f"{out}/mine-t{i}/mined.parquet").to_pylist()} for i in (0, 1)]
+    assert any(per_teacher[0][q]["negative_ids"] != per_teacher[1][q]["negative_ids"]
+               for q in per_teacher[0])  # the two teachers disagree somewhere
+    combined = storage.read_parquet(f"{out}/mine/mined.parquet").to_pylist()
+    assert len(combined) == manifest["stats"]["queries_out"] == len(per_teacher[0])
+    for row in combined:
+        t0, t1 = per_teacher[0][row["query_id"]], per_teacher[1][row["query_id"]]
+        assert len(set(row["negative_ids"])) == len(row["negative_ids"]) == 3
+        assert row["negative_ids"][0] == t0["negative_ids"][0]  # the primary teacher leads
+        assert row["positive_scores"] == t0["positive_scores"]
+        for d, s in zip(row["negative_ids"], row["negative_scores"], strict=True):
+            assert any(d in t["negative_ids"] and s == t["negative_scores"][t["negative_ids"].index(d)]
+                       for t in (t0, t1)), (row["query_id"], d)
+    assert manifest["stats"]["negatives_in_teacher"][1] > 0
+    assert pipeline.mine(cfg)["finished_at"] == manifest["finished_at"]  # rerun: skipped
+
+
 def test_report_needs_a_finished_stage(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no finished mine stage"):
         report.histogram(str(tmp_path))

@@ -135,9 +135,10 @@ def test_workers_that_cannot_start_fail_the_stage(ray_local: None, tiny_beir: Pa
 
 def test_two_stages_remine_with_the_student(ray_local: None, tiny_beir: Path, tiny_model: str,
                                             tmp_path: Path) -> None:
-    """The paper's recipe: stage 2 turns in-batch negatives off and mines with the student."""
+    """The paper's recipe: stage 2 turns in-batch negatives off and mines with the student
+    (alone: the extra teacher joins the configured teacher only)."""
     out = str(tmp_path / "out")
-    cfg = _cfg(tiny_beir, tiny_model, out, "train.max_steps=2",
+    cfg = _cfg(tiny_beir, tiny_model, out, "train.max_steps=2", "extra_teachers=[{pooling: cls}]",
                "stages=[{}, {train: {in_batch_negatives: false}, remine_with_student: true}]")
     last = pipeline.train(cfg)
     m0, m1 = storage.read_manifest(f"{out}/train-0"), storage.read_manifest(f"{out}/train-1")
@@ -147,4 +148,7 @@ def test_two_stages_remine_with_the_student(ray_local: None, tiny_beir: Path, ti
     s0 = storage.read_parquet(f"{out}/mine-0/mined.parquet").column("positive_scores").to_pylist()
     s1 = storage.read_parquet(f"{out}/mine-1/mined.parquet").column("positive_scores").to_pylist()
     assert not np.allclose(np.concatenate(s0), np.concatenate(s1))  # scored by the student
-    assert len(storage.listdir(f"{out}/embed")) == 2
+    assert storage.read_manifest(f"{out}/mine-0")["combine"] == "intra_sample"
+    assert storage.read_manifest(f"{out}/mine-0-t1") is not None
+    assert storage.read_manifest(f"{out}/mine-1-t0") is None  # stage 2: the student alone
+    assert len(storage.listdir(f"{out}/embed")) == 3  # teacher (mean), teacher (cls), student

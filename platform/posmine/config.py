@@ -130,6 +130,10 @@ class MiningConfig:
     dedup_text: Literal["none", "exact", "normalized"] = "normalized"
     # A sequence-classification model that rescores candidates and positives before the rule.
     cross_encoder: str | None = None
+    # With `extra_teachers`: how each query's negatives from the teachers are combined (the
+    # paper's ensembling). intra_sample: round-robin over the teachers' lists, skipping
+    # documents already taken; cross_sample: one teacher drawn per query.
+    combine: Literal["intra_sample", "cross_sample"] = "intra_sample"
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -321,9 +325,33 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     stages: tuple[StageConfig, ...] = ()  # empty: one stage with `mining` and `train`
+    # More teachers, each given as `teacher` keys that differ (`{model: ..., batch_size: 8}`):
+    # every teacher mines with the same rule against its own s+, then `mining.combine` merges.
+    extra_teachers: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         resolve_stages(self)  # reject bad stage overrides at load time, naming the key
+        resolve_teachers(self)
+        if self.extra_teachers and any(t.distill_weight > 0 for _, t, _ in resolve_stages(self)):
+            raise ConfigError(
+                "train.distill_weight > 0 with extra_teachers: the combined negatives carry "
+                "scores from different teachers, which are not one distribution to distil")
+
+
+def resolve_teachers(cfg: Config) -> list[TeacherConfig]:
+    """`teacher` followed by each of `extra_teachers` (its keys over `teacher`'s), checked."""
+    teachers = [cfg.teacher]
+    for i, keys in enumerate(cfg.extra_teachers):
+        where = f"extra_teachers[{i}]"
+        try:
+            teacher = from_dict(TeacherConfig, {**to_dict(cfg.teacher), **keys}, where)
+        except ConfigError as e:  # range checks name `teacher.<key>`: say which teacher
+            raise ConfigError(f"{where}: {e}") from e
+        if teacher in teachers:
+            raise ConfigError(f"{where} repeats an earlier teacher ({teacher.model}): "
+                              "the same teacher twice mines the same negatives")
+        teachers.append(teacher)
+    return teachers
 
 
 def resolve_stages(cfg: Config) -> list[tuple[MiningConfig, TrainConfig, bool]]:

@@ -260,3 +260,50 @@ def combine_teachers(per_teacher: Sequence[Sequence[tuple[str, float]]], mode: s
                 out.append(t[rank])
                 seen.add(t[rank][0])
     return out
+
+
+def combine_mined(per_teacher: Sequence[Sequence[Mapping[str, Any]]],
+                  cfg: MiningConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Merge several teachers' mined rows (schema `schemas.MINED`) into one row per query.
+
+    Each teacher mined with the same rule against its own s+; per query, `combine_teachers`
+    (`cfg.combine`) takes `cfg.num_negatives` from the teachers that kept the query, first
+    teacher first. Positives and their scores are the first such teacher's; each negative keeps
+    the score of the teacher whose list it was taken from, so scores mix the teachers' scales.
+    Queries are in the first teacher's order, then any only later teachers kept.
+    """
+    by_query = [{r["query_id"]: r for r in rows} for rows in per_teacher]
+    order = list(dict.fromkeys(r["query_id"] for rows in per_teacher for r in rows))
+    stats: dict[str, Any] = {"queries_out": 0, "queries_too_few": 0, "queries_dropped_too_few": 0,
+                             "negatives_kept": 0, "negatives_in_several_teachers": 0,
+                             "negatives_in_teacher": [0] * len(per_teacher)}
+    out = []
+    for qid in order:
+        have = [t for t, rows in enumerate(by_query) if qid in rows]
+        lists = [list(zip(by_query[t][qid]["negative_ids"], by_query[t][qid]["negative_scores"],
+                          strict=True)) for t in have]
+        chosen = combine_teachers(lists, cfg.combine, cfg.num_negatives, query_rng(cfg.seed, qid))
+        if len(chosen) < cfg.num_negatives:
+            stats["queries_too_few"] += 1
+            if cfg.too_few == "drop":
+                stats["queries_dropped_too_few"] += 1
+                continue
+        texts = {d: x for t in have
+                 for d, x in zip(by_query[t][qid]["negative_ids"], by_query[t][qid]["negatives"],
+                                 strict=True)}
+        for doc, _ in chosen:
+            holders = [t for t in have if doc in by_query[t][qid]["negative_ids"]]
+            stats["negatives_in_several_teachers"] += len(holders) > 1
+            for t in holders:
+                stats["negatives_in_teacher"][t] += 1
+        first = by_query[have[0]][qid]
+        out.append({"query_id": qid, "query": first["query"],
+                    "positive_ids": list(first["positive_ids"]),
+                    "positives": list(first["positives"]),
+                    "positive_scores": list(first["positive_scores"]),
+                    "negative_ids": [d for d, _ in chosen],
+                    "negative_scores": [float(s) for _, s in chosen],
+                    "negatives": [texts[d] for d, _ in chosen]})
+    stats["queries_out"] = len(out)
+    stats["negatives_kept"] = sum(len(r["negative_ids"]) for r in out)
+    return out, stats

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from posmine import data, index, storage
@@ -18,7 +19,14 @@ from posmine import embed as embed_stage
 from posmine import evaluate as eval_stage
 from posmine import mine as mine_stage
 from posmine import train as train_stage
-from posmine.config import Config, MiningConfig, TeacherConfig, resolve_stages
+from posmine.config import (
+    Config,
+    MiningConfig,
+    TeacherConfig,
+    config_hash,
+    resolve_stages,
+    resolve_teachers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +85,24 @@ def candidate_depth(data_dir: str, split: str, top_k: int) -> int:
 
 
 def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig | None = None,
-         name: str = "mine") -> dict[str, Any]:
-    """data -> embed -> search -> mine on `cfg.data.split`; returns the mine manifest."""
+         name: str = "mine", extra_teachers: Sequence[TeacherConfig] | None = None) -> dict[str, Any]:
+    """data -> embed -> search -> mine on `cfg.data.split`; returns the mine manifest.
+
+    With extra teachers (default: the config's `extra_teachers`), teacher i mines into
+    `<name>-t<i>` and `mining.combine` merges them into `<name>`.
+    """
     teacher, mining = teacher or cfg.teacher, mining or cfg.mining
+    extra = resolve_teachers(cfg)[1:] if extra_teachers is None else list(extra_teachers)
+    if not extra:
+        return _mine_one(cfg, teacher, mining, name)
+    parts = [_mine_one(cfg, t, mining, f"{name}-t{i}") for i, t in enumerate([teacher, *extra])]
+    manifest = mine_stage.combine(mining, [p["dir"] for p in parts], cfg.output.dir,
+                                  upstream=config_hash(*(p["config_hash"] for p in parts)), name=name)
+    manifest["dir"] = storage.join(cfg.output.dir, name)
+    return manifest
+
+
+def _mine_one(cfg: Config, teacher: TeacherConfig, mining: MiningConfig, name: str) -> dict[str, Any]:
     data_dir, _ = prepare(cfg)
     depth = candidate_depth(data_dir, cfg.data.split, mining.top_k)
     cand_dir, cand = search(cfg, teacher, cfg.data.split, depth)
@@ -109,7 +132,9 @@ def train(cfg: Config) -> dict[str, Any]:
         suffix = f"-{i}" if len(stages) > 1 else ""
         if remine and i > 0:
             teacher = student_view(cfg, student)
-        mined = mine(cfg, teacher, mining, name=f"mine{suffix}")
+        # The extra teachers join the configured teacher, not a re-mining student.
+        mined = mine(cfg, teacher, mining, name=f"mine{suffix}",
+                     extra_teachers=None if teacher == cfg.teacher else ())
         trained = train_stage.run(dataclasses.replace(train_cfg, model=student), mined["dir"],
                                   cfg.output.dir, upstream=str(mined["config_hash"]),
                                   name=f"train{suffix}")

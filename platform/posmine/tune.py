@@ -41,6 +41,7 @@ from posmine import embed as embed_stage
 from posmine import mine as mine_stage
 from posmine.config import (
     Config,
+    ConfigError,
     MiningConfig,
     TeacherConfig,
     TuneConfig,
@@ -284,6 +285,9 @@ def run(cfg: Config) -> dict[str, Any]:
     """Search `cfg.tune.space`; returns the manifest (the table's rows under `trials`)."""
     from posmine import pipeline
 
+    if cfg.extra_teachers:
+        raise ConfigError("posmine tune mines with `teacher` only; extra_teachers is not "
+                          "supported by tune (run `posmine train` with each setting instead)")
     user_cfg = cfg
     cfg = absolute(with_dev(cfg))
     key = search_key(cfg)
