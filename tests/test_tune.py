@@ -124,3 +124,11 @@ def test_bad_space(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert message in str(e.value)
+
+
+def test_extra_teachers_are_refused_before_any_work(tmp_path: Path) -> None:
+    cfg = load_config("jobs/configs/scifact-tune.yaml",
+                      [f"output.dir={tmp_path}", "extra_teachers=[{model: /models/other}]"])
+    with pytest.raises(ConfigError, match="extra_teachers is not supported by tune"):
+        tune.run(cfg)
+    assert not any(tmp_path.iterdir())  # nothing written, nothing that looks started
