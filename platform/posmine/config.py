@@ -330,9 +330,9 @@ class Config:
     extra_teachers: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        resolve_stages(self)  # reject bad stage overrides at load time, naming the key
+        stages = resolve_stages(self)  # reject bad stage overrides at load time, naming the key
         resolve_teachers(self)
-        if self.extra_teachers and any(t.distill_weight > 0 for _, t, _ in resolve_stages(self)):
+        if self.extra_teachers and any(t.distill_weight > 0 for _, t, _ in stages):
             raise ConfigError(
                 "train.distill_weight > 0 with extra_teachers: the combined negatives carry "
                 "scores from different teachers, which are not one distribution to distil")

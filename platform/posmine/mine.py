@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,31 +82,31 @@ def run(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dir: str, out_dir
         extra={"rule": cfg.rule, "mining": to_dict(cfg), "split": split})
 
 
-def combine(cfg: MiningConfig, teacher_dirs: Sequence[str], out_dir: str, upstream: str,
+def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: str,
             name: str = "mine") -> dict[str, Any]:
     """Merge the mine outputs of several teachers into `<out_dir>/<name>` (`mining.combine`).
 
-    `teacher_dirs` are finished mine stages, the primary teacher's first; skipped when current.
+    `teachers` are the finished mine stages' manifests (with their "dir"), the primary
+    teacher's first; skipped when current.
     """
     target = storage.join(out_dir, name)
-    key = config_hash(cfg, upstream, "combine")
+    key = config_hash(cfg, config_hash(*(t["config_hash"] for t in teachers)), "combine")
     if storage.is_done(target, key):
         return storage.read_manifest(target) or {}
     started = time.time()
     storage.begin_stage(target)
+    teacher_dirs = [t["dir"] for t in teachers]
     per_teacher = [storage.read_parquet(storage.join(d, "mined.parquet")).to_pylist()
                    for d in teacher_dirs]
     rows, stats = mining.combine_mined(per_teacher, cfg)
-    stats["teachers"] = [(storage.read_manifest(d) or {}).get("stats", {}) for d in teacher_dirs]
+    stats["teachers"] = [t["stats"] for t in teachers]
     table = pa.Table.from_pylist(rows, schema=schemas.MINED)
     storage.write_parquet(table, storage.join(target, "mined.parquet"))
     return storage.commit_stage(
-        target, "mine", key,
-        rows={"queries_in": len({r["query_id"] for rows in per_teacher for r in rows}),
-              "queries_out": table.num_rows},
+        target, "mine", key, rows={"queries_in": stats["queries_in"], "queries_out": table.num_rows},
         started=started, stats=stats,
         extra={"rule": cfg.rule, "mining": to_dict(cfg), "combine": cfg.combine,
-               "teacher_dirs": list(teacher_dirs)})
+               "teacher_dirs": teacher_dirs})
 
 
 def to_sentence_transformers(mined: pa.Table, num_negatives: int) -> pa.Table:

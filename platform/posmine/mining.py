@@ -274,8 +274,8 @@ def combine_mined(per_teacher: Sequence[Sequence[Mapping[str, Any]]],
     """
     by_query = [{r["query_id"]: r for r in rows} for rows in per_teacher]
     order = list(dict.fromkeys(r["query_id"] for rows in per_teacher for r in rows))
-    stats: dict[str, Any] = {"queries_out": 0, "queries_too_few": 0, "queries_dropped_too_few": 0,
-                             "negatives_kept": 0, "negatives_in_several_teachers": 0,
+    stats: dict[str, Any] = {"queries_in": len(order), "queries_too_few": 0,
+                             "queries_dropped_too_few": 0, "negatives_in_several_teachers": 0,
                              "negatives_in_teacher": [0] * len(per_teacher)}
     out = []
     for qid in order:

@@ -23,7 +23,6 @@ from posmine.config import (
     Config,
     MiningConfig,
     TeacherConfig,
-    config_hash,
     resolve_stages,
     resolve_teachers,
 )
@@ -96,8 +95,7 @@ def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig
     if not extra:
         return _mine_one(cfg, teacher, mining, name)
     parts = [_mine_one(cfg, t, mining, f"{name}-t{i}") for i, t in enumerate([teacher, *extra])]
-    manifest = mine_stage.combine(mining, [p["dir"] for p in parts], cfg.output.dir,
-                                  upstream=config_hash(*(p["config_hash"] for p in parts)), name=name)
+    manifest = mine_stage.combine(mining, parts, cfg.output.dir, name=name)
     manifest["dir"] = storage.join(cfg.output.dir, name)
     return manifest
 
