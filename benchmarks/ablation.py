@@ -46,7 +46,7 @@ from typing import Any
 from posmine import data as pdata
 from posmine import pipeline, storage
 from posmine import train as train_stage
-from posmine.config import Config, load_config
+from posmine.config import Config, config_hash, load_config
 from posmine.embed import resolve_model
 
 RESULTS = Path(__file__).parent / "results" / "ablation"
@@ -61,9 +61,20 @@ ROWS: dict[str, list[str]] = {
     "topk_abs": ["mining.rule=topk_abs", "mining.threshold=0.7"],
     "topk_shifted": ["mining.rule=topk_shifted", "mining.shift=10"],
     "sampled_topk": ["mining.rule=naive_topk", "mining.sampling=sample", "mining.sample_from=10"],
+    # Many positives per query (--dataset cisi | cranfield): where s+ comes from, how positives
+    # are drawn, and whether known positives are masked out of the loss.
+    "percpos_pair": ["mining.rule=topk_percpos", "mining.anchor=pair"],
+    "percpos_min": ["mining.rule=topk_percpos", "mining.anchor=min"],
+    "percpos_max": ["mining.rule=topk_percpos", "mining.anchor=max"],
+    "percpos_mean": ["mining.rule=topk_percpos", "mining.anchor=mean"],
+    "positives_all": ["train.positives=all"],
+    "positives_sample": ["train.positives=sample"],
+    "no_mask": ["train.mask_known_positives=false"],
+    "no_mask_all": ["train.mask_known_positives=false", "train.positives=all"],
 }
-# One training budget for every row: one epoch of SciFact train (809 queries, 26 steps).
-BUDGET = ["train.epochs=1", "train.max_steps=0"]
+# One training budget for every row: one epoch of SciFact train (809 queries, 26 steps); the
+# multi-positive configs bound their runs by train.max_steps (see jobs/configs/<dataset>.yaml).
+BUDGET = {"scifact": ["train.epochs=1", "train.max_steps=0"], "cisi": [], "cranfield": []}
 
 
 def mpnet_dir() -> str:
@@ -105,13 +116,21 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
+DATASET = "scifact"  # set by --dataset
+
+
+def results_dir(results: Path, teacher: str) -> Path:
+    """SciFact's rows where they always were; other datasets' beside them."""
+    return results / teacher if DATASET == "scifact" else results.parent / f"ablation-{DATASET}" / teacher
+
+
 def config(teacher: str, row: str, seed: int, out: str, extra: list[str]) -> Config:
     teacher_model = mpnet_dir() if teacher == "mpnet" else "default"
     # ensemble: MiniLM first, mpnet second, merged per query by intra_sample (the default).
     ensemble = [f"extra_teachers=[{{model: {mpnet_dir()}}}]"] if teacher == "ensemble" else []
-    return load_config("jobs/configs/scifact.yaml", [
+    return load_config(f"jobs/configs/{DATASET}.yaml", [
         f"output.dir={out}", f"teacher.model={teacher_model}", f"train.seed={seed}",
-        f"mining.seed={seed}", *BUDGET, *ROWS[row], *ensemble, *extra])
+        f"mining.seed={seed}", *BUDGET[DATASET], *ROWS[row], *ensemble, *extra])
 
 
 def dropped(stats: dict[str, Any]) -> int:
@@ -122,8 +141,10 @@ def dropped(stats: dict[str, Any]) -> int:
 
 
 def mine_name(cfg: Config, row: str, seed: int) -> str:
-    """The row's mine folder: one per rule, one per seed only where the seed changes the picks."""
-    return f"mine-{row}-s{seed}" if cfg.mining.sampling != "topk" else f"mine-{row}"
+    """The row's mine folder: one per mining setting, one per seed only where the seed changes
+    the picks (rows that differ in training only share one)."""
+    key = config_hash(cfg.mining.__class__(**{**dataclasses.asdict(cfg.mining), "seed": 0}))
+    return f"mine-{key}-s{seed}" if cfg.mining.sampling != "topk" else f"mine-{key}"
 
 
 def run_posmine(cfg: Config, row: str, seed: int) -> dict[str, Any]:
@@ -136,9 +157,12 @@ def run_posmine(cfg: Config, row: str, seed: int) -> dict[str, Any]:
     trained = train_stage.run(cfg.train, mined["dir"], cfg.output.dir,
                               upstream=str(mined["config_hash"]), name=f"train-{row}-s{seed}")
     ev = pipeline.evaluate_student(cfg, str(trained["model_dir"]))
-    stats = mined["stats"]
+    stats, tstats = mined["stats"], trained["stats"]
     return {"metrics": ev["metrics"], "dropped_by_rule": dropped(stats),
             "queries_out": stats["queries_out"], "negatives_kept": stats["negatives_kept"],
+            "examples": stats.get("examples"), "short_share": stats.get("short_share"),
+            "masked_in_batch": tstats.get("masked_in_batch_pairs"),
+            "masked_hard": tstats.get("masked_hard_negatives"),
             "mine_seconds": round(mine_s, 1), "train_seconds": trained["seconds"],
             "train_steps": trained["rows"]["steps"]}
 
@@ -181,7 +205,7 @@ def run_st_recipe(cfg: Config, seed: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         args = SentenceTransformerTrainingArguments(
-            output_dir=tmp, num_train_epochs=cfg.train.epochs,
+            output_dir=tmp, num_train_epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or -1,
             per_device_train_batch_size=cfg.train.batch_size, learning_rate=cfg.train.lr,
             warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay,  # a ratio
             max_grad_norm=cfg.train.grad_clip, save_strategy="no", report_to=[],
@@ -202,7 +226,7 @@ def run_st_recipe(cfg: Config, seed: int) -> dict[str, Any]:
 def load_runs(results: Path, teacher: str, row: str) -> dict[int, dict[str, Any]]:
     """The saved runs of one row, by seed."""
     runs = [json.loads(Path(f).read_text())
-            for f in glob.glob(str(results / teacher / f"{row}-s*.json"))]
+            for f in glob.glob(str(results_dir(results, teacher) / f"{row}-s*.json"))]
     return {r["seed"]: r for r in sorted(runs, key=lambda r: r["seed"])}
 
 
@@ -242,19 +266,24 @@ def report(results: Path, teacher: str, reference: str = "naive_topk") -> str:
         # base is deterministic (no training), so a per-seed difference means nothing there.
         delta = "" if row in (reference, "base") else paired_delta(runs, ref)
         machine_name = next(iter(runs.values())).get("machine", "2 CPU cores").split(",")[0]
+        short = [r["short_share"] for r in runs.values() if r.get("short_share") is not None]
+        masked = [r["masked_in_batch"] for r in runs.values() if r.get("masked_in_batch") is not None]
         rows.append(f"| {row} | {per_seed} | {mean} | {delta} | {recall} | "
                     f"{mean_of(runs, 'dropped_by_rule')} | {mean_of(runs, 'negatives_kept')} | "
-                    f"{mean_of(runs, 'queries_out')} | {mean_of(runs, 'train_seconds')} | "
-                    f"{machine_name} |")
+                    f"{mean_of(runs, 'queries_out')} | "
+                    f"{f'{statistics.mean(short):.1%}' if short else ''} | "
+                    f"{f'{statistics.mean(masked):.0f}' if masked else ''} | "
+                    f"{mean_of(runs, 'train_seconds')} | {machine_name} |")
     head = (f"| row | nDCG@10 by seed | mean ± sd | vs {reference}, same seeds | Recall@100 | "
-            "dropped as false negatives | negatives kept | train queries | train s | machine |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+            "dropped as false negatives | negatives kept | train queries | examples short of k | "
+            "in-batch pairs masked | train s | machine |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head, *rows])
 
 
 COMBINE_KEYS = ("negatives_in_teacher", "negatives_in_several_teachers")
 STAT_KEYS = ("queries_out", "queries_too_few", "candidates", "removed_positive", "dropped_by_rule",
-             "negatives_kept", "positives_not_in_topk")
+             "negatives_kept", "positives_not_in_topk", "examples", "examples_too_few", "short_share")
 
 
 def mining_stats(a: argparse.Namespace) -> None:
@@ -272,7 +301,7 @@ def mining_stats(a: argparse.Namespace) -> None:
             table[row]["dropped_by_rule"] = dropped(stats)
             table[row]["per_teacher"] = [{k: t[k] for k in STAT_KEYS} for t in stats["teachers"]]
         print(row, table[row], flush=True)
-    dest = a.results / a.teacher / "mining.json"
+    dest = results_dir(a.results, a.teacher) / "mining.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(table, indent=2))
     if a.teacher == "ensemble":
@@ -283,7 +312,7 @@ def mining_stats(a: argparse.Namespace) -> None:
     teacher = {"model": cfg.teacher.model, "max_length": cfg.teacher.max_length,
                "split": cfg.evaluate.split, "metrics": metrics, "machine": machine(),
                "command": " ".join(["python", *sys.argv])}
-    (a.results / a.teacher / "teacher.json").write_text(json.dumps(teacher, indent=2))
+    (results_dir(a.results, a.teacher) / "teacher.json").write_text(json.dumps(teacher, indent=2))
     print(f"teacher on {cfg.evaluate.split}: nDCG@10 {metrics['ndcg@10']:.4f}", flush=True)
 
 
@@ -301,10 +330,15 @@ def main() -> None:
     p.add_argument("--report", action="store_true")
     p.add_argument("--mine-only", action="store_true",
                    help="mine every row's rule (no training) and save what each rule drops")
+    p.add_argument("--dataset", choices=list(BUDGET), default="scifact",
+                   help="jobs/configs/<dataset>.yaml; cisi and cranfield have many positives")
+    p.add_argument("--reference", default="naive_topk", help="the row paired differences are to")
     p.add_argument("overrides", nargs="*", help="key.sub=value for every row (smoke tests)")
     a = p.parse_args()
+    global DATASET
+    DATASET = a.dataset
     if a.report:
-        print(report(a.results, a.teacher))
+        print(report(a.results, a.teacher, a.reference))
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if a.mine_only:
@@ -317,7 +351,7 @@ def main() -> None:
     for row, seed in plan:
         if row == "base" and seed != a.seeds[0]:
             continue
-        dest = a.results / a.teacher / f"{row}-s{seed}.json"
+        dest = results_dir(a.results, a.teacher) / f"{row}-s{seed}.json"
         if dest.exists():
             continue
         if a.budget_min and time.monotonic() - started > a.budget_min * 60:
@@ -335,7 +369,7 @@ def main() -> None:
         dest.write_text(json.dumps(result, indent=2, default=str))
         print(f"{row} seed {seed}: nDCG@10 {result['metrics']['ndcg@10']:.4f} "
               f"({result['seconds']:.0f} s)", flush=True)
-    print(report(a.results, a.teacher))
+    print(report(a.results, a.teacher, a.reference))
 
 
 if __name__ == "__main__":

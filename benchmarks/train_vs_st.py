@@ -21,7 +21,7 @@ from _common import emit
 from posmine import pipeline, storage
 from posmine.config import TrainConfig
 from posmine.embed import resolve_model
-from posmine.train import StepTimer, batches, expand, run, train_plain
+from posmine.train import StepTimer, epoch_batches, expand, run, train_plain
 
 
 def st_rate(rows: list[dict], cfg: TrainConfig, steps: int) -> float:
@@ -61,7 +61,7 @@ def st_rate(rows: list[dict], cfg: TrainConfig, steps: int) -> float:
 def plain_rate(rows: list[dict], cfg: TrainConfig, steps: int) -> float:
     timer = StepTimer()
     trainer = train_plain(cfg, rows[:cfg.batch_size], steps=1)  # loads the model
-    for batch in list(batches(rows, cfg.batch_size))[:steps]:
+    for batch in list(epoch_batches(rows, cfg))[:steps]:
         trainer.step(batch)
         timer.tick(len(batch))
     return timer.rate()

@@ -75,7 +75,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     tok.save_pretrained(root)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
     BertModel(cfg, add_pooling_layer=False).save_pretrained(root, safe_serialization=True)
     return str(root)
 

@@ -43,13 +43,13 @@ def negs(cfg: MiningConfig, q: QueryCandidates = Q) -> list[str]:
     ("topk_percpos", {"perc": 1.0}, ["b", "c", "d", "e"]),
 ])
 def test_rules_on_hand_computed_scores(rule: str, params: dict, expected: list[str]) -> None:
-    cfg = replace(MiningConfig(rule=rule, num_negatives=4), **params)  # type: ignore[arg-type]
+    cfg = replace(MiningConfig(rule=rule, num_negatives=4, anchor="min"), **params)  # type: ignore[arg-type]
     assert negs(cfg) == expected
 
 
 def test_anchor_is_the_weakest_positive_and_positives_never_return() -> None:
     # a (0.75) outscores p2 (0.70): a single-positive anchor at p1 (0.80) would keep it.
-    got = negs(MiningConfig(rule="topk_marginpos", margin=0.0, num_negatives=8))
+    got = negs(MiningConfig(rule="topk_marginpos", margin=0.0, num_negatives=8, anchor="min"))
     assert "a" not in got and not {"p1", "p2"} & set(got)
     assert got == ["b", "c", "d", "e", "f"]
 
@@ -196,24 +196,27 @@ def test_batched_rule_equals_reference(rule: str) -> None:
     k=st.integers(1, 8),
     sampling=st.sampled_from(["topk", "sample", "top1_sample"]),
     seed=st.integers(0, 10),
+    anchor=st.sampled_from(["pair", "min", "max", "mean"]),
 )
 def test_rule_invariants(scores: list[float], n_pos: int, rule: str, k: int, sampling: str,
-                         seed: int) -> None:
+                         seed: int, anchor: str) -> None:
     s = np.sort(np.array(scores))[::-1]
     ids = [f"d{i}" for i in range(len(s))]
     pos = ids[:: max(1, len(ids) // n_pos)][:n_pos]
     pos_scores = np.array([s[ids.index(p)] for p in pos])
     q = QueryCandidates("q", ids, s, pos, pos_scores)
     cfg = MiningConfig(rule=rule, num_negatives=k, sampling=sampling, seed=seed,  # type: ignore[arg-type]
-                       sample_from=5)
+                       sample_from=5, anchor=anchor)  # type: ignore[arg-type]
     rows, _ = mine([q], cfg)
     again, _ = mine([q], cfg)
     assert rows == again  # deterministic for a seed
-    got = rows[0]
-    assert not set(got["negative_ids"]) & set(pos)
-    assert len(got["negative_ids"]) <= k
-    assert len(set(got["negative_ids"])) == len(got["negative_ids"])
-    anchor = float(pos_scores.min())
-    bound = {"topk_abs": cfg.threshold, "topk_marginpos": anchor - cfg.margin,
-             "topk_percpos": anchor - abs(anchor) * (1 - cfg.perc)}.get(rule, np.inf)
-    assert all(x < bound for x in got["negative_scores"])
+    assert len(rows) == (len(pos) if anchor == "pair" else 1)
+    for got in rows:
+        assert not set(got["negative_ids"]) & set(pos)
+        assert got["query_positive_ids"] == pos
+        assert len(got["negative_ids"]) <= k
+        assert len(set(got["negative_ids"])) == len(got["negative_ids"])
+        s_plus = float(getattr(np, anchor if anchor != "pair" else "min")(got["positive_scores"]))
+        bound = {"topk_abs": cfg.threshold, "topk_marginpos": s_plus - cfg.margin,
+                 "topk_percpos": s_plus - abs(s_plus) * (1 - cfg.perc)}.get(rule, np.inf)
+        assert all(x < bound for x in got["negative_scores"])

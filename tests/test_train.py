@@ -12,9 +12,12 @@ from posmine.config import TeacherConfig, TrainConfig, load_config
 from posmine.embed import Encoder
 from posmine.train import StudentTrainer, expand, train_plain
 
-ROWS = [{"query": f"cell protein {w}", "positive": f"{w} gene study",
-         "negatives": ["brain heart", "drug trial dose", "liver kidney"], "scores": [0.9, 0.5, 0.4, 0.3]}
-        for w in ("virus", "cancer", "mouse", "human", "sleep", "diet")]
+WORDS6 = ("virus", "cancer", "mouse", "human", "sleep", "diet")
+ROWS = expand({"query_id": list(WORDS6), "query": [f"cell protein {w}" for w in WORDS6],
+               "positives": [[f"{w} gene study"] for w in WORDS6],
+               "positive_scores": [[0.9]] * 6,
+               "negatives": [["brain heart", "drug trial dose", "liver kidney"]] * 6,
+               "negative_scores": [[0.5, 0.4, 0.3]] * 6})
 
 
 def test_expand_one_row_per_positive() -> None:
@@ -75,7 +78,9 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
     out = str(tmp_path / "out")
     summary = pipeline.run(_cfg(tiny_beir, tiny_model, out))
     manifest = storage.read_manifest(f"{out}/train")
-    assert manifest is not None and manifest["rows"]["examples"] == 10 and manifest["rows"]["steps"] == 5
+    # 10 (query, positive) examples of 8 queries; positives=sample trains 8 a epoch: 4 batches of 2
+    assert manifest is not None and manifest["rows"]["examples"] == 10
+    assert manifest["rows"]["steps"] == manifest["rows"]["steps_planned"] == 4
     model_dir = summary["model_dir"]
     AutoModel.from_pretrained(model_dir)
     st = SentenceTransformer(model_dir, device="cpu")
@@ -108,7 +113,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path,
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     assert marker.exists()  # the worker really died at step 3
     assert manifest["stats"]["resumed_from_step"] == 2  # ... and restarted from the step-2 checkpoint
-    assert manifest["rows"]["steps"] == 5
+    assert manifest["rows"]["steps"] == 4
     assert (Path(out) / "train" / "model" / "model.safetensors").exists()
 
 

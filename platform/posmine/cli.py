@@ -10,9 +10,15 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from posmine import storage
 from posmine.config import ConfigError, load_config
 from posmine.data import DataError
+from posmine.embed import EmbeddingError, ModelError
 from posmine.storage import StorageError
+
+log = logging.getLogger(__name__)
+# Errors whose message already says what went wrong and where: printed as they are.
+_OURS = (ConfigError, DataError, StorageError, EmbeddingError, ModelError, FileNotFoundError)
 
 VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "report")
 
@@ -105,13 +111,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _root_cause(e: BaseException) -> BaseException:
+    """The error first raised, under Ray's wrappers (a task's error, Ray Train's failures).
+
+    Only Ray's own wrappers are unwrapped: posmine's errors already say what went wrong.
+    """
+    for _ in range(20):  # wrappers nest a few levels at most
+        inner = (getattr(e, "cause", None)  # RayTaskError
+                 or next(iter((getattr(e, "worker_failures", None) or {}).values()), None)
+                 or getattr(e, "controller_failure", None)
+                 or (e.__cause__ if type(e).__module__.startswith("ray") else None))
+        if not isinstance(inner, BaseException):
+            return e
+        e = inner
+    return e
+
+
+def _from_ray(e: BaseException) -> bool:
+    return any(type(x).__module__.startswith("ray.") for x in (e, _root_cause(e)))
+
+
+def _one_line(e: BaseException) -> str:
+    """A message for the terminal: the first line of the root error, with its type if not ours."""
+    root = _root_cause(e)
+    text = (str(root).strip().splitlines() or [""])[0]
+    return text if isinstance(root, _OURS) else f"{type(root).__name__}: {text}"
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from posmine.embed import EmbeddingError, ModelError
-
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -124,9 +155,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
-    except (ConfigError, DataError, StorageError, EmbeddingError, ModelError,
-            FileNotFoundError) as e:
-        print(f"posmine: error: {e}", file=sys.stderr)
+    except _OURS as e:
+        print(f"posmine: error: {storage.redact(_one_line(e))}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not _from_ray(e):
+            raise
+        # A stage failed inside a Ray task, actor or Train worker: Ray has printed the
+        # tracebacks of its workers above; say what failed in one line, last.
+        log.debug("failure inside Ray", exc_info=True)
+        print(f"posmine: error: {storage.redact(_one_line(e))}\n"
+              "(the failure happened in a Ray worker: its traceback is above; -v adds the driver's)",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Finished stages and finished parts are kept; no manifest was written for the rest.

@@ -24,6 +24,7 @@ MODEL_DEFAULT = "default"  # the packaged all-MiniLM-L6-v2 (pip package gt-all-m
 
 Rule = Literal["naive_topk", "topk_shifted", "topk_abs", "topk_marginpos", "topk_percpos"]
 RULES: tuple[str, ...] = get_args(Rule)
+Anchor = Literal["pair", "min", "max", "mean"]
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,12 @@ class MiningConfig:
     """The positive-aware filter (paper defaults: TopK-PercPos, 95%, 4 negatives)."""
 
     rule: Rule = "topk_percpos"
+    # Which positive score is s+: `pair` filters each (query, positive) example against its
+    # own positive (the paper's formulation; a query with P positives gives P examples);
+    # `min` (the weakest positive), `max`, `mean` give one example per query. With one
+    # positive they agree. `max` by measurement: with dozens of positives the others leave most
+    # examples without negatives (CISI: pair 81%, mean 94%, min 100%, max 8%; BENCHMARKS.md).
+    anchor: Anchor = "max"
     perc: float = 0.95  # topk_percpos: keep s < s+ * perc
     margin: float = 0.05  # topk_marginpos: keep s < s+ - margin
     threshold: float = 0.7  # topk_abs: keep s < threshold
@@ -169,6 +176,13 @@ class TrainConfig:
     temperature: float = 0.05
     in_batch_negatives: bool = True
     num_negatives: int = 4
+    # A query with several positives: `sample` trains one example per query per epoch, its
+    # positive drawn afresh each epoch (seeded); `all` trains every (query, positive) each epoch.
+    # Either way a batch never holds two examples of one query.
+    positives: Literal["sample", "all"] = "sample"
+    # Keep the query's labelled positives (by id, or the same normalised text) out of its hard
+    # and in-batch negatives: masked in the loss, counted in the manifest.
+    mask_known_positives: bool = True
     distill_weight: float = 0.0  # 0 = pure InfoNCE, 1 = pure KL distillation
     query_max_length: int = 64
     passage_max_length: int = 256
@@ -381,6 +395,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
         path: YAML file whose top-level keys are the stage names.
         overrides: `key.sub=value` strings; values are parsed as YAML scalars.
 
+    Every local path in the result is absolute (see `resolve_paths`).
+
     Raises:
         ConfigError: unknown key, wrong type or out-of-range value; the message names it.
     """
@@ -396,7 +412,59 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
         raw = loaded or {}
     for item in overrides:
         apply_override(raw, item)
-    return from_dict(Config, raw, "")
+    return resolve_paths(from_dict(Config, raw, ""))
+
+
+# ---------------------------------------------------------------- local paths
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path or path.startswith("beir:")
+
+
+def absolute_path(path: str) -> str:
+    """A local path made absolute against the current directory; URLs and `beir:` as given."""
+    return path if _is_url(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_model(model: str | None) -> str | None:
+    """A model given as a local path made absolute; `default` and Hugging Face ids as given.
+
+    A name counts as local when it starts with `.`, `/` or `~`, or names an existing path
+    (the same test `embed.resolve_model` applies), so `org/name` stays a hub id.
+    """
+    if model is None or model == MODEL_DEFAULT or _is_url(model):
+        return model
+    if model.startswith((".", "/", "~")) or os.path.exists(model):
+        return os.path.abspath(os.path.expanduser(model))
+    return model
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Every local path in `cfg` made absolute, once, on the driver.
+
+    Ray runs workers in their own working directories (Ray Train in the run's artifact
+    folder, Tune in each trial's), so a relative path handed to one resolves somewhere else:
+    a model written there is lost when Ray cleans its session folder.
+    """
+    def stage(st: StageConfig) -> StageConfig:
+        mining, train = dict(st.mining), dict(st.train)
+        if isinstance(mining.get("cross_encoder"), str):
+            mining["cross_encoder"] = absolute_model(mining["cross_encoder"])
+        if isinstance(train.get("model"), str):
+            train["model"] = absolute_model(train["model"])
+        return dataclasses.replace(st, mining=mining, train=train)
+
+    extra = tuple({**t, "model": absolute_model(t["model"])} if isinstance(t.get("model"), str)
+                  else t for t in cfg.extra_teachers)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, path=absolute_path(cfg.data.path)),
+        teacher=dataclasses.replace(cfg.teacher, model=str(absolute_model(cfg.teacher.model))),
+        mining=dataclasses.replace(cfg.mining, cross_encoder=absolute_model(cfg.mining.cross_encoder)),
+        train=dataclasses.replace(cfg.train, model=str(absolute_model(cfg.train.model))),
+        output=dataclasses.replace(cfg.output, dir=absolute_path(cfg.output.dir)),
+        stages=tuple(stage(st) for st in cfg.stages), extra_teachers=extra)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -347,7 +347,8 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
         return storage.read_manifest(target) or {}
     started = time.time()
     storage.begin_stage(target)
-    storage.remove(storage.join(target, "corpus"))
+    for old in ("corpus", "qrels"):  # an earlier dataset's files must not outlive it
+        storage.remove(storage.join(target, old))
 
     def write_chunk(i: int, chunk: pa.Table) -> None:
         storage.write_parquet(sort_by_length(chunk),

@@ -264,6 +264,7 @@ def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[
     key = config_hash(output_key(cfg), upstream)
     if storage.is_done(target, key):
         return storage.read_manifest(target) or {}
+    resolve_model(cfg.model)  # a missing model folder fails here, once, not in every actor
     started = time.time()
     storage.begin_stage(target)
     _claim(target, key)

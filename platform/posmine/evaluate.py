@@ -36,13 +36,13 @@ def score(cfg: EvaluateConfig, data_dir: str, cand_dir: str, out_dir: str,
     started = time.time()
     key = config_hash(cfg, upstream)
     target = storage.join(out_dir, "evaluate", key)
-    result = metrics.evaluate(qrels_dict(data_dir, cfg.split),
-                              run_from_candidates(storage.join(cand_dir, "candidates.parquet")),
+    qrels = qrels_dict(data_dir, cfg.split)
+    result = metrics.evaluate(qrels, run_from_candidates(storage.join(cand_dir, "candidates.parquet")),
                               cfg.k_values, cfg.ignore_identical_ids)
     doc = {"model": model, "split": cfg.split, "metrics": result,
            "evaluate": to_dict(cfg), "seconds": round(time.time() - started, 3)}
     storage.begin_stage(target)
     storage.write_json(storage.join(target, "metrics.json"), doc)
-    storage.commit_stage(target, "evaluate", key, rows={"queries": 0}, started=started,
-                         extra={"model": model, "split": cfg.split})
+    storage.commit_stage(target, "evaluate", key, rows={"queries": len(qrels)}, started=started,
+                         extra={"model": model, "split": cfg.split}, outputs=["metrics.json"])
     return doc

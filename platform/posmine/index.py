@@ -199,4 +199,5 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
     storage.write_parquet(candidates_table(query_ids, scores, doc_ids),
                           storage.join(target, "candidates.parquet"))
     return target, storage.commit_stage(target, "search", key, rows={"queries": len(query_ids)},
-                                        started=started, extra={"split": split, "k": k})
+                                        started=started, extra={"split": split, "k": k},
+                                        outputs=["candidates.parquet"])

@@ -67,23 +67,36 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Te
 def contrastive_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, neg_mask: torch.Tensor,
                      teacher_scores: torch.Tensor | None, *, temperature: float,
                      in_batch_negatives: bool, distill_weight: float = 0.0,
-                     teacher_temperature: float | None = None) -> torch.Tensor:
+                     teacher_temperature: float | None = None,
+                     known_positives: torch.Tensor | None = None) -> torch.Tensor:
     """(1 - w) * InfoNCE + w * KL(teacher || student), w = `distill_weight`.
 
     `teacher_scores` (B, 1 + k) are the mining stage's positive and negative teacher scores.
+    `known_positives` (B, B * (1 + k)), laid out as `in_batch_logits`' columns, is True where a
+    batch document is a labelled positive of the query (never its own label column): such a
+    document is left out of that query's softmax, as a hard and as an in-batch negative.
     """
+    b, k = neg_mask.shape
     own = own_logits(q, p, n, neg_mask)  # (B, 1+k)
+    own_valid = _with_positive(neg_mask)  # (B, 1+k)
+    if known_positives is not None:
+        rows = torch.arange(b, device=q.device)
+        own_known = known_positives.reshape(b, b, 1 + k)[rows, rows]  # (B, 1+k): own block
+        own = own.masked_fill(own_known, float("-inf"))
+        own_valid = own_valid & ~own_known
     loss = own.new_zeros(())
     if distill_weight < 1.0:
         if in_batch_negatives:
             logits, labels = in_batch_logits(q, p, n, neg_mask)
+            if known_positives is not None:
+                logits = logits.masked_fill(known_positives, float("-inf"))
         else:
             logits, labels = own, torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         loss = (1 - distill_weight) * info_nce(logits, labels, temperature)
     if distill_weight > 0.0:
         if teacher_scores is None:
             raise ValueError("distill_weight > 0 needs the teacher's scores from mining")
-        kl = distillation_kl(own, teacher_scores, _with_positive(neg_mask), temperature,
+        kl = distillation_kl(own, teacher_scores, own_valid, temperature,
                              teacher_temperature or temperature)
         loss = loss + distill_weight * kl
     return loss

@@ -2,14 +2,17 @@
 
 Reads the search stage's `candidates.parquet`, the data stage's qrels and texts, and the
 embed stage's vectors (for the positives' teacher scores, which the top-K may not hold).
-Writes `<out>/mine/mined.parquet` (schema `schemas.MINED`) and a manifest with the rule, its
-parameters and the counts of `mining.MiningStats`. Also exports sentence-transformers
+Writes `<out>/mine/mined.parquet` (schema `schemas.MINED`: one row per training example,
+i.e. per query, or per (query, positive) with `mining.anchor=pair`) and a manifest with the
+rule, its parameters and the counts of `mining.MiningStats`; warns when over 20% of the
+examples end short of negatives. Also exports sentence-transformers
 n-tuples and FlagEmbedding JSONL.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +27,7 @@ from posmine.embed import embedding_matrix, read_embeddings
 from posmine.rescore import CrossEncoderScorer, rescore
 
 BATCH = 4096  # queries per call of the pure miner
+log = logging.getLogger(__name__)
 
 
 def positive_scores(embed_dir: str, positives: dict[str, list[str]]) -> dict[str, np.ndarray]:
@@ -70,16 +74,24 @@ def run(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dir: str, out_dir
             batch = rescore(batch, scorer, texts, qtexts)
         mined, _ = mining.mine(batch, cfg, texts, qtexts, stats)
         rows.extend(mined)
+    hashes = {d: mining.text_hash(t) for d, t in texts.items()}
     for r in rows:
         r["query"] = qtexts[r["query_id"]]
         r["positives"] = [texts[d] for d in r["positive_ids"]]
         r["negatives"] = [texts[d] for d in r["negative_ids"]]
+        r["query_positive_hashes"] = [hashes[d] for d in r["query_positive_ids"]]
     table = pa.Table.from_pylist(rows, schema=schemas.MINED)
     storage.write_parquet(table, storage.join(target, "mined.parquet"))
+    warning = mining.starvation_warning(stats, cfg)
+    if warning:
+        log.warning("mine %s: %s", split, warning)
     return storage.commit_stage(
-        target, "mine", key, rows={"queries_in": stats.queries_in, "queries_out": table.num_rows},
-        started=started, stats=stats.to_dict(),
-        extra={"rule": cfg.rule, "mining": to_dict(cfg), "split": split})
+        target, "mine", key, rows={"queries_in": stats.queries_in, "queries_out": stats.queries_out,
+                                   "examples": table.num_rows},
+        started=started, stats={**stats.to_dict(), "short_share": round(mining.short_share(stats), 4),
+                                "warning": warning},
+        extra={"rule": cfg.rule, "mining": to_dict(cfg), "split": split},
+        outputs=["mined.parquet"])
 
 
 def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: str,
@@ -100,17 +112,24 @@ def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: s
                    for d in teacher_dirs]
     rows, stats = mining.combine_mined(per_teacher, cfg)
     stats["teachers"] = [t["stats"] for t in teachers]
+    stats["short_share"] = round(mining.short_share(stats), 4)
+    stats["warning"] = mining.starvation_warning(stats, cfg)
+    if stats["warning"]:
+        log.warning("mine (%d teachers): %s", len(teachers), stats["warning"])
     table = pa.Table.from_pylist(rows, schema=schemas.MINED)
     storage.write_parquet(table, storage.join(target, "mined.parquet"))
     return storage.commit_stage(
-        target, "mine", key, rows={"queries_in": stats["queries_in"], "queries_out": table.num_rows},
-        started=started, stats=stats,
+        target, "mine", key, rows={"queries_in": stats["queries_in"], "queries_out": stats["queries_out"],
+                                   "examples": table.num_rows},
+        started=started, stats=stats, outputs=["mined.parquet"],
         extra={"rule": cfg.rule, "mining": to_dict(cfg), "combine": cfg.combine,
                "teacher_dirs": teacher_dirs})
 
 
 def to_sentence_transformers(mined: pa.Table, num_negatives: int) -> pa.Table:
     """One row per (query, positive): `query, positive, negative_1..negative_k`.
+
+    With anchor=pair each (query, positive) example carries its own negatives already.
 
     Rows with fewer than k negatives are left out (the n-tuple format has fixed width).
     """

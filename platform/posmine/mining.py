@@ -1,7 +1,10 @@
 """The positive-aware mining rules of NV-Retriever, as pure numpy functions (no Ray, no I/O).
 
-Notation: `s(q, d)` is the teacher score, `P(q)` the positives and `s+ = min_{p in P(q)} s(q, p)`
-(the weakest positive is the anchor, so a kept negative never outscores any positive).
+Notation: `s(q, d)` is the teacher score, `P(q)` the positives and `s+` the anchor, by
+`mining.anchor`: `pair` gives each (q, p) its own example with s+ = s(q, p) (the paper's
+formulation); `min` one example per query with s+ = min_p s(q, p) (a kept negative never
+outscores any positive, but with dozens of positives s+ sinks below most candidates);
+`max` and `mean` likewise.
 Candidates are the teacher's top-K with positives, the query itself and texts equal to a
 positive's or the query's removed; only the first `top_k` such eligible candidates count.
 
@@ -18,6 +21,7 @@ TopK-PercPos subtracts a share of |s+| rather than multiplying by `perc`: for a 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 from collections.abc import Mapping, Sequence
@@ -49,13 +53,17 @@ class MiningStats:
     queries_in: int = 0
     queries_out: int = 0
     queries_no_positive: int = 0
-    queries_too_few: int = 0
-    queries_dropped_too_few: int = 0
+    queries_too_few: int = 0  # queries with at least one example short of num_negatives
+    queries_dropped_too_few: int = 0  # queries all of whose examples were dropped as short
+    examples: int = 0  # one per query, or one per (query, positive) with anchor=pair
+    examples_out: int = 0
+    examples_too_few: int = 0
+    examples_dropped_too_few: int = 0
     candidates: int = 0
     removed_positive: int = 0
     removed_self: int = 0
     removed_duplicate_text: int = 0
-    dropped_by_rule: int = 0  # the likely false negatives
+    dropped_by_rule: int = 0  # the likely false negatives, counted once per example
     negatives_kept: int = 0
     positives: int = 0
     positives_not_in_topk: int = 0
@@ -79,6 +87,16 @@ def _hist(scores: np.ndarray) -> np.ndarray:
 def normalize_text(text: str) -> str:
     """Casefold, drop punctuation, collapse whitespace: near-identical texts compare equal."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
+
+
+def text_hash(text: str) -> int:
+    """A signed 64-bit hash of the normalised text: equal for texts `normalize_text` equates.
+
+    Training compares these to keep a query's known positives (by id or by duplicate text)
+    out of its negatives without shipping every positive's text with every example.
+    """
+    digest = hashlib.blake2b(normalize_text(text).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def rule_threshold(anchor: np.ndarray, cfg: MiningConfig) -> np.ndarray:
@@ -186,14 +204,28 @@ def eligible_mask(q: QueryCandidates, texts: Mapping[str, str] | None, query_tex
     return out
 
 
+def anchors(pos_scores: np.ndarray, mode: str) -> list[tuple[np.ndarray, float]]:
+    """The training examples of one query: (indices of its positives, s+) for each.
+
+    pair: one example per positive, anchored on its own score (the paper's formulation).
+    min / max / mean: one example holding every positive, anchored on their min / max / mean.
+    """
+    if mode == "pair":
+        return [(np.array([j]), float(s)) for j, s in enumerate(pos_scores)]
+    s_plus = {"min": pos_scores.min, "max": pos_scores.max, "mean": pos_scores.mean}[mode]()
+    return [(np.arange(len(pos_scores)), float(s_plus))]
+
+
 def mine(batch: Sequence[QueryCandidates], cfg: MiningConfig,
          texts: Mapping[str, str] | None = None,
          query_texts: Mapping[str, str] | None = None,
          stats: MiningStats | None = None) -> tuple[list[dict[str, Any]], MiningStats]:
     """Apply the rule and the sampling to a batch of queries.
 
-    Returns one dict per kept query (`query_id, positive_ids, positive_scores, negative_ids,
-    negative_scores`) and the stats, updated in place when given.
+    Each query gives one example per anchor (`anchors`): with `cfg.anchor == "pair"` one per
+    positive, else one holding all its positives. Returns one dict per kept example
+    (`query_id, positive_ids, positive_scores, negative_ids, negative_scores,
+    query_positive_ids`) and the stats, updated in place when given.
     """
     stats = stats or MiningStats()
     with_pos = [q for q in batch if len(q.pos_ids) > 0]
@@ -204,6 +236,8 @@ def mine(batch: Sequence[QueryCandidates], cfg: MiningConfig,
     width = max(len(q.cand_ids) for q in with_pos)
     scores = np.full((len(with_pos), width), -np.inf, dtype=np.float64)  # (nq, K)
     eligible = np.zeros((len(with_pos), width), dtype=bool)
+    examples: list[tuple[int, np.ndarray]] = []  # (query row, its positives' indices)
+    anchor_list: list[float] = []
     for i, q in enumerate(with_pos):
         n = len(q.cand_ids)
         scores[i, :n] = q.cand_scores
@@ -213,29 +247,78 @@ def mine(batch: Sequence[QueryCandidates], cfg: MiningConfig,
         stats.positives += len(q.pos_ids)
         stats.positives_not_in_topk += len(set(q.pos_ids) - set(q.cand_ids))
         stats.hist_positive += _hist(np.asarray(q.pos_scores))
-    anchor = np.array([float(np.min(q.pos_scores)) for q in with_pos])  # (nq,) s+
-    keep, dropped = rule_keep(scores, eligible, anchor, cfg)
+        for pos, s_plus in anchors(np.asarray(q.pos_scores), cfg.anchor):
+            examples.append((i, pos))
+            anchor_list.append(s_plus)
+    qrow = np.array([i for i, _ in examples])  # (ne,) example -> query row
+    keep, dropped = rule_keep(scores[qrow], eligible[qrow], np.array(anchor_list), cfg)  # (ne, K)
+    stats.examples += len(examples)
     stats.dropped_by_rule += int(dropped.sum())
-    stats.hist_dropped += _hist(scores[dropped])
-    rows = []
-    for i, q in enumerate(with_pos):
-        chosen = select(np.flatnonzero(keep[i]), scores[i], cfg, query_rng(cfg.seed, q.query_id))
+    stats.hist_dropped += _hist(scores[qrow][dropped])
+    rows, short_queries, kept_queries = [], set(), set()
+    for e, (i, pos) in enumerate(examples):
+        q = with_pos[i]
+        pos_ids = [q.pos_ids[j] for j in pos]
+        key = q.query_id if cfg.anchor != "pair" else f"{q.query_id}\x1f{pos_ids[0]}"
+        chosen = select(np.flatnonzero(keep[e]), scores[i], cfg, query_rng(cfg.seed, key))
         if len(chosen) < cfg.num_negatives:
-            stats.queries_too_few += 1
+            stats.examples_too_few += 1
+            short_queries.add(q.query_id)
             if cfg.too_few == "drop":
-                stats.queries_dropped_too_few += 1
+                stats.examples_dropped_too_few += 1
                 continue
+        kept_queries.add(q.query_id)
         stats.negatives_kept += len(chosen)
         stats.hist_kept += _hist(scores[i, chosen])
         rows.append({
             "query_id": q.query_id,
-            "positive_ids": list(q.pos_ids),
-            "positive_scores": [float(s) for s in q.pos_scores],
+            "positive_ids": pos_ids,
+            "positive_scores": [float(q.pos_scores[j]) for j in pos],
             "negative_ids": [q.cand_ids[j] for j in chosen],
             "negative_scores": [float(scores[i, j]) for j in chosen],
+            "query_positive_ids": list(q.pos_ids),
         })
-    stats.queries_out += len(rows)
+    stats.examples_out += len(rows)
+    stats.queries_out += len(kept_queries)
+    stats.queries_too_few += len(short_queries)
+    stats.queries_dropped_too_few += len(short_queries - kept_queries)
     return rows, stats
+
+
+def _stat(stats: MiningStats | Mapping[str, Any], key: str) -> int:
+    return int(stats.get(key, 0) if isinstance(stats, Mapping) else getattr(stats, key))
+
+
+def short_share(stats: MiningStats | Mapping[str, Any]) -> float:
+    """The share of examples mined with fewer than `num_negatives` negatives."""
+    return _stat(stats, "examples_too_few") / max(1, _stat(stats, "examples"))
+
+
+def starvation_warning(stats: MiningStats | Mapping[str, Any], cfg: MiningConfig,
+                       limit: float = 0.2) -> str | None:
+    """A message naming the likely cause and the setting to change, when over `limit` of the
+    examples end short of negatives; None otherwise."""
+    share = short_share(stats)
+    if share <= limit:
+        return None
+    msg = (f"{share:.0%} of training examples ({_stat(stats, 'examples_too_few')} of "
+           f"{_stat(stats, 'examples')}) "
+           f"have fewer than mining.num_negatives={cfg.num_negatives} negatives")
+    if cfg.rule in ("topk_percpos", "topk_marginpos") and cfg.anchor != "max":
+        what = {"min": "the weakest positive's score", "mean": "the mean positive score",
+                "pair": "each positive's own score"}[cfg.anchor]
+        why = (f"mining.anchor={cfg.anchor} anchors on {what}, and weak positives (queries "
+               "with many positives have them) score below most of the teacher's top "
+               "candidates; mining.anchor=max (the default) anchors on the strongest positive")
+    elif cfg.rule in ("topk_percpos", "topk_marginpos"):
+        why = ("weak positives leave few candidates below their score; raise mining.top_k, "
+               f"loosen the rule (mining.{'perc' if cfg.rule == 'topk_percpos' else 'margin'}), "
+               "or keep the shortfall (mining.too_few)")
+    elif cfg.rule == "topk_abs":
+        why = "most candidates score above mining.threshold; raise it"
+    else:
+        why = "the teacher retrieved too few candidates; raise mining.top_k"
+    return f"{msg}: {why}"
 
 
 def combine_teachers(per_teacher: Sequence[Sequence[tuple[str, float]]], mode: str, k: int,
@@ -262,48 +345,58 @@ def combine_teachers(per_teacher: Sequence[Sequence[tuple[str, float]]], mode: s
     return out
 
 
+def example_key(row: Mapping[str, Any]) -> str:
+    """A mined example's identity across teachers: its query and its positives."""
+    return "\x1f".join([row["query_id"], *row["positive_ids"]])
+
+
 def combine_mined(per_teacher: Sequence[Sequence[Mapping[str, Any]]],
                   cfg: MiningConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Merge several teachers' mined rows (schema `schemas.MINED`) into one row per query.
+    """Merge several teachers' mined rows (schema `schemas.MINED`) into one row per example.
 
-    Each teacher mined with the same rule against its own s+; per query, `combine_teachers`
+    Each teacher mined with the same rule against its own s+; per example (`example_key`: a
+    query, or a (query, positive) pair with anchor=pair), `combine_teachers`
     (`cfg.combine`) takes `cfg.num_negatives` from the teachers that kept the query, first
     teacher first. Positives and their scores are the first such teacher's; each negative keeps
     the score of the teacher whose list it was taken from, so scores mix the teachers' scales.
-    Queries are in the first teacher's order, then any only later teachers kept.
+    Examples are in the first teacher's order, then any only later teachers kept.
     """
-    by_query = [{r["query_id"]: r for r in rows} for rows in per_teacher]
-    order = list(dict.fromkeys(r["query_id"] for rows in per_teacher for r in rows))
-    stats: dict[str, Any] = {"queries_in": len(order), "queries_too_few": 0,
+    by_query = [{example_key(r): r for r in rows} for rows in per_teacher]
+    order = list(dict.fromkeys(example_key(r) for rows in per_teacher for r in rows))
+    stats: dict[str, Any] = {"examples": len(order), "examples_too_few": 0,
+                             "examples_dropped_too_few": 0,
+                             "queries_in": len({r["query_id"] for rows in per_teacher for r in rows}),
+                             "queries_too_few": 0,
                              "queries_dropped_too_few": 0, "negatives_in_several_teachers": 0,
                              "negatives_in_teacher": [0] * len(per_teacher)}
-    out = []
-    for qid in order:
-        have = [t for t, rows in enumerate(by_query) if qid in rows]
-        lists = [list(zip(by_query[t][qid]["negative_ids"], by_query[t][qid]["negative_scores"],
+    out, short, kept = [], set(), set()
+    for key in order:
+        have = [t for t, rows in enumerate(by_query) if key in rows]
+        first = by_query[have[0]][key]
+        lists = [list(zip(by_query[t][key]["negative_ids"], by_query[t][key]["negative_scores"],
                           strict=True)) for t in have]
-        chosen = combine_teachers(lists, cfg.combine, cfg.num_negatives, query_rng(cfg.seed, qid))
+        rng = query_rng(cfg.seed, first["query_id"] if cfg.anchor != "pair" else key)
+        chosen = combine_teachers(lists, cfg.combine, cfg.num_negatives, rng)
         if len(chosen) < cfg.num_negatives:
-            stats["queries_too_few"] += 1
+            stats["examples_too_few"] += 1
+            short.add(first["query_id"])
             if cfg.too_few == "drop":
-                stats["queries_dropped_too_few"] += 1
+                stats["examples_dropped_too_few"] += 1
                 continue
+        kept.add(first["query_id"])
         texts = {d: x for t in have
-                 for d, x in zip(by_query[t][qid]["negative_ids"], by_query[t][qid]["negatives"],
+                 for d, x in zip(by_query[t][key]["negative_ids"], by_query[t][key]["negatives"],
                                  strict=True)}
         for doc, _ in chosen:
-            holders = [t for t in have if doc in by_query[t][qid]["negative_ids"]]
+            holders = [t for t in have if doc in by_query[t][key]["negative_ids"]]
             stats["negatives_in_several_teachers"] += len(holders) > 1
             for t in holders:
                 stats["negatives_in_teacher"][t] += 1
-        first = by_query[have[0]][qid]
-        out.append({"query_id": qid, "query": first["query"],
-                    "positive_ids": list(first["positive_ids"]),
-                    "positives": list(first["positives"]),
-                    "positive_scores": list(first["positive_scores"]),
+        out.append({**first,
                     "negative_ids": [d for d, _ in chosen],
                     "negative_scores": [float(s) for _, s in chosen],
                     "negatives": [texts[d] for d, _ in chosen]})
-    stats["queries_out"] = len(out)
-    stats["negatives_kept"] = sum(len(r["negative_ids"]) for r in out)
+    stats.update(queries_too_few=len(short), queries_dropped_too_few=len(short - kept),
+                 queries_out=len(kept), examples_out=len(out),
+                 negatives_kept=sum(len(r["negative_ids"]) for r in out))
     return out, stats

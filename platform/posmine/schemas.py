@@ -35,6 +35,10 @@ MINED = pa.schema(
         ("negative_ids", pa.list_(pa.string())),
         ("negatives", pa.list_(pa.string())),
         ("negative_scores", pa.list_(pa.float32())),
+        # Every labelled positive of the query (with anchor=pair a row holds one of them), and
+        # `mining.text_hash` of each one's text: training never uses these as negatives.
+        ("query_positive_ids", pa.list_(pa.string())),
+        ("query_positive_hashes", pa.list_(pa.int64())),
     ]
 )
 

@@ -24,7 +24,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import IO, Any, TypeVar
 
@@ -219,6 +219,22 @@ def write_bytes(url: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+@retrying
+def put_tree(local_dir: str, url: str) -> None:
+    """Upload the folder `local_dir` to `url`, replacing what was there.
+
+    The copy goes to a temporary sibling first and is moved into place whole, so `url`
+    never holds a half-copied folder (on object stores the move is a copy, still complete
+    before the old folder goes).
+    """
+    fs, path = filesystem(url)
+    tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.put(local_dir.rstrip("/") + "/", tmp, recursive=True)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.mv(tmp, path, recursive=True)
+
+
 def write_json(url: str, obj: Any) -> None:
     write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
@@ -282,11 +298,29 @@ def begin_stage(stage_dir: str) -> None:
     remove(join(stage_dir, MANIFEST))
 
 
+def require_outputs(stage_dir: str, names: Sequence[str | tuple[str, ...]]) -> None:
+    """Raise `StorageError` unless every output named (relative to `stage_dir`) exists.
+
+    A tuple names alternatives (`("model.safetensors", "model.safetensors.index.json")`).
+    """
+    missing = [" or ".join(alts) for alts in ((n,) if isinstance(n, str) else n for n in names)
+               if not any(exists(join(stage_dir, a)) for a in alts)]
+    if missing:
+        raise StorageError(f"{redact(stage_dir)}: the stage finished but its output is missing "
+                           f"({', '.join(missing)}); no manifest written")
+
+
 def commit_stage(stage_dir: str, stage: str, config_hash: str, *,
                  rows: Mapping[str, int], started: float,
                  stats: Mapping[str, Any] | None = None,
-                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write the manifest last: from now on the stage counts as finished."""
+                 extra: Mapping[str, Any] | None = None,
+                 outputs: Sequence[str | tuple[str, ...]] = ()) -> dict[str, Any]:
+    """Write the manifest last: from now on the stage counts as finished.
+
+    `outputs` (paths relative to `stage_dir`) are checked first: a manifest never names
+    output that is not there.
+    """
+    require_outputs(stage_dir, outputs)
     manifest = {
         "stage": stage,
         "config_hash": config_hash,

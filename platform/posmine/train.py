@@ -1,6 +1,8 @@
 """The train stage: contrastive fine-tuning of the student on mined examples, on Ray Train.
 
-Reads `<out>/mine/mined.parquet` (streamed with Ray Data, one row per (query, positive));
+Reads `<out>/mine/mined.parquet` (each worker reads it and expands it into one example per
+(query, positive); the epoch plan, a seeded shuffle with at most one example per query in a
+batch, is the same on every worker, which trains its slice of each global batch);
 writes checkpoints under `<out>/train/ray/` every `checkpoint_every` steps, the exported model
 in `<out>/train/model/` (safetensors, tokenizer, sentence-transformers pooling/normalise
 configs: loadable by `transformers.AutoModel` and `sentence_transformers.SentenceTransformer`),
@@ -15,11 +17,10 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,36 +29,131 @@ import pyarrow as pa
 import torch
 
 from posmine import storage
-from posmine.config import TrainConfig, config_hash, to_dict
+from posmine.config import TrainConfig, absolute_path, config_hash, to_dict
 from posmine.embed import pool, resolve_model
 from posmine.losses import contrastive_loss
+from posmine.mining import query_rng, text_hash
 
 log = logging.getLogger(__name__)
 
-Row = dict[str, Any]  # query, positive, negatives (list), scores ([s+] + negative scores)
+# What an exported model folder must hold before the stage may say it is there.
+MODEL_FILES = ("model/config.json", ("model/model.safetensors", "model/model.safetensors.index.json"),
+               "model/tokenizer_config.json", "model/modules.json")
+
+Row = dict[str, Any]  # query_id, query, positive, negatives, scores ([s+] + negatives'), hashes
 
 
 def expand(batch: pa.Table | dict[str, Any]) -> list[Row]:
-    """Mined rows -> one training row per (query, positive), negatives shared."""
+    """Mined rows -> one training example per (query, positive), negatives shared by a row's
+    positives. Each example carries `mining.text_hash` of its positive and negatives, and the
+    hashes of all the query's labelled positives (`known`), for masking in the loss."""
     cols = batch.to_pydict() if isinstance(batch, pa.Table) else batch
     out = []
     for i in range(len(cols["query_id"])):
-        for p, ps in zip(cols["positives"][i], cols["positive_scores"][i], strict=True):
-            out.append({"query": cols["query"][i], "positive": p,
-                        "negatives": list(cols["negatives"][i]),
+        known = cols.get("query_positive_hashes", [None] * (i + 1))[i]
+        if known is None:  # mined before the column existed: the row's own positives
+            known = [text_hash(t) for t in cols["positives"][i]]
+        negatives = list(cols["negatives"][i])
+        neg_hashes = [text_hash(t) for t in negatives]
+        pos_ids = cols.get("positive_ids", [[None] * len(cols["positives"][i])] * (i + 1))[i]
+        for pid, p, ps in zip(pos_ids, cols["positives"][i], cols["positive_scores"][i], strict=True):
+            out.append({"query_id": cols["query_id"][i], "query": cols["query"][i],
+                        "positive_id": pid, "positive": p, "negatives": negatives,
+                        "negative_ids": cols.get("negative_ids", [None] * (i + 1))[i],
+                        "positive_hash": text_hash(p), "negative_hashes": neg_hashes,
+                        "known": frozenset(known),
                         "scores": [float(ps), *map(float, cols["negative_scores"][i])]})
     return out
 
 
-def count_rows(mined_url: str) -> int:
-    table = storage.read_parquet(mined_url, columns=["positive_ids"])
-    return int(sum(len(p) for p in table.column("positive_ids").to_pylist()))
+def pack(order: Iterable[int], query_of: Sequence[str], size: int) -> list[list[int]]:
+    """Batches of `size` in `order`, each example put in the first open batch without its query.
+
+    A batch never holds two examples of one query (their positives would be each other's
+    in-batch negatives); examples a full batch refuses wait for the next one, so the order
+    stays close to `order`. The last batches may be smaller.
+    """
+    done: list[list[int]] = []
+    open_: list[tuple[list[int], set[str]]] = []
+    for i in order:
+        q = query_of[i]
+        slot = next((b for b in open_ if q not in b[1]), None)
+        if slot is None:
+            slot = ([], set())
+            open_.append(slot)
+        slot[0].append(i)
+        slot[1].add(q)
+        if len(slot[0]) == size:
+            done.append(slot[0])
+            open_.remove(slot)
+    return done + [b for b, _ in open_]
 
 
-def total_steps(cfg: TrainConfig, rows: int) -> int:
-    per_epoch = math.ceil(rows / cfg.num_workers / cfg.batch_size)
-    steps = per_epoch * cfg.epochs
+def epoch_plan(examples: Sequence[Row], cfg: TrainConfig, epoch: int, world: int = 1) -> list[list[int]]:
+    """Global batches (`batch_size * world` examples, indices into `examples`) of one epoch.
+
+    A seeded shuffle of the whole set each epoch. `positives=sample` takes one example per
+    query, its positive drawn per (epoch, query); `all` takes them all. A last batch too small
+    to give every worker a row is left out.
+    """
+    query_of = [e["query_id"] for e in examples]
+    rng = np.random.default_rng([cfg.seed, epoch])
+    if cfg.positives == "sample":
+        by_query: dict[str, list[int]] = {}
+        for i, q in enumerate(query_of):
+            by_query.setdefault(q, []).append(i)
+        chosen = [idx[int(query_rng(cfg.seed + epoch, q).integers(len(idx)))]
+                  for q, idx in sorted(by_query.items())]
+        order = [chosen[j] for j in rng.permutation(len(chosen))]
+    else:
+        order = [int(j) for j in rng.permutation(len(examples))]
+    return [b for b in pack(order, query_of, cfg.batch_size * world) if len(b) >= world]
+
+
+def epoch_batches(examples: Sequence[Row], cfg: TrainConfig, skip: int = 0,
+                  world: int = 1) -> Iterator[list[Row]]:
+    """Global batches over all epochs; the first `skip` are not built.
+
+    The same order on every call, so a run restored at step n continues with batch n + 1.
+    """
+    seen = 0
+    for epoch in range(cfg.epochs):
+        for batch in epoch_plan(examples, cfg, epoch, world):
+            seen += 1
+            if seen > skip:
+                yield [examples[i] for i in batch]
+
+
+def total_steps(cfg: TrainConfig, examples: Sequence[Row], world: int = 1) -> int:
+    """Optimiser steps the run will take: batches over all epochs, capped by `max_steps`."""
+    per_epoch = [len(epoch_plan(examples, cfg, e, world)) for e in range(cfg.epochs)]
+    steps = sum(per_epoch)
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def known_positive_mask(rows: Sequence[Row], k: int) -> np.ndarray:
+    """(B, B * (1 + k)) bool: batch document j is a labelled positive of query i (by id, or by
+    equal normalised text), other than i's own positive (its label). Document j is row
+    j // (1 + k)'s positive (slot 0) or its hard negative (slots 1..k); missing slots are False.
+    """
+    b = len(rows)
+    doc = np.zeros((b, 1 + k), np.int64)
+    valid = np.zeros((b, 1 + k), bool)
+    for i, r in enumerate(rows):
+        negs = r["negative_hashes"][:k]
+        doc[i, 0], doc[i, 1:1 + len(negs)] = r["positive_hash"], negs
+        valid[i, :1 + len(negs)] = True
+    flat, flat_valid = doc.reshape(-1), valid.reshape(-1)
+    known = np.stack([np.isin(flat, np.fromiter(r["known"], np.int64)) & flat_valid for r in rows])
+    known[np.arange(b), np.arange(b) * (1 + k)] = False
+    return known
+
+
+def masked_counts(known: np.ndarray, k: int) -> tuple[int, int]:
+    """(in-batch pairs masked, own hard negatives masked) in a `known_positive_mask`."""
+    b = known.shape[0]
+    own = known.reshape(b, b, 1 + k)[np.arange(b), np.arange(b)]  # (B, 1+k)
+    return int(known.sum() - own.sum()), int(own.sum())
 
 
 class StudentTrainer:
@@ -79,6 +175,8 @@ class StudentTrainer:
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, int(cfg.warmup_ratio * steps), max(steps, 1))
         self.step_no = 0
+        # Known positives masked out of the loss so far: as a hard negative, as an in-batch one.
+        self.masked = {"hard": 0, "in_batch": 0}
 
     def _embed(self, texts: list[str], max_length: int) -> torch.Tensor:
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
@@ -99,10 +197,17 @@ class StudentTrainer:
         n = d.new_zeros(b * k, d.shape[1])
         n[neg_mask.reshape(-1).to(self.device)] = d[b:]
         teacher = torch.tensor([(r["scores"] + [0.0] * k)[:1 + k] for r in rows], device=self.device)
+        known = None
+        if cfg.mask_known_positives:
+            mask = known_positive_mask(rows, k)  # (B, B*(1+k))
+            in_batch, hard = masked_counts(mask, k)
+            self.masked["hard"] += hard
+            self.masked["in_batch"] += in_batch if cfg.in_batch_negatives else 0
+            known = torch.from_numpy(mask).to(self.device)
         return contrastive_loss(q, p, n.reshape(b, k, d.shape[1]), neg_mask.to(self.device), teacher,
                                 temperature=cfg.temperature,
                                 in_batch_negatives=cfg.in_batch_negatives,
-                                distill_weight=cfg.distill_weight)
+                                distill_weight=cfg.distill_weight, known_positives=known)
 
     def step(self, rows: list[Row]) -> float:
         loss = self.loss(rows)
@@ -166,35 +271,10 @@ def export_model(model: Any, tokenizer: Any, directory: str, cfg: TrainConfig) -
         "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2))
 
 
-def batches(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
-    buf: list[Row] = []
-    for r in rows:
-        buf.append(r)
-        if len(buf) == size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
-def epoch_batches(rows: list[Row], cfg: TrainConfig, skip: int = 0) -> Iterator[list[Row]]:
-    """Batches of `rows`, reshuffled per epoch with the seed; the first `skip` are not built.
-
-    The same order on every call, so a run restored at step n continues with batch n + 1.
-    """
-    seen = 0
-    for epoch in range(cfg.epochs):
-        order = np.random.default_rng(cfg.seed + epoch).permutation(len(rows))
-        for start in range(0, len(rows), cfg.batch_size):
-            seen += 1
-            if seen > skip:
-                yield [rows[i] for i in order[start:start + cfg.batch_size]]
-
-
 def train_plain(cfg: TrainConfig, rows: list[Row], steps: int | None = None,
                 device: str = "cpu") -> StudentTrainer:
     """The same loop without Ray: one process, rows shuffled per epoch with the seed."""
-    steps = steps or total_steps(cfg, len(rows))
+    steps = steps or total_steps(cfg, rows)
     trainer = StudentTrainer(cfg, steps, torch.device(device))
     for batch in epoch_batches(rows, cfg):
         if trainer.step_no >= steps:
@@ -212,7 +292,8 @@ def _worker(config: dict[str, Any]) -> None:
 
     cfg: TrainConfig = config["cfg"]
     ctx = ray.train.get_context()
-    torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // ctx.get_world_size()))
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
     trainer = StudentTrainer(cfg, config["steps"], ray.train.torch.get_device())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -220,36 +301,37 @@ def _worker(config: dict[str, Any]) -> None:
             trainer.load_state(d)
     trainer.model = ray.train.torch.prepare_model(
         trainer.model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    shard = ray.train.get_dataset_shard("train")
+    # Every worker builds the same seeded plan of global batches and trains its slice of each,
+    # so a restart from step n continues with batch n + 1 on every worker.
+    examples = expand(storage.read_parquet(config["mined_url"]))
     done_before, steps = trainer.step_no, config["steps"]
-    per_epoch = max(1, math.ceil(config["rows"] / ctx.get_world_size() / cfg.batch_size))
     losses: list[float] = []
     timer = StepTimer()
-    for epoch in range(done_before // per_epoch, cfg.epochs):
-        it = shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow",
-                                local_shuffle_buffer_size=4 * cfg.batch_size,
-                                local_shuffle_seed=cfg.seed + epoch)
-        for i, batch in enumerate(it):
-            if epoch * per_epoch + i < done_before:
-                continue  # done before a restart: skip without compute
-            if trainer.step_no >= steps:
-                break
-            rows = batch.to_pylist()  # already one row per (query, positive): see `run`
-            losses.append(trainer.step(rows))
-            timer.tick(len(rows) * ctx.get_world_size())
-            _report(trainer, losses, epoch, steps, cfg)
-            crash_hook(trainer.step_no)
+    for batch in epoch_batches(examples, cfg, skip=done_before, world=world):
+        if trainer.step_no >= steps:
+            break
+        losses.append(trainer.step(batch[rank::world]))
+        timer.tick(len(batch))
+        _report(trainer, losses, steps, cfg)
+        crash_hook(trainer.step_no)
+    masked = _sum_over_workers([trainer.masked["hard"], trainer.masked["in_batch"]])
     final = {"step": trainer.step_no, "loss": float(np.mean(losses[-10:] or [0.0])),
-             "resumed_from": done_before, "steady_samples_per_s": timer.rate(), "done": 1}
+             "resumed_from": done_before, "steady_samples_per_s": timer.rate(), "done": 1,
+             "masked_hard": masked[0], "masked_in_batch": masked[1]}
     with tempfile.TemporaryDirectory() as d:
-        is_rank0 = ctx.get_world_rank() == 0
-        if is_rank0:
+        if rank == 0:
             trainer.export(d)
-            fs, path = storage.filesystem(config["model_dir"])
-            storage.remove(config["model_dir"])
-            fs.put(d.rstrip("/") + "/", path, recursive=True)
+            storage.put_tree(d, config["model_dir"])
         # Ray Train keeps the metrics of checkpointed reports: the export is the last checkpoint.
-        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d) if is_rank0 else None)
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+def _sum_over_workers(values: list[int]) -> list[int]:
+    """Counts summed over the DDP workers (as they are with one worker)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)  # gloo and NCCL both sum int64 on CPU/GPU tensors
+    return [int(v) for v in t.tolist()]
 
 
 class StepTimer:
@@ -286,16 +368,15 @@ def crash_hook(step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
-def _report(trainer: StudentTrainer, losses: list[float], epoch: int, steps: int,
-            cfg: TrainConfig) -> None:
+def _report(trainer: StudentTrainer, losses: list[float], steps: int, cfg: TrainConfig) -> None:
     import ray.train
 
     step = trainer.step_no
-    metrics = {"step": step, "epoch": epoch, "loss": float(np.mean(losses[-cfg.log_every:])),
+    metrics = {"step": step, "loss": float(np.mean(losses[-cfg.log_every:])),
                "lr": trainer.scheduler.get_last_lr()[0]}
     if step % cfg.log_every == 0 and ray.train.get_context().get_world_rank() == 0:
         # Ray forwards worker stdout to the driver: the user's progress line.
-        print(f"[posmine train] step {step}/{steps} epoch {epoch} loss {metrics['loss']:.4f} "
+        print(f"[posmine train] step {step}/{steps} loss {metrics['loss']:.4f} "
               f"lr {metrics['lr']:.2e}", flush=True)
     if step % cfg.checkpoint_every == 0 and step < steps:
         with tempfile.TemporaryDirectory() as d:
@@ -311,24 +392,23 @@ def _report(trainer: StudentTrainer, losses: list[float], epoch: int, steps: int
 def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         name: str = "train") -> dict[str, Any]:
     """Fine-tune on `<mined_dir>/mined.parquet` with a TorchTrainer (skipped when current)."""
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Train runs workers in its own artifact folder: a relative path would land there.
+    out_dir, mined_dir = absolute_path(out_dir), absolute_path(mined_dir)
     target = storage.join(out_dir, name)
     key = config_hash(cfg, upstream)
     if storage.is_done(target, key):
         return storage.read_manifest(target) or {}
+    resolve_model(cfg.model)  # a missing student folder fails here, not in every worker
     started = time.time()
     storage.begin_stage(target)
     mined_url = storage.join(mined_dir, "mined.parquet")
-    rows = count_rows(mined_url)
-    if rows == 0:
+    examples = expand(storage.read_parquet(mined_url))
+    if not examples:
         raise ValueError(f"{storage.redact(mined_url)}: no training examples")
-    steps = total_steps(cfg, rows)
-    fs, path = storage.arrow_filesystem(mined_url)
-    ds = ray.data.read_parquet(path, filesystem=fs).flat_map(lambda r: expand(
-        {k: [v] for k, v in r.items()}))
+    steps = total_steps(cfg, examples, cfg.num_workers)
     use_gpu = cfg.use_gpu == "always" or (cfg.use_gpu == "auto" and torch.cuda.is_available())
     ray_fs, ray_path = storage.arrow_filesystem(storage.join(target, "ray"))
     failure_kwargs: dict[str, Any] = {"max_failures": cfg.max_failures}
@@ -336,11 +416,10 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         failure_kwargs["controller_failure_limit"] = cfg.startup_retries
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg, "steps": steps, "rows": rows,
+        train_loop_config={"cfg": cfg, "steps": steps, "mined_url": mined_url,
                            "model_dir": storage.join(target, "model")},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cfg.cpus_per_worker}),
-        datasets={"train": ds},
         run_config=RunConfig(
             name=f"run-{key}", storage_path=ray_path, storage_filesystem=ray_fs,
             failure_config=FailureConfig(**failure_kwargs),
@@ -348,12 +427,19 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
     )
     result = trainer.fit()
     metrics = dict(result.metrics or {})
-    return storage.commit_stage(target, name, key, rows={"examples": rows, "steps": steps},
-                                started=started,
-                                stats={"final_loss": metrics.get("loss"),
-                                       "resumed_from_step": metrics.get("resumed_from"),
-                                       "steady_samples_per_s": metrics.get("steady_samples_per_s"),
-                                       "samples_per_s": round(steps * cfg.batch_size * cfg.num_workers
-                                                              / max(time.time() - started, 1e-9), 3)},
-                                extra={"model_dir": storage.join(target, "model"),
-                                       "train": to_dict(cfg)})
+    ran = int(metrics.get("step", 0))
+    return storage.commit_stage(
+        target, name, key,
+        rows={"examples": len(examples), "queries": len({e["query_id"] for e in examples}),
+              "steps": ran, "steps_planned": steps},
+        started=started,
+        stats={"final_loss": metrics.get("loss"), "resumed_from_step": metrics.get("resumed_from"),
+               "steady_samples_per_s": metrics.get("steady_samples_per_s"),
+               "samples_per_s": round(ran * cfg.batch_size * cfg.num_workers
+                                      / max(time.time() - started, 1e-9), 3),
+               # labelled positives kept out of the loss (counted over the steps of the last
+               # attempt when a worker was restarted)
+               "masked_hard_negatives": metrics.get("masked_hard"),
+               "masked_in_batch_pairs": metrics.get("masked_in_batch")},
+        extra={"model_dir": storage.join(target, "model"), "train": to_dict(cfg)},
+        outputs=MODEL_FILES)

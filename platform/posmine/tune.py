@@ -47,6 +47,7 @@ from posmine.config import (
     TuneConfig,
     config_hash,
     from_dict,
+    resolve_paths,
     to_dict,
 )
 from posmine.embed import Encoder, pick_device
@@ -169,7 +170,7 @@ def trial(config: dict[str, Any], shared: Shared) -> None:
         raise ValueError(f"trial {mining.rule}: the filter left no training examples")
     # The student trains on as many negatives as this trial mines.
     train_cfg = dataclasses.replace(cfg.train, num_negatives=mining.num_negatives, num_workers=1)
-    steps = total_steps(train_cfg, len(rows))
+    steps = total_steps(train_cfg, rows)
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
     trainer = StudentTrainer(train_cfg, steps, pick_device("auto"))
     checkpoint, earlier_s = tune.get_checkpoint(), 0.0
@@ -197,6 +198,7 @@ def trial(config: dict[str, Any], shared: Shared) -> None:
         report = {**scores, "step": trainer.step_no, "steps": steps, "loss": float(np.mean(losses)),
                   "resumed_from": resumed_from,
                   "examples": len(rows), "queries_mined": stats["queries_out"],
+                  "short_share": stats.get("short_share"),
                   "dropped_false_negatives": stats["dropped_by_rule"],
                   "trial_seconds": round(earlier_s + time.time() - started, 1)}
         with tempfile.TemporaryDirectory() as d:
@@ -213,20 +215,12 @@ def with_dev(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, holdout_dev=True))
 
 
-def absolute(cfg: Config) -> Config:
-    """Local paths made absolute: Tune runs each trial in its own working directory."""
-    def fix(path: str) -> str:
-        return os.path.abspath(path) if storage.is_local(path) and ":" not in path else path
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=fix(cfg.data.path)),
-                               output=dataclasses.replace(cfg.output, dir=fix(cfg.output.dir)))
-
-
 def stage_dir(cfg: Config) -> str:
     return storage.join(cfg.output.dir, "tune", search_key(cfg))
 
 
 def search_key(cfg: Config) -> str:
-    c = absolute(with_dev(cfg))
+    c = resolve_paths(with_dev(cfg))
     return config_hash(c.data, c.teacher, c.index, c.mining, c.train, c.evaluate, c.tune)
 
 
@@ -289,7 +283,7 @@ def run(cfg: Config) -> dict[str, Any]:
         raise ConfigError("posmine tune mines with `teacher` only; extra_teachers is not "
                           "supported by tune (run `posmine train` with each setting instead)")
     user_cfg = cfg
-    cfg = absolute(with_dev(cfg))
+    cfg = resolve_paths(with_dev(cfg))
     key = search_key(cfg)
     target = stage_dir(cfg)
     if storage.is_done(target, key):
