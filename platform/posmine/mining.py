@@ -212,7 +212,7 @@ def anchors(pos_scores: np.ndarray, mode: str) -> list[tuple[np.ndarray, float]]
     """
     if mode == "pair":
         return [(np.array([j]), float(s)) for j, s in enumerate(pos_scores)]
-    s_plus = {"min": pos_scores.min, "max": pos_scores.max, "mean": pos_scores.mean}[mode]()
+    s_plus = pos_scores.min() if mode == "min" else pos_scores.max() if mode == "max" else pos_scores.mean()
     return [(np.arange(len(pos_scores)), float(s_plus))]
 
 
