@@ -104,3 +104,77 @@ def test_extra_teachers_resolve_over_teacher_and_reject_bad_ones(tmp_path: Path)
             load_config(None, [override])
     with pytest.raises(ConfigError, match="distill_weight > 0 with extra_teachers"):
         load_config(None, ["extra_teachers=[{model: b}]", "train.distill_weight=0.5"])
+
+
+SECTIONS = {"data": "DataConfig", "teacher": "TeacherConfig", "index": "IndexConfig",
+            "mining": "MiningConfig", "train": "TrainConfig", "evaluate": "EvaluateConfig",
+            "tune": "TuneConfig"}
+
+
+def _ranged_fields() -> list[tuple[str, str, object, object]]:
+    """(section, field, its Range, its base type) for every numeric field of every section."""
+    import dataclasses
+    import typing
+
+    from posmine import config
+
+    out = []
+    for section, name in SECTIONS.items():
+        cls = getattr(config, name)
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            base = typing.get_type_hints(cls)[f.name]
+            numeric = {int, float} & {base, *typing.get_args(base)} or any(
+                a in (int, float) for a in typing.get_args(base) if a is not Ellipsis)
+            if not numeric or base is bool:
+                continue
+            meta = [m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, config.Range)]
+            out.append((section, f.name, meta[0] if meta else None, base))
+    return out
+
+
+def test_every_numeric_field_has_a_range() -> None:
+    missing = [f"{s}.{n}" for s, n, r, _ in _ranged_fields() if r is None]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("section, name, bounds, base", _ranged_fields(),
+                         ids=[f"{s}.{n}" for s, n, _, _ in _ranged_fields()])
+def test_values_just_outside_each_range_are_refused_at_load(section: str, name: str, bounds,
+                                                            base) -> None:
+    """Every bound is enforced, and the error names the key; both bounds themselves load."""
+    is_int = base is int or (int in getattr(base, "__args__", ()) and float not in base.__args__)
+    step = 1 if is_int else max(abs(bounds.lo), abs(bounds.hi), 1.0) * 1e-6
+    tuple_field = name == "k_values"
+    # evaluate.top_k must cover the largest cut-off: hold the other one where it allows any value
+    extra = {"evaluate.top_k": ["evaluate.k_values=[1]"],
+             "evaluate.k_values": ["evaluate.top_k=100000"]}.get(f"{section}.{name}", [])
+
+    def value(v: float) -> str:
+        v = int(v) if is_int else v
+        return f"[{v}]" if tuple_field else repr(v)
+
+    for v in (bounds.lo - step, bounds.hi + step):
+        with pytest.raises(ConfigError, match=rf"{section}\.{name}(\[0\])? must be in"):
+            load_config(None, [f"{section}.{name}={value(v)}", *extra])
+    for v in (bounds.lo, bounds.hi):
+        load_config(None, [f"{section}.{name}={value(v)}", *extra])
+
+
+@pytest.mark.parametrize("override", [
+    # the values reported as accepted at load (issue 16)
+    "train.checkpoint_every=0", "train.log_every=0", "train.num_workers=0",
+    "index.query_batch_size=0", "train.max_steps=-3", "train.warmup_ratio=7", "mining.perc=1.5",
+    "mining.margin=-0.5", "evaluate.top_k=0", "train.grad_clip=-1", "train.lr=.nan",
+])
+def test_reported_bad_values_are_refused(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_evaluate_depth_covers_the_cutoffs() -> None:
+    with pytest.raises(ConfigError, match=r"evaluate\.top_k=20 is below"):
+        load_config(None, ["evaluate.top_k=20"])  # k_values default to 1, 10, 100
+    with pytest.raises(ConfigError, match=r"evaluate\.k_values is empty"):
+        load_config(None, ["evaluate.k_values=[]"])

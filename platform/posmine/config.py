@@ -16,7 +16,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 
@@ -49,16 +49,15 @@ class DataConfig:
     split: str = "train"
     eval_split: str = "test"
     # SciFact has no dev split: hold out this fraction of train queries (seeded) as dev.
-    dev_fraction: float = 0.1
+    dev_fraction: Annotated[float, Range(0.0, 0.9)] = 0.1
     holdout_dev: bool = False  # when True, `train` excludes the held-out dev queries
-    max_queries: int | None = None  # a seeded subset of queries, for quick runs
+    max_queries: Annotated[int | None, Range(1, 10**12)] = None  # a seeded subset of queries, for quick runs
     # Corpus rows per Parquet part: the unit the embed stage resumes from after a crash.
-    rows_per_part: int = 50_000
-    seed: int = 42
+    rows_per_part: Annotated[int, Range(1, 100_000_000)] = 50_000
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 42
 
     def __post_init__(self) -> None:
-        _check_range("data.dev_fraction", self.dev_fraction, 0.0, 0.9)
-        _check_range("data.rows_per_part", self.rows_per_part, 1, 100_000_000)
+        check_ranges(self, "data")
         if self.max_queries is not None and self.max_queries < 1:
             raise ConfigError(f"data.max_queries must be >= 1 or null, got {self.max_queries}")
 
@@ -72,23 +71,20 @@ class TeacherConfig:
     normalize: bool = True
     query_prefix: str = ""
     passage_prefix: str = ""
-    max_length: int = 256
-    batch_size: int = 32
+    max_length: Annotated[int, Range(8, 32768)] = 256
+    batch_size: Annotated[int, Range(1, 65536)] = 32
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
-    num_actors: int = 1
+    num_actors: Annotated[int, Range(1, 4096)] = 1
     # Fractional CPUs: a 2-CPU machine needs room left for Ray Data's own read tasks.
-    cpus_per_actor: float = 1.0
-    torch_threads: int = 0  # per actor; 0 = all cores
+    cpus_per_actor: Annotated[float, Range(0.01, 256)] = 1.0
+    torch_threads: Annotated[int, Range(0, 1024)] = 0  # per actor; 0 = all cores
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Query sets this small are embedded in the driver: a second actor pool would cost more
     # to start (Ray Data + model load per actor) than the embedding itself.
-    local_queries_below: int = 20_000
+    local_queries_below: Annotated[int, Range(0, 10**12)] = 20_000
 
     def __post_init__(self) -> None:
-        _check_range("teacher.max_length", self.max_length, 8, 8192)
-        _check_range("teacher.batch_size", self.batch_size, 1, 65536)
-        _check_range("teacher.num_actors", self.num_actors, 1, 4096)
-        _check_range("teacher.cpus_per_actor", self.cpus_per_actor, 0.01, 256)
+        check_ranges(self, "teacher")
 
 
 @dataclass(frozen=True)
@@ -96,20 +92,19 @@ class IndexConfig:
     """FAISS shards over the corpus embeddings."""
 
     kind: Literal["flat", "ivf", "hnsw"] = "flat"
-    num_shards: int = 2
-    nlist: int = 1024  # IVF lists per shard (capped by shard size)
-    nprobe: int = 32
-    hnsw_m: int = 32
-    ef_search: int = 128
+    num_shards: Annotated[int, Range(1, 4096)] = 2
+    nlist: Annotated[int, Range(1, 10**7)] = 1024  # IVF lists per shard (capped by shard size)
+    nprobe: Annotated[int, Range(1, 10**7)] = 32
+    hnsw_m: Annotated[int, Range(2, 1024)] = 32
+    ef_search: Annotated[int, Range(1, 10**6)] = 128
     use_gpu: Literal["auto", "never", "always"] = "auto"
-    query_batch_size: int = 4096
+    query_batch_size: Annotated[int, Range(1, 10**7)] = 4096
     # Ray CPUs each shard actor reserves; 0 = all shards together reserve 2 (at most 1 each),
     # which leaves a small head node room for the driver's other tasks.
-    cpus_per_shard: float = 0.0
+    cpus_per_shard: Annotated[float, Range(0.0, 1024.0)] = 0.0
 
     def __post_init__(self) -> None:
-        _check_range("index.num_shards", self.num_shards, 1, 4096)
-        _check_range("index.cpus_per_shard", self.cpus_per_shard, 0.0, 1024.0)
+        check_ranges(self, "index")
 
 
 @dataclass(frozen=True)
@@ -123,16 +118,17 @@ class MiningConfig:
     # positive they agree. `max` by measurement: with dozens of positives the others leave most
     # examples without negatives (CISI: pair 81%, mean 94%, min 100%, max 8%; BENCHMARKS.md).
     anchor: Anchor = "max"
-    perc: float = 0.95  # topk_percpos: keep s < s+ * perc
-    margin: float = 0.05  # topk_marginpos: keep s < s+ - margin
-    threshold: float = 0.7  # topk_abs: keep s < threshold
-    shift: int = 10  # topk_shifted: keep rank > shift
-    num_negatives: int = 4
-    top_k: int = 30  # candidate depth retrieved from the teacher's index
+    perc: Annotated[float, Range(0.0, 1.0)] = 0.95  # topk_percpos: keep s < s+ * perc
+    margin: Annotated[float, Range(0.0, 2.0)] = 0.05  # topk_marginpos: keep s < s+ - margin
+    threshold: Annotated[float, Range(-10**6, 10**6)] = 0.7  # topk_abs: keep s < threshold
+    shift: Annotated[int, Range(0, 100_000)] = 10  # topk_shifted: keep rank > shift
+    num_negatives: Annotated[int, Range(1, 10_000)] = 4
+    top_k: Annotated[int, Range(1, 100_000)] = 30  # candidate depth retrieved from the teacher's index
     sampling: Literal["topk", "sample", "top1_sample"] = "topk"
-    sample_from: int = 10  # sample num_negatives of the top-n survivors
+    sample_from: Annotated[int, Range(1, 100_000)] = 10  # sample num_negatives of the top-n survivors
     sample_weights: Literal["uniform", "softmax"] = "uniform"
-    sample_temperature: float = 0.05  # softmax temperature for sample_weights=softmax
+    # softmax temperature for sample_weights=softmax
+    sample_temperature: Annotated[float, Range(1e-6, 100.0)] = 0.05
     too_few: Literal["keep", "drop"] = "keep"  # queries with fewer than num_negatives survivors
     dedup_text: Literal["none", "exact", "normalized"] = "normalized"
     # A sequence-classification model that rescores candidates and positives before the rule.
@@ -141,17 +137,10 @@ class MiningConfig:
     # paper's ensembling). intra_sample: round-robin over the teachers' lists, skipping
     # documents already taken; cross_sample: one teacher drawn per query.
     combine: Literal["intra_sample", "cross_sample"] = "intra_sample"
-    seed: int = 42
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 42
 
     def __post_init__(self) -> None:
-        _check_range("mining.perc", self.perc, 0.0, 2.0)
-        _check_range("mining.margin", self.margin, -1.0, 2.0)
-        _check_range("mining.num_negatives", self.num_negatives, 1, 10_000)
-        _check_range("mining.top_k", self.top_k, 1, 100_000)
-        _check_range("mining.shift", self.shift, 0, 100_000)
-        _check_range("mining.sample_from", self.sample_from, 1, 100_000)
-        if self.sample_temperature <= 0:
-            raise ConfigError(f"mining.sample_temperature must be > 0, got {self.sample_temperature}")
+        check_ranges(self, "mining")
 
 
 MINING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MiningConfig))
@@ -165,17 +154,17 @@ class TrainConfig:
     pooling: Literal["mean", "cls", "last"] = "mean"
     query_prefix: str = ""
     passage_prefix: str = ""
-    epochs: int = 1
-    max_steps: int = 0  # 0 = run the epochs; >0 stops early (quick runs)
-    batch_size: int = 32
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
+    epochs: Annotated[int, Range(1, 10_000)] = 1
+    max_steps: Annotated[int, Range(0, 10**9)] = 0  # 0 = run the epochs; >0 stops early (quick runs)
+    batch_size: Annotated[int, Range(1, 65536)] = 32
+    lr: Annotated[float, Range(1e-12, 1.0)] = 1e-5
+    weight_decay: Annotated[float, Range(0.0, 10.0)] = 0.01
+    warmup_ratio: Annotated[float, Range(0.0, 1.0)] = 0.1
     # The paper does not report it; its training code and sentence-transformers (scale 20)
     # both use 0.05.
-    temperature: float = 0.05
+    temperature: Annotated[float, Range(1e-4, 10.0)] = 0.05
     in_batch_negatives: bool = True
-    num_negatives: int = 4
+    num_negatives: Annotated[int, Range(0, 10_000)] = 4
     # A query with several positives: `sample` trains one example per query per epoch, its
     # positive drawn afresh each epoch (seeded); `all` trains every (query, positive) each epoch.
     # Either way a batch never holds two examples of one query.
@@ -183,33 +172,28 @@ class TrainConfig:
     # Keep the query's labelled positives (by id, or the same normalised text) out of its hard
     # and in-batch negatives: masked in the loss, counted in the manifest.
     mask_known_positives: bool = True
-    distill_weight: float = 0.0  # 0 = pure InfoNCE, 1 = pure KL distillation
-    query_max_length: int = 64
-    passage_max_length: int = 256
-    export_max_length: int = 256  # max_seq_length the exported model is used at
-    grad_clip: float = 1.0
-    num_workers: int = 1
+    distill_weight: Annotated[float, Range(0.0, 1.0)] = 0.0  # 0 = pure InfoNCE, 1 = pure KL distillation
+    query_max_length: Annotated[int, Range(8, 32768)] = 64
+    passage_max_length: Annotated[int, Range(8, 32768)] = 256
+    export_max_length: Annotated[int, Range(8, 32768)] = 256  # max_seq_length the exported model is used at
+    grad_clip: Annotated[float, Range(1e-9, 10**6)] = 1.0
+    num_workers: Annotated[int, Range(1, 4096)] = 1
     # Leave CPU for Ray Data's read tasks: 2 workers x 1 CPU on a 2-CPU machine starve them.
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Annotated[float, Range(0.01, 256)] = 1.0
     use_gpu: Literal["auto", "never", "always"] = "auto"
     gradient_checkpointing: bool = False
-    checkpoint_every: int = 50
-    log_every: int = 5
-    max_failures: int = 2
+    checkpoint_every: Annotated[int, Range(1, 10**9)] = 50
+    log_every: Annotated[int, Range(1, 10**9)] = 5
+    max_failures: Annotated[int, Range(-1, 10_000)] = 2
     # Worker-group starts Ray Train tries (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
     # 60 s by default) before the stage fails: room for autoscaled GPU nodes to come up, but
     # never a silent wait forever for resources that do not exist. -1 = wait forever.
-    startup_retries: int = 10
-    torch_threads: int = 0  # per worker; 0 = cores / workers
-    seed: int = 42
+    startup_retries: Annotated[int, Range(-1, 10_000)] = 10
+    torch_threads: Annotated[int, Range(0, 1024)] = 0  # per worker; 0 = cores / workers
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 42
 
     def __post_init__(self) -> None:
-        _check_range("train.epochs", self.epochs, 1, 10_000)
-        _check_range("train.lr", self.lr, 0.0, 1.0)
-        _check_range("train.temperature", self.temperature, 1e-4, 10.0)
-        _check_range("train.distill_weight", self.distill_weight, 0.0, 1.0)
-        _check_range("train.batch_size", self.batch_size, 1, 65536)
-        _check_range("train.startup_retries", self.startup_retries, -1, 10_000)
+        check_ranges(self, "train")
 
 
 @dataclass(frozen=True)
@@ -217,10 +201,18 @@ class EvaluateConfig:
     """Retrieval evaluation on held-out qrels."""
 
     split: str = "test"
-    k_values: tuple[int, ...] = (1, 10, 100)
-    top_k: int = 100
+    k_values: Annotated[tuple[int, ...], Range(1, 100_000)] = (1, 10, 100)
+    top_k: Annotated[int, Range(1, 100_000)] = 100
     # BEIR's default drops a hit whose doc id equals the query id; MTEB now keeps it.
     ignore_identical_ids: bool = True
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "evaluate")
+        if not self.k_values:
+            raise ConfigError("evaluate.k_values is empty: give at least one cut-off, e.g. [10]")
+        if self.top_k < max(self.k_values):  # Recall@100 of a 20-deep run would be silently low
+            raise ConfigError(f"evaluate.top_k={self.top_k} is below the largest of evaluate.k_values "
+                              f"({max(self.k_values)}): retrieve at least that deep")
 
 
 # The paper's ranges (section 4): percentage 90-100%, margin 0-0.10, absolute 0.6-0.9, 1-8
@@ -236,7 +228,6 @@ DEFAULT_SPACE: tuple[Mapping[str, Any], ...] = (
 )
 DOMAINS = ("grid", "choice", "uniform", "randint")
 
-
 @dataclass(frozen=True)
 class TuneConfig:
     """Ray Tune search over `mining` settings; every trial mines, fine-tunes and scores dev.
@@ -247,30 +238,26 @@ class TuneConfig:
     """
 
     space: tuple[Mapping[str, Any], ...] = DEFAULT_SPACE
-    num_samples: int = 1
-    max_concurrent_trials: int = 1
+    num_samples: Annotated[int, Range(1, 100_000)] = 1
+    max_concurrent_trials: Annotated[int, Range(1, 4096)] = 1
     metric: str = "ndcg@10"
     # ASHA stops trials whose dev score at a rung is in the bottom 1/reduction_factor.
     scheduler: Literal["asha", "fifo"] = "asha"
-    evals_per_trial: int = 2  # dev evaluations (and ASHA rungs) spread over a trial's steps
-    grace_period: int = 1
-    reduction_factor: float = 2.0
+    # dev evaluations (and ASHA rungs) spread over a trial's steps
+    evals_per_trial: Annotated[int, Range(1, 1000)] = 2
+    grace_period: Annotated[int, Range(1, 1000)] = 1
+    reduction_factor: Annotated[float, Range(1.01, 100.0)] = 2.0
     # Dev scoring ranks the teacher's top `dev_pool` documents per dev query plus its
     # positives (a re-ranking proxy that avoids re-embedding the corpus every evaluation);
     # 0 ranks the whole corpus.
-    dev_pool: int = 30
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_failures: int = 2
-    seed: int = 42  # draws of the random domains
+    dev_pool: Annotated[int, Range(0, 1_000_000)] = 30
+    cpus_per_trial: Annotated[float, Range(0.01, 256)] = 1.0
+    gpus_per_trial: Annotated[float, Range(0.0, 64.0)] = 0.0
+    max_failures: Annotated[int, Range(-1, 10_000)] = 2
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 42  # draws of the random domains
 
     def __post_init__(self) -> None:
-        _check_range("tune.num_samples", self.num_samples, 1, 100_000)
-        _check_range("tune.max_concurrent_trials", self.max_concurrent_trials, 1, 4096)
-        _check_range("tune.evals_per_trial", self.evals_per_trial, 1, 1000)
-        _check_range("tune.reduction_factor", self.reduction_factor, 1.01, 100)
-        _check_range("tune.dev_pool", self.dev_pool, 0, 1_000_000)
-        _check_range("tune.cpus_per_trial", self.cpus_per_trial, 0.01, 256)
+        check_ranges(self, "tune")
         name, _, k = self.metric.partition("@")
         if name not in ("ndcg", "recall", "map", "mrr") or not k.isdigit():
             raise ConfigError(f"tune.metric={self.metric!r}: expected ndcg@k, recall@k, map@k or mrr@k")
@@ -380,9 +367,30 @@ def resolve_stages(cfg: Config) -> list[tuple[MiningConfig, TrainConfig, bool]]:
     return out
 
 
-def _check_range(key: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise ConfigError(f"{key} must be in [{lo}, {hi}], got {value!r}")
+@dataclass(frozen=True)
+class Range:
+    """Inclusive bounds of a numeric config field: `x: Annotated[int, Range(1, 64)] = 4`."""
+
+    lo: float
+    hi: float
+
+
+def check_ranges(cfg: Any, section: str) -> None:
+    """Refuse any field (or tuple item) outside its `Range`, naming `section.field`.
+
+    Also refuses NaN, which no comparison admits.
+    """
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        bounds = next((m for m in getattr(hints[f.name], "__metadata__", ()) if isinstance(m, Range)), None)
+        value = getattr(cfg, f.name)
+        if bounds is None or value is None:
+            continue
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, v in items:
+            if not bounds.lo <= v <= bounds.hi:
+                key = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
+                raise ConfigError(f"{key} must be in [{bounds.lo:g}, {bounds.hi:g}], got {v!r}")
 
 
 # ---------------------------------------------------------------- loading
