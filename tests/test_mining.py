@@ -220,3 +220,19 @@ def test_rule_invariants(scores: list[float], n_pos: int, rule: str, k: int, sam
         bound = {"topk_abs": cfg.threshold, "topk_marginpos": s_plus - cfg.margin,
                  "topk_percpos": s_plus - abs(s_plus) * (1 - cfg.perc)}.get(rule, np.inf)
         assert all(x < bound for x in got["negative_scores"])
+
+
+@pytest.mark.parametrize("rule, params", [
+    ("topk_abs", {"threshold": 0.5}),      # bound 0.5
+    ("topk_marginpos", {"margin": 0.25}),  # bound 0.75 - 0.25 = 0.5
+    ("topk_percpos", {"perc": 0.5}),       # bound 0.75 - 0.75 * 0.5 = 0.375
+])
+def test_bounds_are_exclusive_on_exact_floats(rule: str, params: dict) -> None:
+    """Each bound is a binary fraction, so a candidate can sit exactly on it: it is dropped (the
+    rules keep s < bound), and one just below it is kept."""
+    cfg = replace(MiningConfig(rule=rule, num_negatives=8), **params)  # type: ignore[arg-type]
+    bound = {"topk_abs": 0.5, "topk_marginpos": 0.5, "topk_percpos": 0.375}[rule]
+    below = np.nextafter(bound, -1.0)
+    q = QueryCandidates("q", ["p", "on", "below"], np.array([0.75, bound, below]), ["p"],
+                        np.array([0.75]))
+    assert negs(cfg, q) == ["below"]

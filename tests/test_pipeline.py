@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import ray
 
@@ -122,4 +121,3 @@ def test_mine_with_two_teachers_combines_their_negatives(ray_local: None, tiny_b
 def test_report_needs_a_finished_stage(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no finished mine stage"):
         report.histogram(str(tmp_path))
-    assert pa  # pyarrow imported for fixtures above

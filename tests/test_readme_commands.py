@@ -83,14 +83,19 @@ def test_readme_train(tiny_model: str, rel_out: str) -> None:
 def test_failure_inside_ray_ends_with_one_line(tiny_model: str, rel_out: str,
                                                tmp_path: Path) -> None:
     """A student whose weights are corrupt fails inside the Ray Train worker: the user gets
-    posmine's one-line error and exit status 1, and no train manifest claims a model."""
+    posmine's one-line error and exit status 1; no train manifest claims a model and no summary
+    of an earlier run is left to look like this one's."""
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    r = posmine("train", CONFIG, *small(tiny_model, rel_out), f"train.model={broken}",
+    stale = REPO / rel_out / "summary.json"  # an earlier run's: must not outlive this one
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    r = posmine("run", CONFIG, *small(tiny_model, rel_out), f"train.model={broken}",
                 "train.max_failures=0", "train.startup_retries=0")
     assert r.returncode == 1, r.stderr[-4000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("posmine: error: ")]
     assert len(errors) == 1, r.stderr[-4000:]
     assert "safetensors" in errors[0].lower() or "header" in errors[0].lower(), errors[0]
     assert not (REPO / rel_out / "train" / "_manifest.json").exists()
+    assert not stale.exists()

@@ -132,3 +132,17 @@ def test_extra_teachers_are_refused_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="extra_teachers is not supported by tune"):
         tune.run(cfg)
     assert not any(tmp_path.iterdir())  # nothing written, nothing that looks started
+
+
+def test_a_crashed_trial_is_an_error_not_an_early_stop(tmp_path: Path) -> None:
+    """Tune's own Result of a trial that died at step 1 of 4, and of one ASHA stopped there."""
+    from ray.tune import Result
+
+    cfg = load_config(None, [f"output.dir={tmp_path}"])
+    metrics = {"step": 1, "steps": 4, "ndcg@10": 0.3, "trial_id": "t1",
+               "config": {"mining": {"rule": "naive_topk"}}}  # where Tune keeps a trial's config
+    crashed = tune._row(Result(metrics=metrics, checkpoint=None, error=RuntimeError("worker died"),
+                               path=str(tmp_path)), cfg)
+    stopped = tune._row(Result(metrics=metrics, checkpoint=None, error=None, path=str(tmp_path)), cfg)
+    assert crashed["error"] == "worker died" and not crashed["stopped_early"]
+    assert stopped["error"] is None and stopped["stopped_early"]

@@ -14,11 +14,12 @@ from posmine import storage
 from posmine.config import ConfigError, load_config
 from posmine.data import DataError
 from posmine.embed import EmbeddingError, ModelError
-from posmine.storage import StorageError
+from posmine.storage import StageError, StorageError
 
 log = logging.getLogger(__name__)
 # Errors whose message already says what went wrong and where: printed as they are.
-_OURS = (ConfigError, DataError, StorageError, EmbeddingError, ModelError, FileNotFoundError)
+_OURS = (ConfigError, DataError, StorageError, StageError, EmbeddingError, ModelError,
+         FileNotFoundError)
 
 VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "report")
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from posmine import schemas, storage
@@ -309,7 +310,7 @@ def split_dev(qrels: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa
     rng = random.Random(seed)
     dev = set(rng.sample(qids, max(1, round(len(qids) * fraction)))) if fraction > 0 else set()
     mask = pa.array([q in dev for q in qrels.column("query_id").to_pylist()])
-    return qrels.filter(pa.compute.invert(mask)), qrels.filter(mask)
+    return qrels.filter(pc.invert(mask)), qrels.filter(mask)
 
 
 def subset_queries(qrels: pa.Table, max_queries: int | None, seed: int) -> pa.Table:
@@ -368,9 +369,9 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
 
 def sort_by_length(chunk: pa.Table) -> pa.Table:
     """Longest documents first: embedding batches then hold similar lengths (less padding)."""
-    lengths = pa.compute.add(pa.compute.utf8_length(chunk.column("title")),
-                             pa.compute.utf8_length(chunk.column("text")))
-    return chunk.take(pa.compute.sort_indices(lengths, sort_keys=[("", "descending")]))
+    lengths = pc.add(pc.utf8_length(chunk.column("title")),
+                             pc.utf8_length(chunk.column("text")))
+    return chunk.take(pc.sort_indices(lengths, sort_keys=[("", "descending")]))
 
 
 def read_prepared_qrels(data_dir: str, split: str) -> pa.Table:
@@ -396,7 +397,7 @@ def read_texts(url: str, ids: set[str] | None = None) -> dict[str, str]:
     """id -> text ("title text" for corpus rows) from a prepared Parquet file or folder."""
     table = storage.read_parquet(url)
     if ids is not None:
-        table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(ids))))
+        table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(ids))))
     texts = table.column("text").to_pylist()
     if "title" in table.column_names:
         texts = [f"{t} {x}".strip() for t, x in zip(table.column("title").to_pylist(), texts,

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from posmine import data, mining, schemas, storage
@@ -35,7 +36,7 @@ def positive_scores(embed_dir: str, positives: dict[str, list[str]]) -> dict[str
     qids, qmat = read_embeddings(storage.join(embed_dir, "queries"))
     need = {d for ps in positives.values() for d in ps}
     table = storage.read_parquet(storage.join(embed_dir, "corpus"))
-    table = table.filter(pa.compute.is_in(table.column("id"), pa.array(sorted(need))))
+    table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(need))))
     dmat = embedding_matrix(table)  # (D, dim)
     drow = {d: i for i, d in enumerate(table.column("id").to_pylist())}
     qrow = {q: i for i, q in enumerate(qids)}

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from posmine.config import (
     Config,
     MiningConfig,
     TeacherConfig,
+    config_hash,
     resolve_stages,
     resolve_teachers,
 )
@@ -149,13 +151,23 @@ def student_view(cfg: Config, model: str) -> TeacherConfig:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """The whole line: mine, train, then evaluate the base student and the fine-tuned one."""
+    """The whole line: mine, train, then evaluate the base student and the fine-tuned one.
+
+    `summary.json` is removed first and written last: a run that fails leaves none behind,
+    not the summary of an earlier run.
+    """
+    summary_url = storage.join(cfg.output.dir, "summary.json")
+    storage.remove(summary_url)
+    started = time.time()
     trained = train(cfg)
     base = evaluate_student(cfg, cfg.train.model)
     tuned = evaluate_student(cfg, str(trained["model_dir"]))
     summary = {"split": cfg.evaluate.split, "base": base["metrics"], "fine_tuned": tuned["metrics"],
-               "model_dir": trained["model_dir"], "rule": cfg.mining.rule}
-    storage.write_json(storage.join(cfg.output.dir, "summary.json"), summary)
+               "model_dir": trained["model_dir"], "rule": cfg.mining.rule,
+               "anchor": cfg.mining.anchor, "train_steps": trained["rows"]["steps"],
+               "config_hash": config_hash(cfg), "seconds": round(time.time() - started, 1),
+               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_json(summary_url, summary)
     return summary
 
 

@@ -41,6 +41,10 @@ class StorageError(OSError):
     """A URL cannot be reached or used; the message names it (without credentials)."""
 
 
+class StageError(RuntimeError):
+    """A stage ran but cannot honestly be called finished; no manifest was written."""
+
+
 # ---------------------------------------------------------------- retries
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -299,14 +303,14 @@ def begin_stage(stage_dir: str) -> None:
 
 
 def require_outputs(stage_dir: str, names: Sequence[str | tuple[str, ...]]) -> None:
-    """Raise `StorageError` unless every output named (relative to `stage_dir`) exists.
+    """Raise `StageError` unless every output named (relative to `stage_dir`) exists.
 
     A tuple names alternatives (`("model.safetensors", "model.safetensors.index.json")`).
     """
     missing = [" or ".join(alts) for alts in ((n,) if isinstance(n, str) else n for n in names)
                if not any(exists(join(stage_dir, a)) for a in alts)]
     if missing:
-        raise StorageError(f"{redact(stage_dir)}: the stage finished but its output is missing "
+        raise StageError(f"{redact(stage_dir)}: the stage finished but its output is missing "
                            f"({', '.join(missing)}); no manifest written")
 
 

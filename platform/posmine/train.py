@@ -234,8 +234,8 @@ class StudentTrainer:
     def load_state(self, directory: str) -> None:
         from safetensors.torch import load_file
 
-        self.unwrapped().load_state_dict(load_file(os.path.join(directory, "model.safetensors")),
-                                         strict=False)
+        # strict: a checkpoint missing a weight, or holding one the model lacks, is not ours
+        self.unwrapped().load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
         # weights_only: never unpickle arbitrary objects, even from our own checkpoints.
         state = torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])

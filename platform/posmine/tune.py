@@ -298,9 +298,15 @@ def run(cfg: Config) -> dict[str, Any]:
     trials = [_row(r, cfg) for r in results]
     trials.sort(key=lambda t: -(t.get(cfg.tune.metric) or -1.0))
     if not any(t.get(cfg.tune.metric) is not None for t in trials):
-        raise RuntimeError(f"no trial reported {cfg.tune.metric}; see the errors above")
+        raise storage.StageError(f"no trial reported {cfg.tune.metric}; see the errors above")
     best = trials[0]
     write_outputs(target, trials, with_dev(user_cfg), best, base)
+    failed = [t for t in trials if t["error"]]
+    if failed:  # the table is written, but a search with failed trials is not finished
+        raise storage.StageError(
+            f"{len(failed)} of {len(trials)} tune trials failed (first: {failed[0]['error']}); the "
+            f"results so far are in {storage.redact(storage.join(target, 'results.csv'))}; run "
+            "the same command again to retry them")
     return storage.commit_stage(
         target, "tune", key, rows={"trials": len(trials)}, started=started,
         stats={"base": base, "best": best, **sizes},
@@ -354,7 +360,8 @@ def _row(result: Any, cfg: Config) -> dict[str, Any]:
     row.update({
         tc.metric: m.get(tc.metric), "recall@100": m.get("recall@100"),
         "step": m.get("step"), "steps": m.get("steps"),
-        "stopped_early": bool(m) and m.get("step") != m.get("steps"),
+        # ASHA's stop, not a crash: an errored trial also ends before its last step
+        "stopped_early": bool(m) and not result.error and m.get("step") != m.get("steps"),
         "resumed_from": m.get("resumed_from"),
         "examples": m.get("examples"), "dropped_false_negatives": m.get("dropped_false_negatives"),
         "seconds": m.get("trial_seconds"), "error": str(result.error)[:200] if result.error else None,
