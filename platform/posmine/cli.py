@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 
 from posmine import storage
@@ -28,7 +29,7 @@ def _data(args: argparse.Namespace) -> int:
     from posmine import data
 
     summary = data.load(args.path).summary()
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(storage.redact_all(summary), indent=2))
     return 0
 
 
@@ -40,7 +41,8 @@ def _stage(name: str) -> Callable[[argparse.Namespace], int]:
 
         cfg = load_config(args.config, args.overrides)
         kwargs = {"model": args.model} if name == "evaluate" else {}
-        print(json.dumps(getattr(pipeline, name)(cfg, **kwargs), indent=2, default=str))
+        result = getattr(pipeline, name)(cfg, **kwargs)
+        print(json.dumps(storage.redact_all(json.loads(json.dumps(result, default=str))), indent=2))
         return 0
 
     return run
@@ -52,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = pipeline.run(cfg)
     print(pipeline.format_table(summary))
-    print(f"model: {summary['model_dir']}")
+    print(f"model: {storage.redact(str(summary['model_dir']))}")
     return 0
 
 
@@ -72,7 +74,7 @@ def _report(args: argparse.Namespace) -> int:
     from posmine import report
 
     path = report.histogram(args.mined_dir, args.out)
-    print(path)
+    print(storage.redact(path))
     return 0
 
 
@@ -147,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # no credentials in any log line
+        handler.addFilter(storage.RedactingFilter())
     for noisy in ("botocore", "aiobotocore", "s3fs", "urllib3", "fsspec"):
         # Their DEBUG lines carry signed request headers (the access key id): never log them.
         logging.getLogger(noisy).setLevel(logging.INFO)
@@ -161,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except Exception as e:
         if not _from_ray(e):
-            raise
+            # A bug or an error nobody named: the whole traceback, but never a credential.
+            print(storage.redact(traceback.format_exc()), file=sys.stderr)
+            print(f"posmine: error: {storage.redact(_one_line(e))}", file=sys.stderr)
+            return 1
         # A stage failed inside a Ray task, actor or Train worker: Ray has printed the
         # tracebacks of its workers above; say what failed in one line, last.
         log.debug("failure inside Ray", exc_info=True)

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -463,6 +464,11 @@ def resolve_paths(cfg: Config) -> Config:
             train["model"] = absolute_model(train["model"])
         return dataclasses.replace(st, mining=mining, train=train)
 
+    for key, value in (("data.path", cfg.data.path), ("output.dir", cfg.output.dir),
+                       ("teacher.model", cfg.teacher.model), ("train.model", cfg.train.model)):
+        if re.search(r"//[^/@\s]*@", value):
+            raise ConfigError(f"{key}: credentials in a URL are refused (they would reach "
+                              "manifests and logs); set them in the environment instead")
     extra = tuple({**t, "model": absolute_model(t["model"])} if isinstance(t.get("model"), str)
                   else t for t in cfg.extra_teachers)
     return dataclasses.replace(

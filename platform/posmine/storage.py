@@ -122,8 +122,29 @@ def retrying(fn: F) -> F:
 
 
 def redact(url: str) -> str:
-    """`url` without any `user:password@` part, for messages and logs."""
-    return re.sub(r"//[^/@]*@", "//", url)
+    """`url` (or any text holding URLs) without `user:password@` parts, for messages and logs."""
+    return re.sub(r"//[^/@\s'\"]*@", "//", url)
+
+
+def redact_all(obj: Any) -> Any:
+    """`obj` (nested dicts, lists, strings) with every string redacted: what any output holds."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, Mapping):
+        return {k: redact_all(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact_all(v) for v in obj]
+    return obj
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts credentials in URLs from every record it passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "@" in text:
+            record.msg, record.args = redact(text), None
+        return True
 
 
 def _storage_options(protocol: str) -> dict[str, Any]:
@@ -134,8 +155,20 @@ def _storage_options(protocol: str) -> dict[str, Any]:
     return {}
 
 
+def has_credentials(url: str) -> bool:
+    """True when `url` carries a `user[:password]@` part."""
+    return redact(url) != url
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for `url` and the path inside it."""
+    """The fsspec filesystem for `url` and the path inside it.
+
+    URLs carrying credentials are refused: they would travel into manifests, logs and error
+    texts. Credentials come from the environment.
+    """
+    if has_credentials(url):
+        raise StorageError(f"{redact(url)}: credentials in a URL are refused; set them in the "
+                           "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     try:
         return fsspec.core.url_to_fs(url, **_storage_options(protocol))
@@ -240,7 +273,9 @@ def put_tree(local_dir: str, url: str) -> None:
 
 
 def write_json(url: str, obj: Any) -> None:
-    write_bytes(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+    """Manifests, summaries and metrics: never with credentials in them (`redact_all`)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    write_bytes(url, json.dumps(redact_all(json.loads(text)), indent=2, sort_keys=True).encode())
 
 
 def read_json(url: str) -> Any:

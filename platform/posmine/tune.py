@@ -381,7 +381,7 @@ def write_outputs(target: str, trials: list[dict[str, Any]], cfg: Config, best: 
     writer.writeheader()
     writer.writerows(trials)
     storage.write_bytes(storage.join(target, "results.csv"), buf.getvalue().encode())
-    storage.write_bytes(storage.join(target, "best.yaml"), best_yaml(cfg, best).encode())
+    storage.write_bytes(storage.join(target, "best.yaml"), storage.redact(best_yaml(cfg, best)).encode())
     storage.write_bytes(storage.join(target, "metric_vs_param.png"),
                         plot(trials, cfg.tune.metric, base.get(cfg.tune.metric)))
 

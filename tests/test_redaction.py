@@ -1,0 +1,51 @@
+"""Credentials written into a URL (`s3://user:secret@bucket/...`) never reach an output, a log
+line or the terminal: redaction happens in one place (storage.write_json, the CLI's log filter
+and prints)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from posmine import storage
+from posmine.cli import main
+
+
+def test_manifests_and_summaries_hold_no_credentials(tmp_path: Path) -> None:
+    doc = {"model_dir": "s3://AKIAEXAMPLE:topsecret@bucket/run/train/model",
+           "nested": [{"dir": "gs://u:topsecret@b/x"}, "http://u:topsecret@host:9000/p"],
+           "ok": "s3://bucket/plain", "n": 3}
+    storage.write_json(str(tmp_path / "m.json"), doc)
+    text = (tmp_path / "m.json").read_text()
+    assert "topsecret" not in text and "AKIAEXAMPLE" not in text
+    back = json.loads(text)
+    assert back["model_dir"] == "s3://bucket/run/train/model" and back["ok"] == "s3://bucket/plain"
+    assert back["nested"][1] == "http://host:9000/p" and back["n"] == 3
+
+
+def test_log_lines_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("posmine.test")
+    caplog.handler.addFilter(storage.RedactingFilter())
+    logger.warning("reading %s", "s3://u:topsecret@bucket/x")
+    assert "topsecret" not in caplog.text and "s3://bucket/x" in caplog.text
+
+
+def test_cli_error_names_the_url_without_credentials(s3_server: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing bucket named in a URL that carries credentials: the error says which bucket,
+    never the secret."""
+    code = main(["data", "check", "s3://someone:topsecret@no-such-bucket-x/beir/scifact"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "no-such-bucket-x" in err
+    assert "topsecret" not in out + err and "someone" not in out + err
+
+
+def test_credentials_in_config_urls_are_refused_at_load() -> None:
+    from posmine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"output\.dir: credentials in a URL are refused") as e:
+        load_config(None, ["output.dir=s3://someone:topsecret@bucket/run"])
+    assert "topsecret" not in str(e.value)
