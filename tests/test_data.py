@@ -3,6 +3,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import threading
 import zipfile
 from pathlib import Path
@@ -70,11 +71,29 @@ def test_prepare_resumes_by_manifest(tiny_beir: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "out")
     cfg = DataConfig(path=str(tiny_beir))
     first = data.prepare(cfg, out)
-    assert data.prepare(cfg, out)["finished_at"] == first["finished_at"]  # skipped
-    os.remove(Path(out) / "data" / storage.MANIFEST)  # as if it died before committing
+    # skipped: the manifest file itself is not rewritten (not a timestamp of 1 s resolution)
+    manifest = Path(out) / "data" / storage.MANIFEST
+    inode, mtime = manifest.stat().st_ino, manifest.stat().st_mtime_ns
+    assert data.prepare(cfg, out) == first
+    assert (manifest.stat().st_ino, manifest.stat().st_mtime_ns) == (inode, mtime)
+    os.remove(manifest)  # as if it died before committing
     assert storage.read_manifest(str(Path(out) / "data")) is None
     redone = data.prepare(cfg, out)
     assert redone["rows"]["corpus"] == len(CORPUS)
+
+
+def test_another_dataset_leaves_no_qrels_of_the_first(tiny_beir: Path, tmp_path: Path) -> None:
+    """Re-preparing into the same output with a dataset that has no test split: the first
+    dataset's test qrels must not stay behind to be evaluated on."""
+    out = str(tmp_path / "out")
+    data.prepare(DataConfig(path=str(tiny_beir)), out)
+    assert data.read_prepared_qrels(f"{out}/data", "test").num_rows > 0
+    second = tiny_beir.parent / "no-test"
+    shutil.copytree(tiny_beir, second)
+    (second / "qrels" / "test.tsv").unlink()
+    data.prepare(DataConfig(path=str(second)), out)
+    with pytest.raises(data.DataError, match="split 'test' not in the dataset"):
+        data.read_prepared_qrels(f"{out}/data", "test")
 
 
 def test_beir_download_path_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -84,6 +84,9 @@ def test_cli_mine_and_evaluate_local(ray_local: None, tiny_beir: Path, tiny_mode
     assert main(["evaluate", "jobs/configs/scifact.yaml", *args]) == 0
     doc = storage.read_json(next(str(p) for p in Path(out, "evaluate").rglob("metrics.json")))
     assert doc["split"] == "test" and 0.0 <= doc["metrics"]["ndcg@10"] <= 1.0
+    [ev_manifest] = [storage.read_manifest(str(p.parent))
+                     for p in Path(out, "evaluate").rglob("_manifest.json")]
+    assert ev_manifest["rows"]["queries"] == len({q for q, _, _ in QRELS["test"]})  # not 0
     assert set(doc["metrics"]) == {f"{m}@{k}" for m in ("ndcg", "recall", "map", "mrr") for k in (1, 10)}
     rescored = [*args, f"mining.cross_encoder={tiny_cross_encoder}"]
     assert main(["mine", "jobs/configs/scifact.yaml", *rescored]) == 0

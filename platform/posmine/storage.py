@@ -267,9 +267,20 @@ def put_tree(local_dir: str, url: str) -> None:
     fs, path = filesystem(url)
     tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     fs.put(local_dir.rstrip("/") + "/", tmp, recursive=True)
+    if is_local(url):  # two renames: the old folder is whole until the new one takes its name
+        old = f"{path.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if os.path.exists(old):
+            fs.rm(old, recursive=True)
+        return
+    # Object stores have no folder rename: copy each object from the finished upload.
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    fs.mv(tmp, path, recursive=True)
+    for src in fs.find(tmp):
+        fs.copy(src, path.rstrip("/") + src[len(tmp):])
+    fs.rm(tmp, recursive=True)
 
 
 def write_json(url: str, obj: Any) -> None:
