@@ -11,13 +11,16 @@ The corpus is streamed in chunks, so driver memory holds ids, not texts.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import lzma
 import os
 import random
 import time
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,25 +110,42 @@ def qrels_splits(root: str) -> dict[str, str]:
 # ---------------------------------------------------------------- JSONL records
 
 
+def _raw_lines(url: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a possibly compressed file; DataError, naming the line, when the
+    compressed stream is damaged (truncated download, flipped bytes, not gzip at all)."""
+    lineno = 0
+    with storage.open_read(url) as f:
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (gzip.BadGzipFile, zlib.error, EOFError, lzma.LZMAError) as e:
+                raise DataError(f"{url}:{lineno + 1}: the compressed file is damaged "
+                                f"({type(e).__name__}: {e})") from e
+            lineno += 1
+            yield lineno, raw
+
+
 def _iter_jsonl(url: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; DataError on bad bytes or JSON."""
     seen_any = False
-    with storage.open_read(url) as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{url}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{url}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
-            if not isinstance(obj, dict):
-                raise DataError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            seen_any = True
-            yield lineno, obj
+    for lineno, raw in _raw_lines(url):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{url}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{url}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
+        if not isinstance(obj, dict):
+            raise DataError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        seen_any = True
+        yield lineno, obj
     if not seen_any:
         raise DataError(f"{url}: empty file (no records)")
 
@@ -223,24 +243,23 @@ def read_qrels(url: str, query_ids: set[str], doc_ids: set[str], warnings: Warni
 
 def _read_qrels_tsv(url: str) -> list[tuple[int, str, str, str]]:
     rows = []
-    with storage.open_read(url) as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{url}:{lineno}: not valid UTF-8 ({e.reason})") from e
-            if lineno == 1:
-                if tuple(c.strip() for c in line.split("\t")) != QRELS_HEADER:
-                    raise DataError(f"{url}:1: bad header {line!r}; expected "
-                                    f"{chr(9).join(QRELS_HEADER)!r} (tab-separated)")
-                continue
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) != 3:
-                raise DataError(f"{url}:{lineno}: expected 3 tab-separated fields "
-                                f"(query-id, corpus-id, score), got {len(parts)}")
-            rows.append((lineno, parts[0].strip(), parts[1].strip(), parts[2].strip()))
+    for lineno, raw in _raw_lines(url):
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{url}:{lineno}: not valid UTF-8 ({e.reason})") from e
+        if lineno == 1:
+            if tuple(c.strip() for c in line.split("\t")) != QRELS_HEADER:
+                raise DataError(f"{url}:1: bad header {line!r}; expected "
+                                f"{chr(9).join(QRELS_HEADER)!r} (tab-separated)")
+            continue
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise DataError(f"{url}:{lineno}: expected 3 tab-separated fields "
+                            f"(query-id, corpus-id, score), got {len(parts)}")
+        rows.append((lineno, parts[0].strip(), parts[1].strip(), parts[2].strip()))
     return rows
 
 
