@@ -49,3 +49,18 @@ def test_credentials_in_config_urls_are_refused_at_load() -> None:
     with pytest.raises(ConfigError, match=r"output\.dir: credentials in a URL are refused") as e:
         load_config(None, ["output.dir=s3://someone:topsecret@bucket/run"])
     assert "topsecret" not in str(e.value)
+
+
+def test_debug_logging_never_shows_the_keys(s3_bucket: str, tiny_beir: Path,
+                                            caplog: pytest.LogCaptureFixture,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`posmine -v` logs at DEBUG, where botocore would log signed request headers (the access
+    key id): the CLI keeps those loggers at INFO. Without that guard this test fails."""
+    fs, root = storage.filesystem(f"{s3_bucket}/beir/tiny")
+    fs.put(str(tiny_beir) + "/", root, recursive=True)
+    caplog.set_level(logging.DEBUG)  # the root logger, as `-v` sets it
+    assert main(["-v", "data", "check", f"{s3_bucket}/beir/tiny"]) == 0
+    out, err = capsys.readouterr()
+    seen = caplog.text + out + err
+    assert json.loads(out)["corpus"] == 40
+    assert "testing-key-id" not in seen and "testing-secret" not in seen
