@@ -77,7 +77,7 @@ def test_k_larger_than_window_does_not_crash() -> None:
 
 
 def test_stats_count_what_the_rule_dropped() -> None:
-    _, stats = mine([Q], MiningConfig(rule="topk_percpos", top_k=30))
+    _, stats = mine([Q], MiningConfig(rule="topk_percpos", top_k=30, anchor="min"))
     assert stats.removed_positive == 2
     assert stats.dropped_by_rule == 3  # a 0.75, b 0.69, c 0.665 >= 0.665
     assert stats.positives_not_in_topk == 0 and stats.queries_out == 1

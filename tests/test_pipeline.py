@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytrec_eval
 import ray
 
+from posmine import evaluate, pipeline, report, storage
 from posmine import mine as mine_stage
-from posmine import pipeline, report, storage
 from posmine.cli import main
 from posmine.config import load_config
 from posmine.embed import Encoder
@@ -83,7 +84,15 @@ def test_cli_mine_and_evaluate_local(ray_local: None, tiny_beir: Path, tiny_mode
     assert all(len(n) == 3 for n in mined.column("negative_ids").to_pylist())
     assert main(["evaluate", "jobs/configs/scifact.yaml", *args]) == 0
     doc = storage.read_json(next(str(p) for p in Path(out, "evaluate").rglob("metrics.json")))
-    assert doc["split"] == "test" and 0.0 <= doc["metrics"]["ndcg@10"] <= 1.0
+    assert doc["split"] == "test"
+    # the stored metrics are pytrec_eval's on the candidates this evaluation ranked
+    [test_cands] = [p.parent for p in Path(out, "candidates").rglob("_manifest.json")
+                    if storage.read_manifest(str(p.parent))["split"] == "test"]
+    run = evaluate.run_from_candidates(str(test_cands / "candidates.parquet"))
+    qrels = {q: {d: s} for q, d, s in QRELS["test"]}
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10"}).evaluate(run)
+    for ours, theirs in (("ndcg@10", "ndcg_cut_10"), ("recall@10", "recall_10")):
+        assert doc["metrics"][ours] == pytest.approx(np.mean([r[theirs] for r in ref.values()]))
     [ev_manifest] = [storage.read_manifest(str(p.parent))
                      for p in Path(out, "evaluate").rglob("_manifest.json")]
     assert ev_manifest["rows"]["queries"] == len({q for q, _, _ in QRELS["test"]})  # not 0
