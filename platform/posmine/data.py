@@ -17,7 +17,6 @@ import logging
 import lzma
 import os
 import random
-import time
 import urllib.request
 import zipfile
 import zlib
@@ -362,28 +361,27 @@ def stage_dir(out_dir: str) -> str:
 def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
     """Validate the dataset and write it as Parquet under `<out_dir>/data` (skipped if current)."""
     target = stage_dir(out_dir)
-    key = config_hash(cfg)
-    if storage.is_done(target, key):
-        return storage.read_manifest(target) or {}
-    started = time.time()
-    storage.begin_stage(target)
-    for old in ("corpus", "qrels"):  # an earlier dataset's files must not outlive it
-        storage.remove(storage.join(target, old))
 
-    def write_chunk(i: int, chunk: pa.Table) -> None:
-        storage.write_parquet(sort_by_length(chunk),
-                              storage.join(target, "corpus", f"part-{i:05d}.parquet"))
+    def work() -> storage.Done:
+        for old in ("corpus", "qrels"):  # an earlier dataset's files must not outlive it
+            storage.remove(storage.join(target, old))
 
-    ds = load(cfg.path, sink=write_chunk, rows_per_part=cfg.rows_per_part)
-    storage.write_parquet(ds.queries, storage.join(target, "queries.parquet"))
-    qrels = prepared_qrels(ds, cfg)
-    for split, table in qrels.items():
-        storage.write_parquet(table, storage.join(target, "qrels", f"{split}.parquet"))
-    rows = {"corpus": len(ds.corpus_ids), "queries": ds.queries.num_rows,
-            **{f"qrels_{s}": t.num_rows for s, t in qrels.items()}}
-    return storage.commit_stage(target, "data", key, rows=rows, started=started,
-                                stats={"warnings": ds.warnings.counts,
-                                       "dev_source": "file" if "dev" in ds.qrels else "heldout"})
+        def write_chunk(i: int, chunk: pa.Table) -> None:
+            storage.write_parquet(sort_by_length(chunk),
+                                  storage.join(target, "corpus", f"part-{i:05d}.parquet"))
+
+        ds = load(cfg.path, sink=write_chunk, rows_per_part=cfg.rows_per_part)
+        storage.write_parquet(ds.queries, storage.join(target, "queries.parquet"))
+        qrels = prepared_qrels(ds, cfg)
+        for split, table in qrels.items():
+            storage.write_parquet(table, storage.join(target, "qrels", f"{split}.parquet"))
+        rows = {"corpus": len(ds.corpus_ids), "queries": ds.queries.num_rows,
+                **{f"qrels_{s}": t.num_rows for s, t in qrels.items()}}
+        return storage.Done(rows, stats={"warnings": ds.warnings.counts,
+                                         "dev_source": "file" if "dev" in ds.qrels else "heldout"},
+                            outputs=["queries.parquet", *(f"qrels/{s}.parquet" for s in qrels)])
+
+    return storage.run_stage(target, "data", config_hash(cfg), work)
 
 
 def sort_by_length(chunk: pa.Table) -> pa.Table:

@@ -262,22 +262,22 @@ def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[
     """
     target = stage_dir(out_dir, cfg)
     key = config_hash(output_key(cfg), upstream)
-    if storage.is_done(target, key):
-        return storage.read_manifest(target) or {}
-    resolve_model(cfg.model)  # a missing model folder fails here, once, not in every actor
-    started = time.time()
-    storage.begin_stage(target)
-    _claim(target, key)
-    rows = {}
-    for side, src in (("corpus", storage.join(data_dir, "corpus")),
-                      ("queries", storage.join(data_dir, "queries.parquet"))):
-        dst = storage.join(target, side)
-        if side == "queries" and parquet_rows(src) < cfg.local_queries_below:
-            rows[side] = embed_local(cfg, src, dst, side)
-        else:
-            rows[side] = embed_ray(cfg, src, dst, side)
-    return storage.commit_stage(target, "embed", key, rows=rows, started=started,
-                                extra={"model": cfg.model, "pooling": cfg.pooling})
+
+    def work() -> storage.Done:
+        resolve_model(cfg.model)  # a missing model folder fails here, once, not in every actor
+        _claim(target, key)
+        rows = {}
+        for side, src in (("corpus", storage.join(data_dir, "corpus")),
+                          ("queries", storage.join(data_dir, "queries.parquet"))):
+            dst = storage.join(target, side)
+            if side == "queries" and parquet_rows(src) < cfg.local_queries_below:
+                rows[side] = embed_local(cfg, src, dst, side)
+            else:
+                rows[side] = embed_ray(cfg, src, dst, side)
+        return storage.Done(rows, extra={"model": cfg.model, "pooling": cfg.pooling},
+                            outputs=["corpus", "queries"])
+
+    return storage.run_stage(target, "embed", key, work)
 
 
 def _claim(target: str, key: str) -> None:

@@ -32,17 +32,21 @@ def qrels_dict(data_dir: str, split: str) -> dict[str, dict[str, int]]:
 
 def score(cfg: EvaluateConfig, data_dir: str, cand_dir: str, out_dir: str,
           model: str, upstream: str) -> dict[str, Any]:
-    """Compute and write metrics for one model's candidates on `cfg.split`."""
-    started = time.time()
+    """Metrics of one model's candidates on `cfg.split`, written to `metrics.json` (skipped when
+    current: the key follows the candidates, which follow the model's embeddings)."""
     key = config_hash(cfg, upstream)
     target = storage.join(out_dir, "evaluate", key)
-    qrels = qrels_dict(data_dir, cfg.split)
-    result = metrics.evaluate(qrels, run_from_candidates(storage.join(cand_dir, "candidates.parquet")),
-                              cfg.k_values, cfg.ignore_identical_ids)
-    doc = {"model": model, "split": cfg.split, "metrics": result,
-           "evaluate": to_dict(cfg), "seconds": round(time.time() - started, 3)}
-    storage.begin_stage(target)
-    storage.write_json(storage.join(target, "metrics.json"), doc)
-    storage.commit_stage(target, "evaluate", key, rows={"queries": len(qrels)}, started=started,
-                         extra={"model": model, "split": cfg.split}, outputs=["metrics.json"])
-    return doc
+
+    def work() -> storage.Done:
+        started = time.time()
+        qrels = qrels_dict(data_dir, cfg.split)
+        result = metrics.evaluate(qrels, run_from_candidates(storage.join(cand_dir, "candidates.parquet")),
+                                  cfg.k_values, cfg.ignore_identical_ids)
+        storage.write_json(storage.join(target, "metrics.json"), {
+            "model": model, "split": cfg.split, "metrics": result, "evaluate": to_dict(cfg),
+            "seconds": round(time.time() - started, 3)})
+        return storage.Done({"queries": len(qrels)}, extra={"model": model, "split": cfg.split},
+                            outputs=["metrics.json"])
+
+    storage.run_stage(target, "evaluate", key, work)
+    return dict(storage.read_json(storage.join(target, "metrics.json")))

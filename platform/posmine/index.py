@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,25 +178,24 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
 
     key = config_hash(cfg, upstream, split, k, sorted(query_ids))
     target = storage.join(out_dir, "candidates", key)
-    if storage.is_done(target, key):
-        return target, storage.read_manifest(target) or {}
-    started = time.time()
-    storage.begin_stage(target)
-    corpus_dir = storage.join(embed_dir, "corpus")
-    first = next((n for n in storage.listdir(corpus_dir) if n.endswith(".parquet")), None)
-    if first is None:
-        raise FileNotFoundError(f"{storage.redact(corpus_dir)}: no embedding files")
-    # Query vectors must match the corpus's size (and be finite): say so before FAISS does.
-    qids, qmat = read_embeddings(storage.join(embed_dir, "queries"),
-                                 dim=embedding_dim(storage.join(corpus_dir, first)))
-    row = {q: i for i, q in enumerate(qids)}
-    missing = [q for q in query_ids if q not in row]
-    if missing:
-        raise ValueError(f"{len(missing)} queries have no embedding, e.g. {missing[:3]}")
-    queries = qmat[[row[q] for q in query_ids]]  # (nq, dim)
-    scores, doc_ids = sharded_search(storage.join(embed_dir, "corpus"), queries, k, cfg)
-    storage.write_parquet(candidates_table(query_ids, scores, doc_ids),
-                          storage.join(target, "candidates.parquet"))
-    return target, storage.commit_stage(target, "search", key, rows={"queries": len(query_ids)},
-                                        started=started, extra={"split": split, "k": k},
-                                        outputs=["candidates.parquet"])
+
+    def work() -> storage.Done:
+        corpus_dir = storage.join(embed_dir, "corpus")
+        first = next((n for n in storage.listdir(corpus_dir) if n.endswith(".parquet")), None)
+        if first is None:
+            raise FileNotFoundError(f"{storage.redact(corpus_dir)}: no embedding files")
+        # Query vectors must match the corpus's size (and be finite): say so before FAISS does.
+        qids, qmat = read_embeddings(storage.join(embed_dir, "queries"),
+                                     dim=embedding_dim(storage.join(corpus_dir, first)))
+        row = {q: i for i, q in enumerate(qids)}
+        missing = [q for q in query_ids if q not in row]
+        if missing:
+            raise ValueError(f"{len(missing)} queries have no embedding, e.g. {missing[:3]}")
+        queries = qmat[[row[q] for q in query_ids]]  # (nq, dim)
+        scores, doc_ids = sharded_search(corpus_dir, queries, k, cfg)
+        storage.write_parquet(candidates_table(query_ids, scores, doc_ids),
+                              storage.join(target, "candidates.parquet"))
+        return storage.Done({"queries": len(query_ids)}, extra={"split": split, "k": k},
+                            outputs=["candidates.parquet"])
+
+    return target, storage.run_stage(target, "search", key, work)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,11 +50,18 @@ def run(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dir: str, out_dir
         split: str, upstream: str, name: str = "mine") -> dict[str, Any]:
     """Mine `split` into `<out_dir>/<name>` (skipped when current); returns the manifest."""
     target = storage.join(out_dir, name)
-    key = config_hash(cfg, upstream, split)
-    if storage.is_done(target, key):
-        return storage.read_manifest(target) or {}
-    started = time.time()
-    storage.begin_stage(target)
+
+    def work() -> storage.Done:
+        rows, stats = mine_rows(cfg, data_dir, embed_dir, cand_dir, split)
+        return _write(cfg, target, rows, stats.to_dict(), f"mine {split}",
+                      {"rule": cfg.rule, "mining": to_dict(cfg), "split": split})
+
+    return storage.run_stage(target, "mine", config_hash(cfg, upstream, split), work)
+
+
+def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dir: str,
+              split: str) -> tuple[list[dict[str, Any]], mining.MiningStats]:
+    """The pure miner over the search stage's candidates, with texts and hashes joined in."""
     cands = storage.read_parquet(storage.join(cand_dir, "candidates.parquet")).to_pylist()
     positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
     pos_scores = positive_scores(embed_dir, positives)
@@ -81,18 +87,21 @@ def run(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dir: str, out_dir
         r["positives"] = [texts[d] for d in r["positive_ids"]]
         r["negatives"] = [texts[d] for d in r["negative_ids"]]
         r["query_positive_hashes"] = [hashes[d] for d in r["query_positive_ids"]]
+    return rows, stats
+
+
+def _write(cfg: MiningConfig, target: str, rows: list[dict[str, Any]], stats: dict[str, Any],
+           what: str, extra: dict[str, Any]) -> storage.Done:
+    """mined.parquet, the short-of-negatives share, and the warning when it is too high."""
     table = pa.Table.from_pylist(rows, schema=schemas.MINED)
     storage.write_parquet(table, storage.join(target, "mined.parquet"))
-    warning = mining.starvation_warning(stats, cfg)
-    if warning:
-        log.warning("mine %s: %s", split, warning)
-    return storage.commit_stage(
-        target, "mine", key, rows={"queries_in": stats.queries_in, "queries_out": stats.queries_out,
-                                   "examples": table.num_rows},
-        started=started, stats={**stats.to_dict(), "short_share": round(mining.short_share(stats), 4),
-                                "warning": warning},
-        extra={"rule": cfg.rule, "mining": to_dict(cfg), "split": split},
-        outputs=["mined.parquet"])
+    stats = {**stats, "short_share": round(mining.short_share(stats), 4),
+             "warning": mining.starvation_warning(stats, cfg)}
+    if stats["warning"]:
+        log.warning("%s: %s", what, stats["warning"])
+    return storage.Done({"queries_in": stats["queries_in"], "queries_out": stats["queries_out"],
+                         "examples": table.num_rows}, stats=stats, extra=extra,
+                        outputs=["mined.parquet"])
 
 
 def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: str,
@@ -104,27 +113,18 @@ def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: s
     """
     target = storage.join(out_dir, name)
     key = config_hash(cfg, config_hash(*(t["config_hash"] for t in teachers)), "combine")
-    if storage.is_done(target, key):
-        return storage.read_manifest(target) or {}
-    started = time.time()
-    storage.begin_stage(target)
-    teacher_dirs = [t["dir"] for t in teachers]
-    per_teacher = [storage.read_parquet(storage.join(d, "mined.parquet")).to_pylist()
-                   for d in teacher_dirs]
-    rows, stats = mining.combine_mined(per_teacher, cfg)
-    stats["teachers"] = [t["stats"] for t in teachers]
-    stats["short_share"] = round(mining.short_share(stats), 4)
-    stats["warning"] = mining.starvation_warning(stats, cfg)
-    if stats["warning"]:
-        log.warning("mine (%d teachers): %s", len(teachers), stats["warning"])
-    table = pa.Table.from_pylist(rows, schema=schemas.MINED)
-    storage.write_parquet(table, storage.join(target, "mined.parquet"))
-    return storage.commit_stage(
-        target, "mine", key, rows={"queries_in": stats["queries_in"], "queries_out": stats["queries_out"],
-                                   "examples": table.num_rows},
-        started=started, stats=stats, outputs=["mined.parquet"],
-        extra={"rule": cfg.rule, "mining": to_dict(cfg), "combine": cfg.combine,
-               "teacher_dirs": teacher_dirs})
+
+    def work() -> storage.Done:
+        teacher_dirs = [t["dir"] for t in teachers]
+        per_teacher = [storage.read_parquet(storage.join(d, "mined.parquet")).to_pylist()
+                       for d in teacher_dirs]
+        rows, stats = mining.combine_mined(per_teacher, cfg)
+        stats["teachers"] = [t["stats"] for t in teachers]
+        return _write(cfg, target, rows, stats, f"mine ({len(teachers)} teachers)",
+                      {"rule": cfg.rule, "mining": to_dict(cfg), "combine": cfg.combine,
+                       "teacher_dirs": teacher_dirs})
+
+    return storage.run_stage(target, "mine", key, work)
 
 
 def to_sentence_transformers(mined: pa.Table, num_negatives: int) -> pa.Table:

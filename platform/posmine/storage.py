@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -346,6 +347,33 @@ def begin_stage(stage_dir: str) -> None:
     """Mark `stage_dir` unfinished (drop its manifest) before writing into it."""
     makedirs(stage_dir)
     remove(join(stage_dir, MANIFEST))
+
+
+@dataclass(frozen=True)
+class Done:
+    """What a stage's work reports for its manifest: row counts, stats, other fields, and the
+    outputs (relative to the stage folder) that must exist before the manifest names them."""
+
+    rows: Mapping[str, int]
+    stats: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    outputs: Sequence[str | tuple[str, ...]] = ()
+
+
+def run_stage(stage_dir: str, stage: str, config_hash: str, work: Callable[[], Done]) -> dict[str, Any]:
+    """The one stage pattern: skip when `stage_dir`'s manifest was written for `config_hash`;
+    otherwise mark the folder unfinished, do `work`, check its outputs, write the manifest last.
+
+    A crash inside `work` leaves no manifest, so the folder never looks finished and the same
+    call redoes it.
+    """
+    if is_done(stage_dir, config_hash):
+        return read_manifest(stage_dir) or {}
+    started = time.time()
+    begin_stage(stage_dir)
+    done = work()
+    return commit_stage(stage_dir, stage, config_hash, rows=done.rows, started=started,
+                        stats=done.stats, extra=done.extra, outputs=done.outputs)
 
 
 def require_outputs(stage_dir: str, names: Sequence[str | tuple[str, ...]]) -> None:

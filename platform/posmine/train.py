@@ -392,32 +392,51 @@ def _report(trainer: StudentTrainer, losses: list[float], steps: int, cfg: Train
 def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         name: str = "train") -> dict[str, Any]:
     """Fine-tune on `<mined_dir>/mined.parquet` with a TorchTrainer (skipped when current)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     # Ray Train runs workers in its own artifact folder: a relative path would land there.
     out_dir, mined_dir = absolute_path(out_dir), absolute_path(mined_dir)
     target = storage.join(out_dir, name)
     key = config_hash(cfg, upstream)
-    if storage.is_done(target, key):
-        return storage.read_manifest(target) or {}
-    resolve_model(cfg.model)  # a missing student folder fails here, not in every worker
-    started = time.time()
-    storage.begin_stage(target)
-    mined_url = storage.join(mined_dir, "mined.parquet")
-    examples = expand(storage.read_parquet(mined_url))
-    if not examples:
-        raise ValueError(f"{storage.redact(mined_url)}: no training examples")
-    steps = total_steps(cfg, examples, cfg.num_workers)
+
+    def work() -> storage.Done:
+        resolve_model(cfg.model)  # a missing student folder fails here, not in every worker
+        started = time.time()
+        mined_url = storage.join(mined_dir, "mined.parquet")
+        examples = expand(storage.read_parquet(mined_url))
+        if not examples:
+            raise ValueError(f"{storage.redact(mined_url)}: no training examples")
+        steps = total_steps(cfg, examples, cfg.num_workers)
+        metrics = _fit(cfg, key, target, {"cfg": cfg, "steps": steps, "mined_url": mined_url,
+                                          "model_dir": storage.join(target, "model")})
+        ran = int(metrics.get("step", 0))
+        return storage.Done(
+            {"examples": len(examples), "queries": len({e["query_id"] for e in examples}),
+             "steps": ran, "steps_planned": steps},
+            stats={"final_loss": metrics.get("loss"), "resumed_from_step": metrics.get("resumed_from"),
+                   "steady_samples_per_s": metrics.get("steady_samples_per_s"),
+                   "samples_per_s": round(ran * cfg.batch_size * cfg.num_workers
+                                          / max(time.time() - started, 1e-9), 3),
+                   # labelled positives kept out of the loss (counted over the steps of the last
+                   # attempt when a worker was restarted)
+                   "masked_hard_negatives": metrics.get("masked_hard"),
+                   "masked_in_batch_pairs": metrics.get("masked_in_batch")},
+            extra={"model_dir": storage.join(target, "model"), "train": to_dict(cfg)},
+            outputs=MODEL_FILES)
+
+    return storage.run_stage(target, name, key, work)
+
+
+def _fit(cfg: TrainConfig, key: str, target: str, loop_config: dict[str, Any]) -> dict[str, Any]:
+    """One TorchTrainer run of `_worker`; the final metrics rank 0 reported."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     use_gpu = cfg.use_gpu == "always" or (cfg.use_gpu == "auto" and torch.cuda.is_available())
     ray_fs, ray_path = storage.arrow_filesystem(storage.join(target, "ray"))
     failure_kwargs: dict[str, Any] = {"max_failures": cfg.max_failures}
     if "controller_failure_limit" in inspect.signature(FailureConfig).parameters:  # Train v2
         failure_kwargs["controller_failure_limit"] = cfg.startup_retries
     trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"cfg": cfg, "steps": steps, "mined_url": mined_url,
-                           "model_dir": storage.join(target, "model")},
+        _worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
@@ -425,21 +444,4 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
             failure_config=FailureConfig(**failure_kwargs),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    ran = int(metrics.get("step", 0))
-    return storage.commit_stage(
-        target, name, key,
-        rows={"examples": len(examples), "queries": len({e["query_id"] for e in examples}),
-              "steps": ran, "steps_planned": steps},
-        started=started,
-        stats={"final_loss": metrics.get("loss"), "resumed_from_step": metrics.get("resumed_from"),
-               "steady_samples_per_s": metrics.get("steady_samples_per_s"),
-               "samples_per_s": round(ran * cfg.batch_size * cfg.num_workers
-                                      / max(time.time() - started, 1e-9), 3),
-               # labelled positives kept out of the loss (counted over the steps of the last
-               # attempt when a worker was restarted)
-               "masked_hard_negatives": metrics.get("masked_hard"),
-               "masked_in_batch_pairs": metrics.get("masked_in_batch")},
-        extra={"model_dir": storage.join(target, "model"), "train": to_dict(cfg)},
-        outputs=MODEL_FILES)
+    return dict(trainer.fit().metrics or {})

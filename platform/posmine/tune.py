@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 RULE_PARAM = {"topk_percpos": "perc", "topk_marginpos": "margin", "topk_abs": "threshold",
               "topk_shifted": "shift", "naive_topk": None}
 # Table columns taken from each trial's mining setting.
-MINING_COLUMNS = ("rule", "perc", "margin", "threshold", "shift", "num_negatives", "top_k",
+MINING_COLUMNS = ("rule", "anchor", "perc", "margin", "threshold", "shift", "num_negatives", "top_k",
                   "sampling", "sample_from")
 
 
@@ -130,10 +130,10 @@ def dev_metrics(encoder: Encoder, dev: DevSet, cfg: Config) -> dict[str, float]:
 
 
 def student_encoder_config(cfg: Config) -> TeacherConfig:
-    """How the student embeds at evaluation: its pooling, at its export length."""
-    return dataclasses.replace(cfg.teacher, model=cfg.train.model, pooling=cfg.train.pooling,
-                               normalize=True, max_length=cfg.train.export_max_length,
-                               device="auto")
+    """How the student embeds at evaluation: `posmine run`'s view, on whatever device a trial has."""
+    from posmine.pipeline import student_view
+
+    return dataclasses.replace(student_view(cfg, cfg.train.model), device="auto")
 
 
 # ---------------------------------------------------------------- one trial
@@ -284,34 +284,31 @@ def run(cfg: Config) -> dict[str, Any]:
                           "supported by tune (run `posmine train` with each setting instead)")
     user_cfg = cfg
     cfg = resolve_paths(with_dev(cfg))
-    key = search_key(cfg)
     target = stage_dir(cfg)
-    if storage.is_done(target, key):
-        return storage.read_manifest(target) or {}
-    started = time.time()
-    storage.begin_stage(target)
-    pipeline.ensure_ray()
-    shared, sizes = prepare_shared(cfg, target)
-    base = base_metrics(shared)
-    log.info("untrained student on dev: %s=%.4f", cfg.tune.metric, base[cfg.tune.metric])
-    results = _fit(cfg, shared, storage.join(target, "ray"))
-    trials = [_row(r, cfg) for r in results]
-    trials.sort(key=lambda t: -(t.get(cfg.tune.metric) or -1.0))
-    if not any(t.get(cfg.tune.metric) is not None for t in trials):
-        raise storage.StageError(f"no trial reported {cfg.tune.metric}; see the errors above")
-    best = trials[0]
-    write_outputs(target, trials, with_dev(user_cfg), best, base)
-    failed = [t for t in trials if t["error"]]
-    if failed:  # the table is written, but a search with failed trials is not finished
-        raise storage.StageError(
-            f"{len(failed)} of {len(trials)} tune trials failed (first: {failed[0]['error']}); the "
-            f"results so far are in {storage.redact(storage.join(target, 'results.csv'))}; run "
-            "the same command again to retry them")
-    return storage.commit_stage(
-        target, "tune", key, rows={"trials": len(trials)}, started=started,
-        stats={"base": base, "best": best, **sizes},
-        extra={"metric": cfg.tune.metric, "split": "dev", "trials": trials,
-               "best_yaml": storage.join(target, "best.yaml")})
+
+    def work() -> storage.Done:
+        pipeline.ensure_ray()
+        shared, sizes = prepare_shared(cfg, target)
+        base = base_metrics(shared)
+        log.info("untrained student on dev: %s=%.4f", cfg.tune.metric, base[cfg.tune.metric])
+        trials = [_row(r, cfg) for r in _fit(cfg, shared, storage.join(target, "ray"))]
+        trials.sort(key=lambda t: -(t.get(cfg.tune.metric) or -1.0))
+        if not any(t.get(cfg.tune.metric) is not None for t in trials):
+            raise storage.StageError(f"no trial reported {cfg.tune.metric}; see the errors above")
+        best = trials[0]
+        write_outputs(target, trials, with_dev(user_cfg), best, base)
+        failed = [t for t in trials if t["error"]]
+        if failed:  # the table is written, but a search with failed trials is not finished
+            raise storage.StageError(
+                f"{len(failed)} of {len(trials)} tune trials failed (first: {failed[0]['error']}); "
+                f"the results so far are in {storage.redact(storage.join(target, 'results.csv'))};"
+                " run the same command again to retry them")
+        return storage.Done({"trials": len(trials)}, stats={"base": base, "best": best, **sizes},
+                            extra={"metric": cfg.tune.metric, "split": "dev", "trials": trials,
+                                   "best_yaml": storage.join(target, "best.yaml")},
+                            outputs=["results.csv", "results.parquet", "best.yaml"])
+
+    return storage.run_stage(target, "tune", search_key(cfg), work)
 
 
 def _fit(cfg: Config, shared: Shared, experiment_root: str) -> Any:
