@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,15 +99,37 @@ def tiny_cross_encoder(tiny_model: str, tmp_path_factory: pytest.TempPathFactory
     return str(root)
 
 
+RAY_ARGS: dict = {"address": "local", "num_cpus": 2, "include_dashboard": False,
+                  "log_to_driver": False}
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server: str) -> Iterator[None]:
     """A local Ray; its workers inherit the S3 endpoint and dummy keys, as pods get them
     from a Secret on a cluster (so the S3 server starts first)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # a fault test's `ray_with_env` may have put one back already
+        ray.init(**RAY_ARGS)
     yield
     ray.shutdown()
+
+
+@contextmanager
+def ray_with_env(env_vars: dict[str, str] | None) -> Iterator[None]:
+    """Swap the shared local Ray for one whose workers see `env_vars` (fault injection), or for
+    none at all (None: the test's CLI starts its own); the shared one is back afterwards,
+    whatever happened, so the tests after this one find it as the fixture left it."""
+    import ray
+
+    ray.shutdown()
+    if env_vars is not None:
+        ray.init(**RAY_ARGS, runtime_env={"env_vars": env_vars})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        ray.init(**RAY_ARGS)
 
 
 def _free_port() -> int:

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from posmine import data, pipeline, storage
 from posmine.config import TeacherConfig, load_config
 from posmine.embed import Encoder, read_embeddings
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, ray_with_env
 from tests.proxy import FlakyProxy
 
 ROOT = Path(__file__).parents[1]
@@ -91,14 +90,10 @@ def _reference(tiny_model: str) -> dict[str, np.ndarray]:
 
 def test_embed_actor_killed_mid_run(tiny_beir: Path, tiny_model: str, tmp_path: Path) -> None:
     marker = tmp_path / "killed"
-    ray.shutdown()  # the actors read the marker path: pass it through the runtime env
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"POSMINE_EMBED_CRASH_MARKER": str(marker)}})
-    try:
+    # the actors read the marker path: pass it through the runtime env
+    with ray_with_env({"POSMINE_EMBED_CRASH_MARKER": str(marker)}):
         cfg = load_config(None, _embed_overrides(tiny_beir, tiny_model, tmp_path / "out"))
         manifest = pipeline.embed(cfg)
-    finally:
-        ray.shutdown()
     assert marker.exists()  # an actor process really died on its second batch
     assert manifest["rows"]["corpus"] == len(CORPUS)
     got, ref = _corpus_vectors(tmp_path / "out"), _reference(tiny_model)
@@ -107,37 +102,37 @@ def test_embed_actor_killed_mid_run(tiny_beir: Path, tiny_model: str, tmp_path: 
         np.testing.assert_allclose(got[d], v, atol=1e-5)
 
 
-# Slow and timing-dependent: under heavy load Ray Data may hand back all parts at once, before
-# the signal lands (seen twice while a training benchmark shared the 2 cores). `-m slow` runs it.
-@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_embed_resumes_by_part(sig: signal.Signals, tiny_beir: Path, tiny_model: str,
                                            tmp_path: Path) -> None:
-    ray.shutdown()  # the CLI starts its own local Ray, as a user's shell would
-    out = tmp_path / "out"
-    # One actor: parts finish one after another (~3 s apart with the delay), never in a burst.
-    cmd = [sys.executable, "-m", "posmine.cli", "embed", str(ROOT / "jobs/configs/scifact.yaml"),
-           *_embed_overrides(tiny_beir, tiny_model, out), "teacher.num_actors=1"]
-    slow = {**os.environ, "POSMINE_EMBED_DELAY_S": "1.5"}
-    proc = subprocess.Popen(cmd, env=slow, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    parts = out / "embed"
-    deadline = time.monotonic() + 240
-    while not list(parts.glob("*/corpus/part-*.parquet")):
-        assert proc.poll() is None and time.monotonic() < deadline, "embed ended before a part"
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    log = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 130, log[-2000:]
-    assert "run the same command again to resume" in log
-    finished = {p.name: p.stat().st_mtime_ns for p in parts.glob("*/corpus/part-*.parquet")}
-    assert 1 <= len(finished) < 4  # interrupted halfway: some parts done, some not
-    assert not list(parts.glob("*/_manifest.json"))  # nothing looks finished
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "kept from an earlier run" in rerun.stderr
-    after = {p.name: p.stat().st_mtime_ns for p in parts.glob("*/corpus/part-*.parquet")}
-    assert len(after) == 4 and all(after[n] == t for n, t in finished.items())  # not redone
-    got, ref = _corpus_vectors(out), _reference(tiny_model)
-    assert set(got) == set(ref)  # equal to an uninterrupted run: each vector as the encoder's
-    for d, v in ref.items():
-        np.testing.assert_allclose(got[d], v, atol=1e-5)
+    """Ctrl-C or SIGTERM at a known point (the driver stalls after writing one corpus part,
+    says so in a file, and waits): exit 130, that part kept, no manifest; the rerun embeds the
+    other parts only and equals an uninterrupted run."""
+    with ray_with_env(None):  # the CLI starts its own local Ray, as a user's shell would
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "posmine.cli", "embed", str(ROOT / "jobs/configs/scifact.yaml"),
+               *_embed_overrides(tiny_beir, tiny_model, out)]
+        stalled = tmp_path / "stalled"
+        env = {**os.environ, "POSMINE_STALL_AFTER_PARTS": "1", "POSMINE_STALL_FILE": str(stalled)}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        parts = out / "embed"
+        deadline = time.monotonic() + 240
+        while not stalled.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "embed ended before the stall"
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        log = proc.communicate(timeout=120)[0].decode()
+        assert proc.returncode == 130, log[-2000:]
+        assert "run the same command again to resume" in log
+        finished = {p.name: p.stat().st_mtime_ns for p in parts.glob("*/corpus/part-*.parquet")}
+        assert len(finished) == 1  # interrupted after exactly one of the four parts
+        assert not list(parts.glob("*/_manifest.json"))  # nothing looks finished
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert "kept from an earlier run" in rerun.stderr
+        after = {p.name: p.stat().st_mtime_ns for p in parts.glob("*/corpus/part-*.parquet")}
+        assert len(after) == 4 and all(after[n] == t for n, t in finished.items())  # not redone
+        got, ref = _corpus_vectors(out), _reference(tiny_model)
+        assert set(got) == set(ref)  # equal to an uninterrupted run: each vector as the encoder's
+        for d, v in ref.items():
+            np.testing.assert_allclose(got[d], v, atol=1e-5)

@@ -11,6 +11,7 @@ from posmine import pipeline, storage
 from posmine.config import TeacherConfig, TrainConfig, load_config
 from posmine.embed import Encoder
 from posmine.train import StudentTrainer, expand, train_plain
+from tests.conftest import ray_with_env
 
 WORDS6 = ("virus", "cancer", "mouse", "human", "sleep", "diet")
 ROWS = expand({"query_id": list(WORDS6), "query": [f"cell protein {w}" for w in WORDS6],
@@ -95,22 +96,13 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
 
 def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path, tiny_model: str,
                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ray
-
     marker = tmp_path / "crashed"
     out = str(tmp_path / "out")
     cfg = _cfg(tiny_beir, tiny_model, out)
     pipeline.mine(cfg)
     # the worker process reads these: pass them through the job's runtime env
-    ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"POSMINE_CRASH_AT_STEP": "3",
-                                       "POSMINE_CRASH_MARKER": str(marker)}})
-    try:
+    with ray_with_env({"POSMINE_CRASH_AT_STEP": "3", "POSMINE_CRASH_MARKER": str(marker)}):
         manifest = pipeline.train(cfg)
-    finally:
-        ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     assert marker.exists()  # the worker really died at step 3
     assert manifest["stats"]["resumed_from_step"] == 2  # ... and restarted from the step-2 checkpoint
     assert manifest["rows"]["steps"] == 4
@@ -121,20 +113,13 @@ def test_workers_that_cannot_start_fail_the_stage(ray_local: None, tiny_beir: Pa
                                                   tiny_model: str, tmp_path: Path) -> None:
     """A GPU worker on a cluster without GPUs: the stage fails after `startup_retries` tries
     (Ray Train's own default is to wait forever) and leaves no finished-looking output."""
-    import ray
-
     out = str(tmp_path / "out")
     cfg = _cfg(tiny_beir, tiny_model, out, "train.use_gpu=always", "train.startup_retries=0")
     pipeline.mine(cfg)
-    ray.shutdown()  # the controller reads the start timeout from its environment
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}})
-    try:
-        with pytest.raises(Exception, match=r"(?i)start"):
-            pipeline.train(cfg)
-    finally:
-        ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the controller reads the start timeout from its environment
+    with ray_with_env({"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}), \
+            pytest.raises(Exception, match=r"(?i)start"):
+        pipeline.train(cfg)
     assert storage.read_manifest(f"{out}/train") is None
 
 

@@ -7,12 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-import ray
 
 from posmine import data, storage, tune
 from posmine.cli import main
 from posmine.config import ConfigError, load_config
-from tests.conftest import QRELS
+from tests.conftest import QRELS, ray_with_env
 
 SPACE = ("tune.space=[{rule: topk_percpos, perc: 0.95}, "
          "{rule: topk_marginpos, margin: {grid: [0.05]}, num_negatives: 2}]")
@@ -34,15 +33,8 @@ def test_two_trial_search(ray_local: None, tiny_beir: Path, tiny_model: str, tmp
     args = _overrides(tiny_beir, tiny_model, Path("out"))
     crash_marker = tmp_path / "crashed"
     # trial processes read these: pass them through the runtime env
-    ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"POSMINE_CRASH_AT_STEP": "2",
-                                       "POSMINE_CRASH_MARKER": str(crash_marker)}})
-    try:
+    with ray_with_env({"POSMINE_CRASH_AT_STEP": "2", "POSMINE_CRASH_MARKER": str(crash_marker)}):
         assert main(["tune", str(_yaml(tmp_path)), *args]) == 0
-    finally:
-        ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     printed = capsys.readouterr().out
     cfg = load_config(_yaml(tmp_path), args)
     target = tune.stage_dir(cfg)

@@ -183,6 +183,15 @@ def _crash_hook() -> None:
         os.kill(os.getpid(), 9)
 
 
+def _stall_hook(parts_written: int) -> None:
+    """Fault injection for tests: once `POSMINE_STALL_AFTER_PARTS` parts are written, touch
+    `POSMINE_STALL_FILE` and wait to be interrupted, so a signal lands at a known point."""
+    at, flag = os.environ.get("POSMINE_STALL_AFTER_PARTS"), os.environ.get("POSMINE_STALL_FILE")
+    if at and flag and parts_written == int(at):
+        Path(flag).touch()
+        time.sleep(600)
+
+
 def embeddings_table(ids: list[str], emb: np.ndarray) -> pa.Table:
     """(n,) ids + (n, dim) float32 -> Arrow table with a fixed-size list column."""
     dim = emb.shape[1]
@@ -387,6 +396,7 @@ class PartCollector:
         _check_table(table, f"corpus part {name}")
         storage.write_parquet(table, storage.join(self.dst, name))
         self.written.add(name)
+        _stall_hook(len(self.written))
 
     def check_complete(self, pending: list[str]) -> None:
         missing = [p for p in pending if p not in self.written]
