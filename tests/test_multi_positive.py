@@ -88,7 +88,7 @@ def test_pair_examples_sample_independently_and_reproducibly() -> None:
 def test_starvation_warning_names_the_cause() -> None:
     _, stats = mine([Q], MiningConfig(anchor="min", num_negatives=4))
     msg = starvation_warning(stats, MiningConfig(anchor="min"))
-    assert msg is not None and "100%" in msg and "mining.anchor=max" in msg
+    assert msg is not None and "100%" in msg and "mining.anchor=pair (the default)" in msg
     _, stats = mine([Q], MiningConfig(anchor="max", num_negatives=4))
     assert starvation_warning(stats, MiningConfig(anchor="max")) is None
 
@@ -203,16 +203,19 @@ def test_masked_loss_equals_the_per_query_loop(in_batch: bool) -> None:
 
 def test_cisi_default_config_mines_enough_and_never_trains_on_known_positives(
         ray_local: None, tmp_path: Path) -> None:
-    """CISI (41 labelled positives per query) with posmine's defaults and the packaged MiniLM
-    teacher: at most 20% of examples end short of 4 negatives, and no labelled positive of a
-    query (by id or by normalised text) is ever its hard negative or an unmasked in-batch
-    negative in any batch of any epoch, with either positive sampling."""
+    """CISI (41 labelled positives per query) with the packaged MiniLM teacher: the default
+    (anchor=pair) counts and reports its short examples, anchor=max leaves at most 20% short,
+    and no labelled positive of a query (by id or by normalised text) is ever its hard negative
+    or an unmasked in-batch negative in any batch of any epoch, with either positive sampling."""
     cisi = default_beir_dir("cisi")
-    cfg = load_config(None, [f"data.path={cisi}", f"output.dir={tmp_path / 'out'}",
-                             "teacher.cpus_per_actor=0.5", "teacher.torch_threads=1"])
+    args = [f"data.path={cisi}", f"output.dir={tmp_path / 'out'}", "teacher.cpus_per_actor=0.5",
+            "teacher.torch_threads=1"]
+    top = pipeline.mine(load_config(None, [*args, "mining.anchor=max"]), name="mine-max")["stats"]
+    assert top["examples"] == 51 and top["short_share"] <= 0.20, top["short_share"]
+    cfg = load_config(None, args)
     manifest = pipeline.mine(cfg)
     stats = manifest["stats"]
-    assert stats["examples"] == 51 and stats["short_share"] <= 0.20, stats["short_share"]
+    assert stats["examples"] == 2242 and f"{stats['short_share']:.0%}" in stats["warning"]
     data_dir, _ = pipeline.prepare(cfg)
     positives = {q: set(d) for q, d in data.positives_by_query(
         data.read_prepared_qrels(data_dir, "train")).items()}

@@ -304,12 +304,18 @@ def starvation_warning(stats: MiningStats | Mapping[str, Any], cfg: MiningConfig
     msg = (f"{share:.0%} of training examples ({_stat(stats, 'examples_too_few')} of "
            f"{_stat(stats, 'examples')}) "
            f"have fewer than mining.num_negatives={cfg.num_negatives} negatives")
-    if cfg.rule in ("topk_percpos", "topk_marginpos") and cfg.anchor != "max":
-        what = {"min": "the weakest positive's score", "mean": "the mean positive score",
-                "pair": "each positive's own score"}[cfg.anchor]
+    if cfg.rule in ("topk_percpos", "topk_marginpos") and cfg.anchor == "pair":
+        why = ("each (query, positive) example is anchored on its own positive, and weak "
+               "positives have nothing below them in the teacher's top candidates; those examples "
+               "still train on in-batch negatives (on CISI this trained better than "
+               "mining.anchor=max, which fills them with candidates that outscore the positive); "
+               "raise mining.top_k to give them more")
+    elif cfg.rule in ("topk_percpos", "topk_marginpos") and cfg.anchor != "max":
+        what = {"min": "the weakest positive's score", "mean": "the mean positive score"}[cfg.anchor]
         why = (f"mining.anchor={cfg.anchor} anchors on {what}, and weak positives (queries "
                "with many positives have them) score below most of the teacher's top "
-               "candidates; mining.anchor=max (the default) anchors on the strongest positive")
+               "candidates; mining.anchor=pair (the default) gives each positive its own "
+               "example, mining.anchor=max anchors on the strongest positive")
     elif cfg.rule in ("topk_percpos", "topk_marginpos"):
         why = ("weak positives leave few candidates below their score; raise mining.top_k, "
                f"loosen the rule (mining.{'perc' if cfg.rule == 'topk_percpos' else 'margin'}), "
