@@ -14,6 +14,7 @@ from posmine import mine as mine_stage
 from posmine.cli import main
 from posmine.config import load_config
 from posmine.embed import Encoder
+from posmine.mining import example_key
 from tests.conftest import CORPUS, QRELS, QUERIES
 
 
@@ -35,7 +36,8 @@ def test_mine_to_s3_and_report(ray_local: None, tiny_beir: Path, tiny_model: str
     stats = manifest["stats"]
     assert stats["queries_in"] == 8 and stats["positives"] == len(QRELS["train"])
     mined = storage.read_parquet(f"{out}/mine/mined.parquet")
-    assert mined.num_rows == stats["queries_out"] > 0
+    assert mined.num_rows == stats["examples_out"] == len(QRELS["train"])  # anchor=pair: per positive
+    assert stats["queries_out"] == 8
     # every kept negative obeys the rule against the recomputed teacher scores
     enc = Encoder(cfg.teacher)
     doc_text = {d["_id"]: f"{d['title']} {d['text']}" for d in CORPUS}
@@ -112,14 +114,14 @@ def test_mine_with_two_teachers_combines_their_negatives(ray_local: None, tiny_b
                              "extra_teachers=[{model: default}]"])  # the packaged MiniLM: ranks differently
     manifest = pipeline.mine(cfg)
     assert manifest["combine"] == "intra_sample" and len(manifest["teacher_dirs"]) == 2
-    per_teacher = [{r["query_id"]: r for r in storage.read_parquet(
+    per_teacher = [{example_key(r): r for r in storage.read_parquet(
         f"{out}/mine-t{i}/mined.parquet").to_pylist()} for i in (0, 1)]
     assert any(per_teacher[0][q]["negative_ids"] != per_teacher[1][q]["negative_ids"]
                for q in per_teacher[0])  # the two teachers disagree somewhere
     combined = storage.read_parquet(f"{out}/mine/mined.parquet").to_pylist()
-    assert len(combined) == manifest["stats"]["queries_out"] == len(per_teacher[0])
+    assert len(combined) == manifest["stats"]["examples_out"] == len(per_teacher[0])
     for row in combined:
-        t0, t1 = per_teacher[0][row["query_id"]], per_teacher[1][row["query_id"]]
+        t0, t1 = per_teacher[0][example_key(row)], per_teacher[1][example_key(row)]
         assert len(set(row["negative_ids"])) == len(row["negative_ids"]) == 3
         assert row["negative_ids"][0] == t0["negative_ids"][0]  # the primary teacher leads
         assert row["positive_scores"] == t0["positive_scores"]
