@@ -48,18 +48,23 @@ def expand(batch: pa.Table | dict[str, Any]) -> list[Row]:
     positives. Each example carries `mining.text_hash` of its positive and negatives, and the
     hashes of all the query's labelled positives (`known`), for masking in the loss."""
     cols = batch.to_pydict() if isinstance(batch, pa.Table) else batch
+    n = len(cols["query_id"])
+    # Columns that mined files of older versions (or hand-made rows) lack: None per row.
+    known_col = cols.get("query_positive_hashes") or [None] * n
+    pos_id_col = cols.get("positive_ids") or [[None] * len(p) for p in cols["positives"]]
+    neg_id_col = cols.get("negative_ids") or [None] * n
     out = []
-    for i in range(len(cols["query_id"])):
-        known = cols.get("query_positive_hashes", [None] * (i + 1))[i]
+    for i in range(n):
+        known = known_col[i]
         if known is None:  # mined before the column existed: the row's own positives
             known = [text_hash(t) for t in cols["positives"][i]]
         negatives = list(cols["negatives"][i])
         neg_hashes = [text_hash(t) for t in negatives]
-        pos_ids = cols.get("positive_ids", [[None] * len(cols["positives"][i])] * (i + 1))[i]
-        for pid, p, ps in zip(pos_ids, cols["positives"][i], cols["positive_scores"][i], strict=True):
+        for pid, p, ps in zip(pos_id_col[i], cols["positives"][i], cols["positive_scores"][i],
+                              strict=True):
             out.append({"query_id": cols["query_id"][i], "query": cols["query"][i],
                         "positive_id": pid, "positive": p, "negatives": negatives,
-                        "negative_ids": cols.get("negative_ids", [None] * (i + 1))[i],
+                        "negative_ids": neg_id_col[i],
                         "positive_hash": text_hash(p), "negative_hashes": neg_hashes,
                         "known": frozenset(known),
                         "scores": [float(ps), *map(float, cols["negative_scores"][i])]})
