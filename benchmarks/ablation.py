@@ -53,21 +53,25 @@ RESULTS = Path(__file__).parent / "results" / "ablation"
 # In the order they run: the paper's best and its baselines first.
 ROWS: dict[str, list[str]] = {
     "base": [],
-    "topk_percpos": ["mining.rule=topk_percpos", "mining.perc=0.95"],
+    # The rule rows ran with the rank window (the only one before mining.window): said here.
+    "topk_percpos": ["mining.rule=topk_percpos", "mining.perc=0.95", "mining.window=rank"],
     "naive_topk": ["mining.rule=naive_topk"],
     "in_batch_only": ["mining.rule=naive_topk", "train.num_negatives=0"],
     "st_recipe": [],
-    "topk_marginpos": ["mining.rule=topk_marginpos", "mining.margin=0.05"],
-    "topk_abs": ["mining.rule=topk_abs", "mining.threshold=0.7"],
+    "topk_marginpos": ["mining.rule=topk_marginpos", "mining.margin=0.05", "mining.window=rank"],
+    "topk_abs": ["mining.rule=topk_abs", "mining.threshold=0.7", "mining.window=rank"],
     "topk_shifted": ["mining.rule=topk_shifted", "mining.shift=10"],
     "sampled_topk": ["mining.rule=naive_topk", "mining.sampling=sample", "mining.sample_from=10"],
     # Many positives per query (--dataset cisi | cranfield): where s+ comes from, how positives
     # are drawn, and whether known positives are masked out of the loss.
-    "percpos_pair": ["mining.rule=topk_percpos", "mining.anchor=pair"],
-    "percpos_min": ["mining.rule=topk_percpos", "mining.anchor=min"],
-    "percpos_max": ["mining.rule=topk_percpos", "mining.anchor=max"],
-    "percpos_mean": ["mining.rule=topk_percpos", "mining.anchor=mean"],
-    "positives_all": ["train.positives=all"],
+    # (the anchor rows ran before mining.window existed: with the rank window, said here)
+    "percpos_pair": ["mining.rule=topk_percpos", "mining.anchor=pair", "mining.window=rank"],
+    "percpos_min": ["mining.rule=topk_percpos", "mining.anchor=min", "mining.window=rank"],
+    "percpos_max": ["mining.rule=topk_percpos", "mining.anchor=max", "mining.window=rank"],
+    "percpos_mean": ["mining.rule=topk_percpos", "mining.anchor=mean", "mining.window=rank"],
+    # each (query, positive) chooses from the first top_k candidates that pass the rule
+    "percpos_survivors": ["mining.rule=topk_percpos", "mining.anchor=pair", "mining.window=survivors"],
+    "positives_all": ["train.positives=all", "mining.anchor=max", "mining.window=rank"],
     "positives_sample": ["train.positives=sample"],
     "no_mask": ["train.mask_known_positives=false"],
     "no_mask_all": ["train.mask_known_positives=false", "train.positives=all"],

@@ -30,7 +30,7 @@ def run_posmine(data: str, out: str, actors: int, threads: int) -> tuple[float, 
         f"data.path={data}", f"output.dir={out}", f"teacher.num_actors={actors}",
         f"teacher.cpus_per_actor={1.0 if actors == 1 else 0.5}", f"teacher.torch_threads={threads}",
         "mining.rule=topk_percpos", "mining.perc=0.95", "mining.num_negatives=4", "mining.top_k=30",
-        "mining.dedup_text=exact",
+        "mining.dedup_text=exact", "mining.window=rank",  # ST's range_max: the teacher's top 30
     ])
     t0 = time.perf_counter()
     manifest = pipeline.mine(cfg)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from posmine import data, pipeline, storage
+from posmine import mine as mine_stage
 from posmine.config import MiningConfig, TrainConfig, default_beir_dir, load_config
 from posmine.losses import contrastive_loss
 from posmine.mining import (
@@ -204,19 +205,29 @@ def test_masked_loss_equals_the_per_query_loop(in_batch: bool) -> None:
 def test_cisi_default_config_mines_enough_and_never_trains_on_known_positives(
         ray_local: None, tmp_path: Path) -> None:
     """CISI (41 labelled positives per query) with the packaged MiniLM teacher: the default
-    (anchor=pair) counts and reports its short examples, anchor=max leaves at most 20% short,
-    and no labelled positive of a query (by id or by normalised text) is ever its hard negative
-    or an unmasked in-batch negative in any batch of any epoch, with either positive sampling."""
+    (anchor=pair, window=survivors) leaves at most 20% of its examples short of 4 negatives,
+    by searching deeper the queries that need it, with the same examples as mining one search
+    of the whole corpus; the rank window leaves most short and warns. No labelled positive of a
+    query (by id or by normalised text) is ever its hard negative or an unmasked in-batch
+    negative in any batch of any epoch, with either positive sampling."""
     cisi = default_beir_dir("cisi")
     args = [f"data.path={cisi}", f"output.dir={tmp_path / 'out'}", "teacher.cpus_per_actor=0.5",
             "teacher.torch_threads=1"]
-    top = pipeline.mine(load_config(None, [*args, "mining.anchor=max"]), name="mine-max")["stats"]
-    assert top["examples"] == 51 and top["short_share"] <= 0.20, top["short_share"]
     cfg = load_config(None, args)
     manifest = pipeline.mine(cfg)
     stats = manifest["stats"]
-    assert stats["examples"] == 2242 and f"{stats['short_share']:.0%}" in stats["warning"]
+    assert stats["examples"] == 2242 and stats["short_share"] <= 0.20, stats["short_share"]
+    assert len(manifest["candidate_dirs"]) > 1  # it searched deeper
+    rank = pipeline.mine(load_config(None, [*args, "mining.window=rank"]), name="mine-rank")["stats"]
+    assert rank["short_share"] > 0.5 and f"{rank['short_share']:.0%}" in rank["warning"]
     data_dir, _ = pipeline.prepare(cfg)
+    whole, _ = pipeline.search(cfg, cfg.teacher, "train", 1460)  # every CISI document
+    ref_rows, ref_stats = mine_stage.mine_rows(cfg.mining, data_dir, pipeline.embed(cfg)["dir"],
+                                               [whole], "train")
+    key = ("query_id", "positive_ids", "negative_ids")
+    got = storage.read_parquet(f"{manifest['dir']}/mined.parquet").to_pylist()
+    assert [[r[k] for k in key] for r in got] == [[r[k] for k in key] for r in ref_rows]
+    assert ref_stats.examples_too_few == stats["examples_too_few"]
     positives = {q: set(d) for q, d in data.positives_by_query(
         data.read_prepared_qrels(data_dir, "train")).items()}
     corpus = data.read_texts(f"{data_dir}/corpus")

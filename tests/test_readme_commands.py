@@ -67,6 +67,15 @@ def test_readme_run_then_report(tiny_model: str, rel_out: str) -> None:
     r = posmine("report", f"{rel_out}/mine")
     assert r.returncode == 0, r.stderr[-4000:]
     assert (out / "mine" / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "data:image/png;base64," in (out / "mine" / "report.html").read_text()
+    r = posmine("report", rel_out)  # the whole run on one page
+    assert r.returncode == 0, r.stderr[-4000:]
+    page = (out / "report.html").read_text()
+    train = json.loads((out / "train" / "_manifest.json").read_text())
+    assert [s for s, _ in train["stats"]["loss_curve"]] == [2]  # log_every=5: the last step only
+    assert page.count("data:image/png;base64,") == 2  # histogram and loss curve, inline
+    assert f"{summary['fine_tuned']['ndcg@10']:.4f}" in page and "Mining" in page
+    assert posmine("report", f"{rel_out}/data").returncode == 1  # not a stage it can report
 
 
 def test_readme_train(tiny_model: str, rel_out: str) -> None:

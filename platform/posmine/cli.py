@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 _OURS = (ConfigError, DataError, StorageError, StageError, EmbeddingError, ModelError,
          FileNotFoundError)
 
-VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "report")
+VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "audit", "report")
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -70,11 +70,24 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from posmine import audit, pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = pipeline.audit(cfg)
+    print(audit.format_table(manifest["stats"]))
+    for name in ("audit.json", "audit.csv", "tradeoff.png", "fn_vs_perc.png", "report.html"):
+        print(f"{name:<16}{storage.redact(storage.join(manifest['dir'], name))}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from posmine import report
 
-    path = report.histogram(args.mined_dir, args.out)
-    print(storage.redact(path))
+    manifest = storage.read_manifest(args.path) or {}
+    if manifest.get("stage") == "mine":  # the histogram PNG, as before, and the page
+        print(storage.redact(report.histogram(args.path, args.out)))
+    print(storage.redact(report.write_report(args.path)))
     return 0
 
 
@@ -107,9 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     staged("evaluate", "nDCG@10, Recall@k, MRR, MAP on held-out qrels", _stage("evaluate"))
     staged("tune", "Ray Tune search over mining rules and margins, scored on dev", _tune)
     staged("run", "the whole pipeline: embed, mine, train, evaluate", _run)
-    r = sub.add_parser("report", help="PNG histogram of teacher scores of a mined output")
-    r.add_argument("mined_dir", help="the mine stage folder (<output.dir>/mine)")
-    r.add_argument("--out", default=None, help="PNG path (default: <mined_dir>/scores.png)")
+    staged("audit", "each mining setting's false negatives, with labelled positives hidden", _audit)
+    r = sub.add_parser("report", help="report.html (and the score histogram PNG of a mine stage)")
+    r.add_argument("path", help="a mine stage folder (<output.dir>/mine), an audit folder "
+                                "(<output.dir>/audit/<hash>) or a run's output.dir")
+    r.add_argument("--out", default=None, help="histogram PNG path (default: <mine dir>/scores.png)")
     r.set_defaults(func=_report)
     return p
 

@@ -126,7 +126,16 @@ class MiningConfig:
     threshold: Annotated[float, Range(-10**6, 10**6)] = 0.7  # topk_abs: keep s < threshold
     shift: Annotated[int, Range(0, 100_000)] = 10  # topk_shifted: keep rank > shift
     num_negatives: Annotated[int, Range(1, 10_000)] = 4
-    top_k: Annotated[int, Range(1, 100_000)] = 30  # candidate depth retrieved from the teacher's index
+    top_k: Annotated[int, Range(1, 100_000)] = 30  # eligible candidates in each example's window
+    # Which top_k candidates an example chooses from. `rank`: the teacher's first top_k
+    # eligible candidates, then the rule (sentence-transformers' range_max). `survivors`
+    # (rules with a score bound: topk_abs, topk_marginpos, topk_percpos): the first top_k
+    # eligible candidates that pass the rule, i.e. the paper's "top-k below 95% of the
+    # positive"; a weak positive ranked 300th then still gets hard negatives, from just below
+    # it. The teacher's list is searched deeper (x4 a round, only for the queries that need it)
+    # until every window is full, the corpus ends or `max_depth` is reached.
+    window: Literal["rank", "survivors"] = "survivors"
+    max_depth: Annotated[int, Range(1, 10**7)] = 4096  # survivors: deepest candidate list
     sampling: Literal["topk", "sample", "top1_sample"] = "topk"
     sample_from: Annotated[int, Range(1, 100_000)] = 10  # sample num_negatives of the top-n survivors
     sample_weights: Literal["uniform", "softmax"] = "uniform"
@@ -300,6 +309,39 @@ def _check_mining(values: Mapping[str, Any], where: str) -> None:
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from e
 
 
+# The audit's settings: the paper's rules at their defaults, then a TopK-PercPos sweep; the
+# rules with an anchor run once per `audit.anchors` mode.
+DEFAULT_AUDIT_GRID: tuple[Mapping[str, Any], ...] = (
+    {"rule": "naive_topk"},
+    {"rule": "topk_shifted", "shift": 10},
+    {"rule": "topk_abs", "threshold": 0.7},
+    {"rule": "topk_marginpos", "margin": 0.05},
+    *({"rule": "topk_percpos", "perc": p} for p in (0.80, 0.85, 0.90, 0.95, 1.00)),
+)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """`posmine audit`: hide a seeded share of each query's labelled positives from the miner
+    (they become the unlabelled positives that false negatives are), mine with every setting
+    of `grid` on the same candidates, and count how many hidden positives each keeps."""
+
+    hide_fraction: Annotated[float, Range(0.01, 0.99)] = 0.5  # of each query's positives
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 42  # which positives are hidden, per query
+    # Each entry: `mining` keys over the config's `mining` (fixed values, no domains).
+    grid: tuple[Mapping[str, Any], ...] = DEFAULT_AUDIT_GRID
+    anchors: tuple[Anchor, ...] = ("pair", "min", "max", "mean")  # for rules that use s+
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "audit")
+        if not self.grid or not self.anchors:
+            raise ConfigError("audit.grid and audit.anchors need at least one entry each")
+        for i, entry in enumerate(self.grid):
+            if any(isinstance(v, Mapping) for v in entry.values()):
+                raise ConfigError(f"audit.grid[{i}]: fixed values only, got {dict(entry)!r}")
+            check_arm(entry, f"audit.grid[{i}]")
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     dir: str = "./posmine-out"  # local path or fsspec URL (s3://bucket/prefix)
@@ -327,6 +369,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     stages: tuple[StageConfig, ...] = ()  # empty: one stage with `mining` and `train`
     # More teachers, each given as `teacher` keys that differ (`{model: ..., batch_size: 8}`):

@@ -46,25 +46,67 @@ def positive_scores(embed_dir: str, positives: dict[str, list[str]]) -> dict[str
     return out
 
 
-def run(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dir: str, out_dir: str,
+def run(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Sequence[str], out_dir: str,
         split: str, upstream: str, name: str = "mine") -> dict[str, Any]:
-    """Mine `split` into `<out_dir>/<name>` (skipped when current); returns the manifest."""
+    """Mine `split` into `<out_dir>/<name>` (skipped when current); returns the manifest.
+
+    `cand_dirs`: the search stages to read, shallowest first; a query's list in a later one
+    (searched deeper) replaces its earlier one.
+    """
     target = storage.join(out_dir, name)
 
     def work() -> storage.Done:
-        rows, stats = mine_rows(cfg, data_dir, embed_dir, cand_dir, split)
+        rows, stats = mine_rows(cfg, data_dir, embed_dir, cand_dirs, split)
         return _write(cfg, target, rows, stats.to_dict(), f"mine {split}",
-                      {"rule": cfg.rule, "mining": to_dict(cfg), "split": split})
+                      {"rule": cfg.rule, "mining": to_dict(cfg), "split": split,
+                       "candidate_dirs": [storage.redact(d) for d in cand_dirs]})
 
     return storage.run_stage(target, "mine", config_hash(cfg, upstream, split), work)
 
 
-def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dir: str,
-              split: str) -> tuple[list[dict[str, Any]], mining.MiningStats]:
-    """The pure miner over the search stage's candidates, with texts and hashes joined in."""
-    cands = storage.read_parquet(storage.join(cand_dir, "candidates.parquet")).to_pylist()
+def read_candidates(cand_dirs: Sequence[str]) -> list[dict[str, Any]]:
+    """Each query's deepest candidate list, in the first stage's query order."""
+    merged: dict[str, dict[str, Any]] = {}
+    for d in cand_dirs:
+        for c in storage.read_parquet(storage.join(d, "candidates.parquet")).to_pylist():
+            merged[c["query_id"]] = c
+    return list(merged.values())
+
+
+def _query_candidates(c: Mapping[str, Any], positives: Mapping[str, list[str]],
+                      pos_scores: Mapping[str, np.ndarray]) -> mining.QueryCandidates:
+    return mining.QueryCandidates(c["query_id"], c["doc_ids"], np.asarray(c["scores"], np.float64),
+                                  positives.get(c["query_id"], []),
+                                  pos_scores.get(c["query_id"], np.zeros(0)))
+
+
+def unfilled(cfgs: Sequence[MiningConfig], data_dir: str, embed_dir: str, cand_dir: str, split: str,
+             depth: int) -> list[str]:
+    """Queries of `cand_dir` (searched `depth` deep) whose `survivors` windows need a deeper
+    list under some setting of `cfgs`: fewer than top_k candidates under the lowest bound, and
+    the corpus not yet ended."""
     positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
     pos_scores = positive_scores(embed_dir, positives)
+    cands = storage.read_parquet(storage.join(cand_dir, "candidates.parquet")).to_pylist()
+    queries = [_query_candidates(c, positives, pos_scores) for c in cands
+               if c["query_id"] in positives and len(c["doc_ids"]) >= depth]
+    return [q.query_id for q in queries if any(mining.window_end(q, m) is None for m in cfgs)]
+
+
+def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Sequence[str],
+              split: str) -> tuple[list[dict[str, Any]], mining.MiningStats]:
+    """The pure miner over the search stage's candidates, with texts and hashes joined in.
+
+    With `survivors` windows each list is first cut where its windows end (`mining.window_end`),
+    so a list searched deep for one weak positive costs no more than its windows need.
+    """
+    cands = read_candidates(cand_dirs)
+    positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
+    pos_scores = positive_scores(embed_dir, positives)
+    if mining.survivor_window(cfg):
+        for c in cands:
+            end = mining.window_end(_query_candidates(c, positives, pos_scores), cfg)
+            c["doc_ids"], c["scores"] = c["doc_ids"][:end], c["scores"][:end]
     need = {d for c in cands for d in c["doc_ids"]} | {d for p in positives.values() for d in p}
     texts = data.read_texts(storage.join(data_dir, "corpus"), need)
     qtexts = data.read_texts(storage.join(data_dir, "queries.parquet"),
@@ -73,10 +115,7 @@ def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dir: str,
     stats = mining.MiningStats()
     rows: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(cands), BATCH), desc="mining", unit="batch"):
-        batch = [mining.QueryCandidates(
-            c["query_id"], c["doc_ids"], np.asarray(c["scores"], np.float64),
-            positives.get(c["query_id"], []),
-            pos_scores.get(c["query_id"], np.zeros(0))) for c in cands[start:start + BATCH]]
+        batch = [_query_candidates(c, positives, pos_scores) for c in cands[start:start + BATCH]]
         if scorer is not None:
             batch = rescore(batch, scorer, texts, qtexts)
         mined, _ = mining.mine(batch, cfg, texts, qtexts, stats)

@@ -6,7 +6,10 @@ formulation); `min` one example per query with s+ = min_p s(q, p) (a kept negati
 outscores any positive, but with dozens of positives s+ sinks below most candidates);
 `max` and `mean` likewise.
 Candidates are the teacher's top-K with positives, the query itself and texts equal to a
-positive's or the query's removed; only the first `top_k` such eligible candidates count.
+positive's or the query's removed (the eligible ones). Each example's window is the first
+`top_k` of them (`mining.window=rank`), or for the rules with a score bound the first `top_k`
+that pass the rule (`survivors`: a weak positive's window starts below it instead of ending
+above it, and the rule keeps the whole window).
 
 | rule             | keeps eligible candidate d (0-based eligible rank r) when |
 | naive_topk       | always                                                     |
@@ -110,6 +113,11 @@ def rule_threshold(anchor: np.ndarray, cfg: MiningConfig) -> np.ndarray:
     return np.full_like(anchor, np.inf)
 
 
+def survivor_window(cfg: MiningConfig) -> bool:
+    """Whether windows hold the first top_k survivors: `survivors`, for rules with a bound."""
+    return cfg.window == "survivors" and cfg.rule in ("topk_abs", "topk_marginpos", "topk_percpos")
+
+
 def rule_keep(scores: np.ndarray, eligible: np.ndarray, anchor: np.ndarray,
               cfg: MiningConfig) -> tuple[np.ndarray, np.ndarray]:
     """Batched rule: which candidates survive, and which the rule dropped.
@@ -120,14 +128,19 @@ def rule_keep(scores: np.ndarray, eligible: np.ndarray, anchor: np.ndarray,
         anchor: (nq,) s+ per query.
 
     Returns:
-        keep (nq, K) and dropped (nq, K) bool masks; both lie inside the top_k window.
+        keep (nq, K) and dropped (nq, K) bool masks: kept candidates lie in the window, dropped
+        ones are those the rule refused before the window closed.
     """
-    rank = np.cumsum(eligible, axis=1) - 1  # (nq, K) rank among eligible candidates
-    window = eligible & (rank < cfg.top_k)
-    passes = scores < rule_threshold(anchor, cfg)[:, None]
+    passes = scores < rule_threshold(anchor, cfg)[:, None]  # (nq, K)
+    in_window = eligible & passes if survivor_window(cfg) else eligible
+    rank = np.cumsum(in_window, axis=1) - 1  # (nq, K) rank among the window's candidates
+    window = in_window & (rank < cfg.top_k)
     if cfg.rule == "topk_shifted":
         passes = rank >= cfg.shift
-    return window & passes, window & ~passes
+    # Dropped: every eligible candidate the rule refuses before the window closes (with
+    # `rank` windows this is window & ~passes).
+    open_ = np.cumsum(window, axis=1) - window < cfg.top_k  # (nq, K)
+    return window & passes, eligible & open_ & ~passes
 
 
 def rule_keep_reference(scores: Sequence[float], eligible: Sequence[bool], anchor: float,
@@ -135,23 +148,40 @@ def rule_keep_reference(scores: Sequence[float], eligible: Sequence[bool], ancho
     """One query, plain Python: the slow twin `rule_keep` is tested against."""
     keep, rank = [], 0
     for s, ok in zip(scores, eligible, strict=True):
-        if not ok:
+        if cfg.rule == "naive_topk":
+            passes = True
+        elif cfg.rule == "topk_shifted":
+            passes = rank >= cfg.shift
+        elif cfg.rule == "topk_abs":
+            passes = s < cfg.threshold
+        elif cfg.rule == "topk_marginpos":
+            passes = s < anchor - cfg.margin
+        else:
+            passes = s < anchor - abs(anchor) * (1 - cfg.perc)
+        if not ok or (survivor_window(cfg) and not passes):
             keep.append(False)
             continue
-        if rank >= cfg.top_k:
-            keep.append(False)
-        elif cfg.rule == "naive_topk":
-            keep.append(True)
-        elif cfg.rule == "topk_shifted":
-            keep.append(rank >= cfg.shift)
-        elif cfg.rule == "topk_abs":
-            keep.append(s < cfg.threshold)
-        elif cfg.rule == "topk_marginpos":
-            keep.append(s < anchor - cfg.margin)
-        else:
-            keep.append(s < anchor - abs(anchor) * (1 - cfg.perc))
+        keep.append(rank < cfg.top_k and passes)
         rank += 1
     return keep
+
+
+def window_end(q: QueryCandidates, cfg: MiningConfig) -> int | None:
+    """`survivors`: how much of the query's candidate list its examples' windows can reach.
+
+    The window with the lowest bound ends at its top_k-th candidate under that bound
+    (positives and the query itself aside); every other example's window ends earlier.
+    Returns that position + 1 plus `top_k` places of slack for candidates that duplicate-text
+    removal will take out, or None when the list holds fewer than top_k such candidates.
+    """
+    s_plus = np.array([s for _, s in anchors(np.asarray(q.pos_scores), cfg.anchor)])
+    low = rule_threshold(s_plus, cfg).min(initial=np.inf)
+    scores = np.asarray(q.cand_scores)  # (K,)
+    other = ~np.isin(np.asarray(q.cand_ids, dtype=object), [*q.pos_ids, q.query_id])
+    below = np.flatnonzero(other & (scores < low))
+    if len(below) < cfg.top_k:
+        return None
+    return min(len(scores), int(below[cfg.top_k - 1]) + 1 + cfg.top_k)
 
 
 def query_rng(seed: int, query_id: str) -> np.random.Generator:
@@ -216,27 +246,28 @@ def anchors(pos_scores: np.ndarray, mode: str) -> list[tuple[np.ndarray, float]]
     return [(np.arange(len(pos_scores)), float(s_plus))]
 
 
-def mine(batch: Sequence[QueryCandidates], cfg: MiningConfig,
-         texts: Mapping[str, str] | None = None,
-         query_texts: Mapping[str, str] | None = None,
-         stats: MiningStats | None = None) -> tuple[list[dict[str, Any]], MiningStats]:
-    """Apply the rule and the sampling to a batch of queries.
+@dataclass(frozen=True)
+class Filtered:
+    """A batch after the rule: its training examples and what each kept and dropped."""
 
-    Each query gives one example per anchor (`anchors`): with `cfg.anchor == "pair"` one per
-    positive, else one holding all its positives. Returns one dict per kept example
-    (`query_id, positive_ids, positive_scores, negative_ids, negative_scores,
-    query_positive_ids`) and the stats, updated in place when given.
-    """
-    stats = stats or MiningStats()
+    queries: list[QueryCandidates]  # those with positives
+    examples: list[tuple[int, np.ndarray]]  # (query row, indices of its positives) per example
+    scores: np.ndarray  # (nq, K) teacher scores, -inf padding
+    keep: np.ndarray  # (ne, K) survivors of the rule, inside each example's window
+    dropped: np.ndarray  # (ne, K) refused by the rule before the window closed
+
+
+def filter_batch(batch: Sequence[QueryCandidates], cfg: MiningConfig,
+                 texts: Mapping[str, str] | None, query_texts: Mapping[str, str] | None,
+                 stats: MiningStats) -> Filtered:
+    """Eligibility, anchors and the batched rule for a batch of queries (counts into `stats`)."""
     with_pos = [q for q in batch if len(q.pos_ids) > 0]
     stats.queries_in += len(batch)
     stats.queries_no_positive += len(batch) - len(with_pos)
-    if not with_pos:
-        return [], stats
-    width = max(len(q.cand_ids) for q in with_pos)
+    width = max((len(q.cand_ids) for q in with_pos), default=0)
     scores = np.full((len(with_pos), width), -np.inf, dtype=np.float64)  # (nq, K)
     eligible = np.zeros((len(with_pos), width), dtype=bool)
-    examples: list[tuple[int, np.ndarray]] = []  # (query row, its positives' indices)
+    examples: list[tuple[int, np.ndarray]] = []
     anchor_list: list[float] = []
     for i, q in enumerate(with_pos):
         n = len(q.cand_ids)
@@ -250,17 +281,33 @@ def mine(batch: Sequence[QueryCandidates], cfg: MiningConfig,
         for pos, s_plus in anchors(np.asarray(q.pos_scores), cfg.anchor):
             examples.append((i, pos))
             anchor_list.append(s_plus)
-    qrow = np.array([i for i, _ in examples])  # (ne,) example -> query row
+    qrow = np.array([i for i, _ in examples], dtype=np.int64)  # (ne,) example -> query row
     keep, dropped = rule_keep(scores[qrow], eligible[qrow], np.array(anchor_list), cfg)  # (ne, K)
     stats.examples += len(examples)
     stats.dropped_by_rule += int(dropped.sum())
     stats.hist_dropped += _hist(scores[qrow][dropped])
+    return Filtered(with_pos, examples, scores, keep, dropped)
+
+
+def mine(batch: Sequence[QueryCandidates], cfg: MiningConfig,
+         texts: Mapping[str, str] | None = None,
+         query_texts: Mapping[str, str] | None = None,
+         stats: MiningStats | None = None) -> tuple[list[dict[str, Any]], MiningStats]:
+    """Apply the rule and the sampling to a batch of queries.
+
+    Each query gives one example per anchor (`anchors`): with `cfg.anchor == "pair"` one per
+    positive, else one holding all its positives. Returns one dict per kept example
+    (`query_id, positive_ids, positive_scores, negative_ids, negative_scores,
+    query_positive_ids`) and the stats, updated in place when given.
+    """
+    stats = stats or MiningStats()
+    f = filter_batch(batch, cfg, texts, query_texts, stats)
     rows, short_queries, kept_queries = [], set(), set()
-    for e, (i, pos) in enumerate(examples):
-        q = with_pos[i]
+    for e, (i, pos) in enumerate(f.examples):
+        q = f.queries[i]
         pos_ids = [q.pos_ids[j] for j in pos]
         key = q.query_id if cfg.anchor != "pair" else f"{q.query_id}\x1f{pos_ids[0]}"
-        chosen = select(np.flatnonzero(keep[e]), scores[i], cfg, query_rng(cfg.seed, key))
+        chosen = select(np.flatnonzero(f.keep[e]), f.scores[i], cfg, query_rng(cfg.seed, key))
         if len(chosen) < cfg.num_negatives:
             stats.examples_too_few += 1
             short_queries.add(q.query_id)
@@ -269,13 +316,13 @@ def mine(batch: Sequence[QueryCandidates], cfg: MiningConfig,
                 continue
         kept_queries.add(q.query_id)
         stats.negatives_kept += len(chosen)
-        stats.hist_kept += _hist(scores[i, chosen])
+        stats.hist_kept += _hist(f.scores[i, chosen])
         rows.append({
             "query_id": q.query_id,
             "positive_ids": pos_ids,
             "positive_scores": [float(q.pos_scores[j]) for j in pos],
             "negative_ids": [q.cand_ids[j] for j in chosen],
-            "negative_scores": [float(scores[i, j]) for j in chosen],
+            "negative_scores": [float(f.scores[i, j]) for j in chosen],
             "query_positive_ids": list(q.pos_ids),
         })
     stats.examples_out += len(rows)
@@ -304,19 +351,22 @@ def starvation_warning(stats: MiningStats | Mapping[str, Any], cfg: MiningConfig
     msg = (f"{share:.0%} of training examples ({_stat(stats, 'examples_too_few')} of "
            f"{_stat(stats, 'examples')}) "
            f"have fewer than mining.num_negatives={cfg.num_negatives} negatives")
-    if cfg.rule in ("topk_percpos", "topk_marginpos") and cfg.anchor == "pair":
-        why = ("each (query, positive) example is anchored on its own positive, and weak "
-               "positives have nothing below them in the teacher's top candidates; those examples "
-               "still train on in-batch negatives (on CISI this trained better than "
-               "mining.anchor=max, which fills them with candidates that outscore the positive); "
-               "raise mining.top_k to give them more")
-    elif cfg.rule in ("topk_percpos", "topk_marginpos") and cfg.anchor != "max":
+    anchored = cfg.rule in ("topk_percpos", "topk_marginpos")
+    if anchored and cfg.anchor in ("min", "mean"):
         what = {"min": "the weakest positive's score", "mean": "the mean positive score"}[cfg.anchor]
         why = (f"mining.anchor={cfg.anchor} anchors on {what}, and weak positives (queries "
                "with many positives have them) score below most of the teacher's top "
                "candidates; mining.anchor=pair (the default) gives each positive its own "
                "example, mining.anchor=max anchors on the strongest positive")
-    elif cfg.rule in ("topk_percpos", "topk_marginpos"):
+    elif survivor_window(cfg):
+        why = ("weak positives sit deeper in the teacher's ranking than mining.max_depth="
+               f"{cfg.max_depth} candidates (or near the end of the corpus), leaving too few "
+               "below them; raise mining.max_depth, or keep the shortfall (mining.too_few)")
+    elif anchored and cfg.anchor == "pair":
+        why = ("the window is the teacher's first mining.top_k candidates and weak positives "
+               "score below most of them, so the rule drops them all; mining.window=survivors "
+               "(the default) fills each window with candidates that pass the rule")
+    elif anchored:
         why = ("weak positives leave few candidates below their score; raise mining.top_k, "
                f"loosen the rule (mining.{'perc' if cfg.rule == 'topk_percpos' else 'margin'}), "
                "or keep the shortfall (mining.too_few)")

@@ -28,6 +28,7 @@ from posmine.config import (
     resolve_stages,
     resolve_teachers,
 )
+from posmine.mining import survivor_window
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,14 @@ def embed(cfg: Config, teacher: TeacherConfig | None = None) -> dict[str, Any]:
     return manifest
 
 
-def search(cfg: Config, teacher: TeacherConfig, split: str, k: int) -> tuple[str, dict[str, Any]]:
-    """Candidates for the queries of `split`, from `teacher`'s embeddings."""
+def search(cfg: Config, teacher: TeacherConfig, split: str, k: int,
+           query_ids: Sequence[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """Candidates for `query_ids` (default: the queries of `split`), from `teacher`'s embeddings."""
     emb = embed(cfg, teacher)
     data_dir, _ = prepare(cfg)
-    qrels = data.read_prepared_qrels(data_dir, split)
-    query_ids = sorted(set(qrels.column("query_id").to_pylist()))
-    return index.run_search(cfg.index, emb["dir"], cfg.output.dir, split, query_ids, k,
+    if query_ids is None:
+        query_ids = data.read_prepared_qrels(data_dir, split).column("query_id").to_pylist()
+    return index.run_search(cfg.index, emb["dir"], cfg.output.dir, split, sorted(set(query_ids)), k,
                             upstream=str(emb["config_hash"]))
 
 
@@ -83,6 +85,36 @@ def candidate_depth(data_dir: str, split: str, top_k: int) -> int:
     """Candidates to fetch so that `top_k` remain after removing positives and self-hits."""
     positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
     return top_k + max((len(p) for p in positives.values()), default=0) + 1
+
+
+def candidates(cfg: Config, teacher: TeacherConfig,
+               minings: Sequence[MiningConfig]) -> tuple[list[str], str, dict[str, Any]]:
+    """Search `cfg.data.split` deep enough for the windows of every setting in `minings`.
+
+    Returns the search stages' folders (shallowest first: a later one holds the deeper lists
+    of the queries that needed them), their combined key and what the deepening did. With
+    `window=survivors` the queries with fewer than top_k candidates under some setting's lowest
+    bound are searched again 4x deeper, up to `mining.max_depth`.
+    """
+    data_dir, _ = prepare(cfg)
+    depth = candidate_depth(data_dir, cfg.data.split, max(m.top_k for m in minings))
+    cand_dir, cand = search(cfg, teacher, cfg.data.split, depth)
+    dirs, keys, rounds = [cand_dir], [str(cand["config_hash"])], [[depth, cand["rows"]["queries"]]]
+    emb_dir = embed_stage.stage_dir(cfg.output.dir, teacher)
+    deepen = [m for m in minings if survivor_window(m)]
+    max_depth = max((m.max_depth for m in deepen), default=0)
+    while depth < max_depth:
+        todo = mine_stage.unfilled(deepen, data_dir, emb_dir, dirs[-1], cfg.data.split, depth)
+        if not todo:
+            break
+        depth = min(max_depth, depth * 4)
+        log.info("searching %d queries %d deep: fewer than mining.top_k candidates pass the "
+                 "rule in the shallower list", len(todo), depth)
+        cand_dir, cand = search(cfg, teacher, cfg.data.split, depth, todo)
+        dirs.append(cand_dir)
+        keys.append(str(cand["config_hash"]))
+        rounds.append([depth, len(todo)])
+    return dirs, config_hash(*keys), {"search_rounds": rounds}
 
 
 def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig | None = None,
@@ -104,13 +136,25 @@ def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig
 
 def _mine_one(cfg: Config, teacher: TeacherConfig, mining: MiningConfig, name: str) -> dict[str, Any]:
     data_dir, _ = prepare(cfg)
-    depth = candidate_depth(data_dir, cfg.data.split, mining.top_k)
-    cand_dir, cand = search(cfg, teacher, cfg.data.split, depth)
+    cand_dirs, upstream, _ = candidates(cfg, teacher, [mining])
     emb_dir = embed_stage.stage_dir(cfg.output.dir, teacher)
-    manifest = mine_stage.run(mining, data_dir, emb_dir, cand_dir, cfg.output.dir,
-                              cfg.data.split, upstream=str(cand["config_hash"]), name=name)
+    manifest = mine_stage.run(mining, data_dir, emb_dir, cand_dirs, cfg.output.dir,
+                              cfg.data.split, upstream=upstream, name=name)
     manifest["dir"] = storage.join(cfg.output.dir, name)
     return manifest
+
+
+def audit(cfg: Config) -> dict[str, Any]:
+    """data -> embed -> search (deep enough for every setting) -> audit of `cfg.audit.grid`."""
+    from posmine import audit as audit_stage
+
+    data_dir, _ = prepare(cfg)
+    grid = audit_stage.settings(cfg.mining, cfg.audit)
+    # Deep enough for every setting's windows with all positives as anchors; hiding some can
+    # lower a `max` or `mean` anchor below that, and the audit then counts those examples short.
+    dirs, key, _ = candidates(cfg, cfg.teacher, [m for _, m in grid])
+    return audit_stage.run(cfg.audit, grid, data_dir, embed_stage.stage_dir(cfg.output.dir, cfg.teacher),
+                           dirs, cfg.output.dir, cfg.data.split, key)
 
 
 def evaluate(cfg: Config, model: str | None = None) -> dict[str, Any]:

@@ -231,6 +231,12 @@ def open_read(url: str, compression: str | None = "infer") -> Iterator[IO[bytes]
 
 
 @retrying
+def read_bytes(url: str) -> bytes:
+    with open_read(url, compression=None) as f:
+        return f.read()
+
+
+@retrying
 def read_text(url: str) -> str:
     with open_read(url) as f:
         return f.read().decode("utf-8")

@@ -311,18 +311,21 @@ def _worker(config: dict[str, Any]) -> None:
     examples = expand(storage.read_parquet(config["mined_url"]))
     done_before, steps = trainer.step_no, config["steps"]
     losses: list[float] = []
+    curve: list[list[float]] = []  # [step, mean loss of the last log_every steps]
     timer = StepTimer()
     for batch in epoch_batches(examples, cfg, skip=done_before, world=world):
         if trainer.step_no >= steps:
             break
         losses.append(trainer.step(batch[rank::world]))
         timer.tick(len(batch))
+        if trainer.step_no % cfg.log_every == 0 or trainer.step_no == steps:
+            curve.append([trainer.step_no, float(np.mean(losses[-cfg.log_every:]))])
         _report(trainer, losses, steps, cfg)
         crash_hook(trainer.step_no)
     masked = _sum_over_workers([trainer.masked["hard"], trainer.masked["in_batch"]])
     final = {"step": trainer.step_no, "loss": float(np.mean(losses[-10:] or [0.0])),
              "resumed_from": done_before, "steady_samples_per_s": timer.rate(), "done": 1,
-             "masked_hard": masked[0], "masked_in_batch": masked[1]}
+             "masked_hard": masked[0], "masked_in_batch": masked[1], "loss_curve": curve}
     with tempfile.TemporaryDirectory() as d:
         if rank == 0:
             trainer.export(d)
@@ -423,7 +426,9 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
                    # labelled positives kept out of the loss (counted over the steps of the last
                    # attempt when a worker was restarted)
                    "masked_hard_negatives": metrics.get("masked_hard"),
-                   "masked_in_batch_pairs": metrics.get("masked_in_batch")},
+                   "masked_in_batch_pairs": metrics.get("masked_in_batch"),
+                   # the last attempt's steps (from resumed_from_step on after a restart)
+                   "loss_curve": metrics.get("loss_curve", [])},
             extra={"model_dir": storage.join(target, "model"), "train": to_dict(cfg)},
             outputs=MODEL_FILES)
 

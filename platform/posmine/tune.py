@@ -146,7 +146,7 @@ class Shared:
     cfg: Config
     data_dir: str
     embed_dir: str
-    cand_dir: str
+    cand_dirs: list[str]
     upstream: str  # the candidates' config hash
     trials_dir: str
     dev: DevSet
@@ -163,7 +163,7 @@ def trial(config: dict[str, Any], shared: Shared) -> None:
     mining = trial_mining(cfg.mining, config["mining"])
     started = time.time()
     out = storage.join(shared.trials_dir, tune.get_context().get_trial_id())
-    mined = mine_stage.run(mining, shared.data_dir, shared.embed_dir, shared.cand_dir, out,
+    mined = mine_stage.run(mining, shared.data_dir, shared.embed_dir, shared.cand_dirs, out,
                            cfg.data.split, shared.upstream)  # skipped on a restored trial
     rows = expand(storage.read_parquet(storage.join(out, "mine", "mined.parquet")))
     if not rows:
@@ -245,16 +245,19 @@ def prepare_shared(cfg: Config, target: str) -> tuple[Shared, dict[str, Any]]:
 
     data_dir, _ = pipeline.prepare(cfg)
     top_k = max(_largest(cfg.tune.space, "top_k", cfg.mining.top_k), 1)
-    depth = pipeline.candidate_depth(data_dir, cfg.data.split, top_k)
-    cand_dir, cand = pipeline.search(cfg, cfg.teacher, cfg.data.split, depth)
+    # Deep enough for the largest top_k and the weakest anchor (`pair`'s) under the config's
+    # own rule; an arm with a lower bound may find fewer survivors, which its row counts.
+    deep = cfg.mining.window == "survivors" or any("window" in arm for arm in cfg.tune.space)
+    deepest = dataclasses.replace(cfg.mining, top_k=top_k, anchor="pair",
+                                  window="survivors" if deep else "rank")
+    cand_dirs, upstream, searched = pipeline.candidates(cfg, cfg.teacher, [deepest])
     pool_dir = (pipeline.search(cfg, cfg.teacher, "dev", cfg.tune.dev_pool)[0]
                 if cfg.tune.dev_pool else None)
     dev = dev_set(cfg, data_dir, pool_dir)
     emb_dir = embed_stage.stage_dir(cfg.output.dir, cfg.teacher)
-    shared = Shared(cfg, data_dir, emb_dir, cand_dir, str(cand["config_hash"]),
-                    storage.join(target, "trials"), dev)
+    shared = Shared(cfg, data_dir, emb_dir, cand_dirs, upstream, storage.join(target, "trials"), dev)
     return shared, {"dev_queries": len(dev.query_ids), "dev_documents": len(dev.doc_ids),
-                    "candidate_depth": depth}
+                    **searched}
 
 
 def _largest(space: Sequence[Mapping[str, Any]], key: str, default: int) -> int:
