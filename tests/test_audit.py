@@ -148,3 +148,6 @@ def test_cli_audit_on_a_small_beir_dataset(ray_local: None, tiny_beir: str, tiny
     assert json.loads((folder / "_manifest.json").read_text())["rows"]["settings"] == len(rows)
     assert cli.main(args) == 0  # current: skipped, same folder
     assert list((out / "audit").iterdir()) == [folder]
+    (folder / "report.html").unlink()
+    assert cli.main(["report", str(folder)]) == 0  # the page again, from the audit's files
+    assert (folder / "report.html").read_text() == page

@@ -10,14 +10,17 @@ from hypothesis import strategies as st
 
 from posmine.config import RULES, MiningConfig
 from posmine.mining import (
+    MiningStats,
     QueryCandidates,
     combine_mined,
     combine_teachers,
+    example_key,
     mine,
     normalize_text,
     query_rng,
     rule_keep,
     rule_keep_reference,
+    short_share,
 )
 
 # One query, two positives (p1 0.80, p2 0.70): s+ = 0.70, the weakest positive.
@@ -74,10 +77,14 @@ def test_k_larger_than_window_does_not_crash() -> None:
     assert stats.queries_too_few == 1
     rows, stats = mine([Q], replace(cfg, too_few="drop"))
     assert rows == [] and stats.queries_dropped_too_few == 1
+    assert (stats.examples, stats.examples_too_few, stats.examples_dropped_too_few,
+            stats.examples_out, stats.negatives_kept) == (2, 2, 2, 0, 0)  # pair: one per positive
+    assert short_share(MiningStats()) == 0.0  # no examples: nothing short, no division by zero
 
 
 def test_stats_count_what_the_rule_dropped() -> None:
     _, stats = mine([Q], MiningConfig(rule="topk_percpos", top_k=30, anchor="min"))
+    assert (stats.queries_in, stats.examples, stats.negatives_kept) == (1, 1, 3)  # d, e, f
     assert stats.removed_positive == 2
     assert stats.dropped_by_rule == 3  # a 0.75, b 0.69, c 0.665 >= 0.665
     assert stats.positives_not_in_topk == 0 and stats.queries_out == 1
@@ -96,6 +103,22 @@ def test_self_hit_duplicates_and_no_positive() -> None:
     rows, _ = mine([q], MiningConfig(rule="naive_topk", dedup_text="exact"), texts, {"q7": "x"})
     assert rows[0]["negative_ids"] == ["dup", "dupq", "ok"]
     assert normalize_text(" A-b  C. ") == "a b c"
+
+
+def test_self_hit_by_value_not_identity() -> None:
+    qid = "".join(["q", "7"])  # equal to the candidate id "q7", another object (as ids read from files)
+    q = QueryCandidates(qid, ["q7", "ok"], np.array([0.9, 0.4]), ["p"], np.array([0.8]))
+    rows, stats = mine([q], MiningConfig(rule="naive_topk"))
+    assert rows[0]["negative_ids"] == ["ok"] and stats.removed_self == 1
+
+
+def test_histograms_keep_negative_scores() -> None:
+    q = QueryCandidates("q", ["a", "b"], np.array([-0.31, -0.61]), ["p"], np.array([-0.21]))
+    _, stats = mine([q], MiningConfig(rule="naive_topk"))
+    bins = stats.to_dict()["histograms"]["bins"]
+    assert len(bins) == 81 and bins[0] == -1.0 and bins[-1] == 1.0  # 0.025 wide
+    assert stats.hist_kept[np.searchsorted(bins, -0.61) - 1] == 1  # not clipped to 0
+    assert stats.hist_positive[np.searchsorted(bins, -0.21) - 1] == 1
 
 
 def test_positive_outside_top_k_is_counted() -> None:
@@ -117,6 +140,9 @@ def test_sampling_is_seeded_and_from_the_top_n() -> None:
     assert set(soft) <= set(cands[:8])
     # order is by score, best first
     assert [cands.index(c) for c in a] == sorted(cands.index(c) for c in a)
+    # plain sampling does not always take the best survivor (top1_sample does)
+    firsts = {negs(replace(cfg, seed=s), q)[0] for s in range(12)}
+    assert firsts - {"c0"}
 
 
 def test_softmax_sampling_prefers_high_scores() -> None:
@@ -164,11 +190,19 @@ def test_combine_mined_rows_of_two_teachers() -> None:
     assert stats["negatives_in_teacher"] == [3, 4]  # a, b, x | b, d, y, z
     assert stats["negatives_in_several_teachers"] == 1  # b
     assert (stats["queries_out"], stats["negatives_kept"], stats["queries_too_few"]) == (3, 6, 2)
+    assert (stats["examples"], stats["examples_too_few"], stats["examples_out"]) == (3, 2, 3)
     dropped, dstats = combine_mined([t1, t2], replace(cfg, too_few="drop"))
     assert [r["query_id"] for r in dropped] == ["q1"] and dstats["queries_dropped_too_few"] == 2
     cross, _ = combine_mined([t1, t2], replace(cfg, combine="cross_sample"))
     assert cross[0]["negative_ids"] in (["a", "b", "c"], ["b", "d"])
     assert cross == combine_mined([t1, t2], replace(cfg, combine="cross_sample"))[0]  # seeded
+    # the teacher is drawn per example: by the (query, positive) key with anchor=pair, by the
+    # query with one example per query
+    for anchor in ("pair", "max"):
+        c = replace(cfg, combine="cross_sample", anchor=anchor)
+        key = example_key(t1[0]) if anchor == "pair" else "q1"
+        want = [t1[0], t2[0]][int(query_rng(c.seed, key).integers(2))]["negative_ids"][:3]
+        assert combine_mined([t1, t2], c)[0][0]["negative_ids"] == want, anchor
 
 
 # ---------------------------------------------------------------- batched == per-query
@@ -236,3 +270,5 @@ def test_bounds_are_exclusive_on_exact_floats(rule: str, params: dict) -> None:
     q = QueryCandidates("q", ["p", "on", "below"], np.array([0.75, bound, below]), ["p"],
                         np.array([0.75]))
     assert negs(cfg, q) == ["below"]
+    # the per-query reference twin draws the same exclusive bound
+    assert rule_keep_reference([0.75, bound, below], [False, True, True], 0.75, cfg) == [False, False, True]

@@ -66,6 +66,17 @@ def test_batched_survivors_equals_reference(rule: str) -> None:
     assert not (keep & dropped).any() and not (dropped & ~eligible).any()
 
 
+def test_window_end_counts_strictly_below_the_bound() -> None:
+    """Abs 0.5, top_k 2: candidates at exactly 0.5 are not under the bound; the second one
+    under it is at position 4, so the lists is cut after it plus top_k places of slack."""
+    q = QueryCandidates("q", ["p", "a", "b", "c", "d", "e", "f", "g", "h"],
+                        np.array([0.9, 0.5, 0.5, 0.25, 0.125, 0.1, 0.05, 0.0, -0.1]), ["p"], np.array([0.9]))
+    cfg = MiningConfig(rule="topk_abs", threshold=0.5, top_k=2)
+    assert window_end(q, cfg) == 4 + 1 + 2
+    assert window_end(q, replace(cfg, top_k=9)) is None  # fewer than 9 under it: search deeper
+    assert window_end(q, replace(cfg, top_k=5)) == len(q.cand_ids)  # never past the list
+
+
 def random_query(rng: np.random.Generator, i: int, n: int = 200) -> QueryCandidates:
     scores = np.sort(rng.uniform(-0.2, 1.0, n))[::-1]  # (K,)
     ids = [f"q{i}-d{j}" for j in range(n)]

@@ -117,9 +117,9 @@ class MiningConfig:
     # own positive (the paper's formulation; a query with P positives gives P examples);
     # `min` (the weakest positive), `max`, `mean` give one example per query. With one
     # positive they agree. `pair` by measurement (BENCHMARKS.md, 3 seeds): CISI nDCG@10 0.431 vs
-    # 0.416 for `max`, Cranfield 0.396 vs 0.390, though it leaves more examples short of
-    # negatives (CISI 81%, max 8%): a weak positive has nothing below it to mine, and `max`
-    # fills that gap with candidates that outscore the positive, the false negatives.
+    # 0.416 for `max`, Cranfield 0.396 vs 0.390; `max` fills a weak positive's example with
+    # candidates that outscore it, the false negatives (the audit: 2.5-3x pair's). With the
+    # survivors window (below) a weak positive's example still gets its negatives.
     anchor: Anchor = "pair"
     perc: Annotated[float, Range(0.0, 1.0)] = 0.95  # topk_percpos: keep s < s+ * perc
     margin: Annotated[float, Range(0.0, 2.0)] = 0.05  # topk_marginpos: keep s < s+ - margin
