@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from posmine.config import RULES, MiningConfig
+from posmine.config import RULES, MiningConfig, load_config
 from posmine.mining import (
     MiningStats,
     QueryCandidates,
@@ -46,8 +46,10 @@ def negs(cfg: MiningConfig, q: QueryCandidates = Q) -> list[str]:
     ("topk_percpos", {"perc": 1.0}, ["b", "c", "d", "e"]),
 ])
 def test_rules_on_hand_computed_scores(rule: str, params: dict, expected: list[str]) -> None:
-    cfg = replace(MiningConfig(rule=rule, num_negatives=4, anchor="min"), **params)  # type: ignore[arg-type]
-    assert negs(cfg) == expected
+    # loaded as a user's config is: its strings are made at run time, not interned literals
+    keys = [f"mining.rule={rule}", "mining.num_negatives=4", "mining.anchor=min",
+            *(f"mining.{k}={v}" for k, v in params.items())]
+    assert negs(load_config(None, keys).mining) == expected
 
 
 def test_anchor_is_the_weakest_positive_and_positives_never_return() -> None:
@@ -102,6 +104,13 @@ def test_self_hit_duplicates_and_no_positive() -> None:
     assert (stats.removed_self, stats.removed_duplicate_text, stats.queries_no_positive) == (1, 2, 1)
     rows, _ = mine([q], MiningConfig(rule="naive_topk", dedup_text="exact"), texts, {"q7": "x"})
     assert rows[0]["negative_ids"] == ["dup", "dupq", "ok"]
+    exact = {**texts, "dup": "The  Cell, divides."}  # the positive's text, byte for byte
+    exact_cfg = load_config(None, ["mining.rule=naive_topk", "mining.dedup_text=exact"]).mining
+    rows, _ = mine([q], exact_cfg, exact, {"q7": "x"})
+    assert rows[0]["negative_ids"] == ["dupq", "ok"]
+    # a query whose text is its positive's: documents with that text are still removed
+    rows, _ = mine([q], MiningConfig(rule="naive_topk"), exact, {"q7": "the cell divides"})
+    assert rows[0]["negative_ids"] == ["dupq", "ok"]
     assert normalize_text(" A-b  C. ") == "a b c"
 
 
@@ -119,6 +128,10 @@ def test_histograms_keep_negative_scores() -> None:
     assert len(bins) == 81 and bins[0] == -1.0 and bins[-1] == 1.0  # 0.025 wide
     assert stats.hist_kept[np.searchsorted(bins, -0.61) - 1] == 1  # not clipped to 0
     assert stats.hist_positive[np.searchsorted(bins, -0.21) - 1] == 1
+    _, pos = mine([QueryCandidates("q", ["a"], np.array([0.81]), ["p"], np.array([0.91]))],
+                  MiningConfig(rule="naive_topk"))
+    assert pos.hist_kept[np.searchsorted(bins, 0.81) - 1] == 1  # nor positive ones to 0
+    assert pos.hist_positive[np.searchsorted(bins, 0.91) - 1] == 1
 
 
 def test_positive_outside_top_k_is_counted() -> None:
@@ -164,6 +177,9 @@ def test_combine_teachers() -> None:
     assert [d for d, _ in kept] == ["a", "b", "b", "d"]
     cross = combine_teachers([t1, t2], "cross_sample", 2, query_rng(0, "q"))
     assert cross in (t1[:2], t2[:2])
+    # lists of different lengths: the short one runs out, the long one goes on
+    uneven = combine_teachers([t1[:1], t2], "intra_sample", 4, query_rng(0, "q"))
+    assert [d for d, _ in uneven] == ["a", "b", "d", "e"]
     with pytest.raises(ValueError, match="allowed"):
         combine_teachers([t1], "mix", 2, query_rng(0, "q"))
 
@@ -193,16 +209,19 @@ def test_combine_mined_rows_of_two_teachers() -> None:
     assert (stats["examples"], stats["examples_too_few"], stats["examples_out"]) == (3, 2, 3)
     dropped, dstats = combine_mined([t1, t2], replace(cfg, too_few="drop"))
     assert [r["query_id"] for r in dropped] == ["q1"] and dstats["queries_dropped_too_few"] == 2
+    assert (dstats["examples_too_few"], dstats["examples_dropped_too_few"]) == (2, 2)
     cross, _ = combine_mined([t1, t2], replace(cfg, combine="cross_sample"))
     assert cross[0]["negative_ids"] in (["a", "b", "c"], ["b", "d"])
     assert cross == combine_mined([t1, t2], replace(cfg, combine="cross_sample"))[0]  # seeded
     # the teacher is drawn per example: by the (query, positive) key with anchor=pair, by the
-    # query with one example per query
+    # query with one example per query (12 queries: a wrong key cannot match them all by chance)
+    a = [_mined(f"q{i}", [("a", 0.9), ("b", 0.8)], 0.95) for i in range(12)]
+    b = [_mined(f"q{i}", [("c", 0.7), ("d", 0.6)], 0.9) for i in range(12)]
     for anchor in ("pair", "max"):
-        c = replace(cfg, combine="cross_sample", anchor=anchor)
-        key = example_key(t1[0]) if anchor == "pair" else "q1"
-        want = [t1[0], t2[0]][int(query_rng(c.seed, key).integers(2))]["negative_ids"][:3]
-        assert combine_mined([t1, t2], c)[0][0]["negative_ids"] == want, anchor
+        c = replace(cfg, combine="cross_sample", anchor=anchor, num_negatives=2)
+        want = [[a[i], b[i]][int(query_rng(c.seed, example_key(a[i]) if anchor == "pair" else f"q{i}")
+                                 .integers(2))]["negative_ids"] for i in range(12)]
+        assert [r["negative_ids"] for r in combine_mined([a, b], c)[0]] == want, anchor
 
 
 # ---------------------------------------------------------------- batched == per-query

@@ -92,6 +92,21 @@ def test_starvation_warning_names_the_cause() -> None:
     assert msg is not None and "100%" in msg and "mining.anchor=pair (the default)" in msg
     _, stats = mine([Q], MiningConfig(anchor="max", num_negatives=4))
     assert starvation_warning(stats, MiningConfig(anchor="max")) is None
+    short = {"examples": 10, "examples_too_few": 3}
+    causes = {  # each setting's likely cause names the key to change
+        "pair rank": (MiningConfig(window="rank"), "mining.window=survivors"),
+        "pair survivors": (MiningConfig(), "mining.max_depth=4096"),
+        "max rank": (MiningConfig(anchor="max", window="rank"), "mining.perc"),
+        "margin rank": (MiningConfig(rule="topk_marginpos", anchor="max", window="rank"), "mining.margin"),
+        "abs": (MiningConfig(rule="topk_abs", window="rank"), "raise it"),
+        "naive": (MiningConfig(rule="naive_topk"), "retrieved too few candidates"),
+    }
+    for name, (cfg, key) in causes.items():
+        msg = starvation_warning(short, cfg)
+        assert msg is not None and "30% of training examples (3 of 10)" in msg and key in msg, name
+        others = [k for n, (_, k) in causes.items() if n != name and k != key]
+        assert not any(k in msg for k in others), (name, msg)
+    assert starvation_warning({"examples": 10, "examples_too_few": 2}, MiningConfig()) is None  # 20%
 
 
 # ---------------------------------------------------------------- training
