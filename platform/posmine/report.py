@@ -1,9 +1,11 @@
 """`posmine report`: a PNG histogram of teacher scores from a mine stage's manifest, the
-audit's plots, and self-contained HTML pages (tables and embedded PNGs) for both.
+audit's plots, and self-contained `report.html` pages (tables, PNGs inlined as data: URLs, no
+scripts: they open offline in any browser).
 
-Reads `<mine dir>/_manifest.json` (its histograms of positive, kept-negative and
-dropped-negative scores, and how many examples ended short of negatives, with the mine
-stage's warning when over 20% did); writes `scores.png` beside it or where asked.
+Reads a mine stage's `_manifest.json` (its histograms of positive, kept-negative and
+dropped-negative scores, and how many examples ended short of negatives, with the mine stage's
+warning when over 20% did), an audit's `audit.json` and plots, or a run's `summary.json` with
+its mine and train manifests (the loss curve); writes `scores.png` and `report.html` beside them.
 """
 
 from __future__ import annotations
