@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from posmine.config import RULES, MiningConfig
-from posmine.mining import QueryCandidates, mine, rule_keep, rule_keep_reference, window_end
+from posmine.mining import (
+    QueryCandidates,
+    cut_to_window,
+    mine,
+    rule_keep,
+    rule_keep_reference,
+    window_end,
+)
 
 # One query, a strong positive (rank 0) and a weak one (rank 6) among 12 candidates.
 IDS = ["p1", "a", "b", "c", "d", "e", "p2", "f", "g", "h", "i", "j"]
@@ -92,13 +99,10 @@ def test_cut_lists_mine_the_same_as_whole_lists(anchor: str) -> None:
     cfg = MiningConfig(anchor=anchor, top_k=10, num_negatives=4,  # type: ignore[arg-type]
                        sampling="sample", sample_from=8)
     whole = [random_query(rng, i) for i in range(40)]
-    cut = []
-    for q in whole:
-        end = window_end(q, cfg)
-        assert end is not None and end <= len(q.cand_ids)
-        cut.append(QueryCandidates(q.query_id, q.cand_ids[:end], q.cand_scores[:end], q.pos_ids,
-                                   q.pos_scores))
+    assert all(window_end(q, cfg) is not None for q in whole)
+    cut = [cut_to_window(q, cfg) for q in whole]
     assert mine(cut, cfg)[0] == mine(whole, cfg)[0]
+    assert cut_to_window(whole[0], replace(cfg, window="rank")) is whole[0]  # rank: never cut
     assert any(len(c.cand_ids) < len(w.cand_ids) for c, w in zip(cut, whole, strict=True))
     short = QueryCandidates("s", ["x", "p", "y"], np.array([0.9, 0.5, 0.1]), ["p"], np.array([0.5]))
     assert window_end(short, cfg) is None

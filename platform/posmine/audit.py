@@ -118,10 +118,7 @@ def audit_rows(grid: Sequence[tuple[str, MiningConfig]], cands: Sequence[Mapping
             visible, _ = split_positives[c["query_id"]]
             q = mining.QueryCandidates(c["query_id"], c["doc_ids"], np.asarray(c["scores"], np.float64),
                                        visible, np.array([pos_score[c["query_id"]][p] for p in visible]))
-            if mining.survivor_window(m):  # as the mine stage does: no deeper than the windows reach
-                end = mining.window_end(q, m)
-                q = dataclasses.replace(q, cand_ids=q.cand_ids[:end], cand_scores=q.cand_scores[:end])
-            batch.append(q)
+            batch.append(mining.cut_to_window(q, m))  # as the mine stage does
         hidden = {q: h for q, (_, h) in split_positives.items()}
         counts = audit_batch(batch, hidden, m, texts, qtexts)
         param = {"topk_shifted": m.shift, "topk_abs": m.threshold, "topk_marginpos": m.margin,

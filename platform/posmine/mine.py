@@ -97,25 +97,20 @@ def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Seque
               split: str) -> tuple[list[dict[str, Any]], mining.MiningStats]:
     """The pure miner over the search stage's candidates, with texts and hashes joined in.
 
-    With `survivors` windows each list is first cut where its windows end (`mining.window_end`),
-    so a list searched deep for one weak positive costs no more than its windows need.
+    With `survivors` windows each list is first cut where its windows end (`mining.cut_to_window`).
     """
-    cands = read_candidates(cand_dirs)
     positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
     pos_scores = positive_scores(embed_dir, positives)
-    if mining.survivor_window(cfg):
-        for c in cands:
-            end = mining.window_end(_query_candidates(c, positives, pos_scores), cfg)
-            c["doc_ids"], c["scores"] = c["doc_ids"][:end], c["scores"][:end]
-    need = {d for c in cands for d in c["doc_ids"]} | {d for p in positives.values() for d in p}
+    queries = [mining.cut_to_window(_query_candidates(c, positives, pos_scores), cfg)
+               for c in read_candidates(cand_dirs)]
+    need = {d for q in queries for d in q.cand_ids} | {d for p in positives.values() for d in p}
     texts = data.read_texts(storage.join(data_dir, "corpus"), need)
-    qtexts = data.read_texts(storage.join(data_dir, "queries.parquet"),
-                             {c["query_id"] for c in cands})
+    qtexts = data.read_texts(storage.join(data_dir, "queries.parquet"), {q.query_id for q in queries})
     scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
     stats = mining.MiningStats()
     rows: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(cands), BATCH), desc="mining", unit="batch"):
-        batch = [_query_candidates(c, positives, pos_scores) for c in cands[start:start + BATCH]]
+    for start in tqdm(range(0, len(queries), BATCH), desc="mining", unit="batch"):
+        batch = queries[start:start + BATCH]
         if scorer is not None:
             batch = rescore(batch, scorer, texts, qtexts)
         mined, _ = mining.mine(batch, cfg, texts, qtexts, stats)

@@ -28,7 +28,7 @@ import hashlib
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -182,6 +182,15 @@ def window_end(q: QueryCandidates, cfg: MiningConfig) -> int | None:
     if len(below) < cfg.top_k:
         return None
     return min(len(scores), int(below[cfg.top_k - 1]) + 1 + cfg.top_k)
+
+
+def cut_to_window(q: QueryCandidates, cfg: MiningConfig) -> QueryCandidates:
+    """`survivors`: `q` with its list cut where its windows end (nothing after can matter), so a
+    list searched deep for one weak positive costs no more than its windows need."""
+    if not survivor_window(cfg):
+        return q
+    end = window_end(q, cfg)  # None: the list ended first, keep it whole
+    return replace(q, cand_ids=q.cand_ids[:end], cand_scores=q.cand_scores[:end])
 
 
 def query_rng(seed: int, query_id: str) -> np.random.Generator:
