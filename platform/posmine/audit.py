@@ -9,7 +9,8 @@ false negatives), how many its rule drops (what the filter catches) and what it 
 
 Reads the data stage's qrels and texts, the embed stage's vectors (positive scores) and the
 search stages' candidates; writes `<out>/audit/<hash>/`: `audit.json` and `audit.csv` (one row
-per setting), `tradeoff.png` (false-negative rate against negatives kept), `fn_vs_perc.png`
+per setting), `tradeoff.png` (false-negative rate against negatives kept per example and
+against their mean teacher score), `fn_vs_perc.png`
 (false-negative rate against TopK-PercPos's `perc`, one line per anchor), `report.html`, and
 the manifest last.
 """
