@@ -89,8 +89,9 @@ def audit_batch(batch: Sequence[mining.QueryCandidates], hidden: Mapping[str, se
                 counts: Counts | None = None) -> Counts:
     """Mine `batch` (visible positives only) with `cfg` and count what happened to the hidden ones."""
     counts = counts or Counts()
-    f = mining.filter_batch(batch, cfg, texts, query_texts, mining.MiningStats())
-    rows, _ = mining.mine(batch, cfg, texts, query_texts)  # too_few=keep: one row per example
+    stats = mining.MiningStats()
+    f = mining.filter_batch(batch, cfg, texts, query_texts, stats)
+    rows = mining.choose(f, cfg, stats)  # too_few=keep: one row per example
     for e, ((i, _), row) in enumerate(zip(f.examples, rows, strict=True)):
         q, h = f.queries[i], hidden.get(f.queries[i].query_id, set())
         is_hidden = np.array([d in h for d in q.cand_ids] + [False] * (f.scores.shape[1] - len(q.cand_ids)))

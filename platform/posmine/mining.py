@@ -310,7 +310,11 @@ def mine(batch: Sequence[QueryCandidates], cfg: MiningConfig,
     query_positive_ids`) and the stats, updated in place when given.
     """
     stats = stats or MiningStats()
-    f = filter_batch(batch, cfg, texts, query_texts, stats)
+    return choose(filter_batch(batch, cfg, texts, query_texts, stats), cfg, stats), stats
+
+
+def choose(f: Filtered, cfg: MiningConfig, stats: MiningStats) -> list[dict[str, Any]]:
+    """Each example's negatives from its survivors (`select`), as the rows `mine` returns."""
     rows, short_queries, kept_queries = [], set(), set()
     for e, (i, pos) in enumerate(f.examples):
         q = f.queries[i]
@@ -338,7 +342,7 @@ def mine(batch: Sequence[QueryCandidates], cfg: MiningConfig,
     stats.queries_out += len(kept_queries)
     stats.queries_too_few += len(short_queries)
     stats.queries_dropped_too_few += len(short_queries - kept_queries)
-    return rows, stats
+    return rows
 
 
 def _stat(stats: MiningStats | Mapping[str, Any], key: str) -> int:
