@@ -112,6 +112,7 @@ def audit_rows(grid: Sequence[tuple[str, MiningConfig]], cands: Sequence[Mapping
                qtexts: Mapping[str, str]) -> list[dict[str, Any]]:
     """One row per setting over the audited queries' candidates (pure; the stage reads files)."""
     out = []
+    hidden = {q: h for q, (_, h) in split_positives.items()}
     for label, m in grid:
         batch = []
         for c in cands:
@@ -121,7 +122,6 @@ def audit_rows(grid: Sequence[tuple[str, MiningConfig]], cands: Sequence[Mapping
             q = mining.QueryCandidates(c["query_id"], c["doc_ids"], np.asarray(c["scores"], np.float64),
                                        visible, np.array([pos_score[c["query_id"]][p] for p in visible]))
             batch.append(mining.cut_to_window(q, m))  # as the mine stage does
-        hidden = {q: h for q, (_, h) in split_positives.items()}
         counts = audit_batch(batch, hidden, m, texts, qtexts)
         param = {"topk_shifted": m.shift, "topk_abs": m.threshold, "topk_marginpos": m.margin,
                  "topk_percpos": m.perc}.get(m.rule)
