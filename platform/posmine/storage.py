@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -288,6 +290,34 @@ def put_tree(local_dir: str, url: str) -> None:
     for src in fs.find(tmp):
         fs.copy(src, path.rstrip("/") + src[len(tmp):])
     fs.rm(tmp, recursive=True)
+
+
+@retrying
+def get_tree(url: str, local_dir: str) -> None:
+    """Download the folder at `url` to `local_dir`, which holds the whole folder or nothing:
+    the copy lands in a temporary sibling and is renamed into place."""
+    fs, path = filesystem(url)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{redact(url)}: no such folder")
+    tmp = f"{local_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    try:
+        os.rename(tmp, local_dir)
+    except OSError:  # another process finished the same download first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(local_dir):
+            raise
+
+
+def tree_signature(url: str) -> str:
+    """A digest of the folder's listing (relative names, sizes, ETags or mtimes): it changes
+    when any file is replaced, so a cached copy can be checked without downloading."""
+    fs, path = filesystem(url)
+    entries = []
+    for name, info in sorted(fs.find(path, detail=True).items()):
+        version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+        entries.append(f"{name[len(path):]}\t{info.get('size')}\t{version}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
 def write_json(url: str, obj: Any) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from posmine import storage
+from posmine import faults, storage
 from posmine.config import TrainConfig, absolute_path, config_hash, to_dict
 from posmine.embed import pool, resolve_model
 from posmine.losses import contrastive_loss
@@ -322,6 +322,7 @@ def _worker(config: dict[str, Any]) -> None:
             curve.append([trainer.step_no, float(np.mean(losses[-cfg.log_every:]))])
         _report(trainer, losses, steps, cfg)
         crash_hook(trainer.step_no)
+        faults.trace("train", trainer.step_no)
     masked = _sum_over_workers([trainer.masked["hard"], trainer.masked["in_batch"]])
     final = {"step": trainer.step_no, "loss": float(np.mean(losses[-10:] or [0.0])),
              "resumed_from": done_before, "steady_samples_per_s": timer.rate(), "done": 1,
