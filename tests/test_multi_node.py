@@ -7,6 +7,7 @@ from its last checkpoint rather than from scratch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -78,23 +79,17 @@ class LocalCluster:
                 found.append(int(p.name))
         return found
 
-    def kill(self, name: str) -> int:
-        """SIGKILL every process of the node at once: the machine is gone."""
+    def kill(self, name: str | None = None) -> int:
+        """SIGKILL every process of the node (None: of the cluster) at once: the machine is gone."""
         pids = self.pids(name)
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         return len(pids)
 
     def close(self) -> None:
         for _ in range(3):  # processes may be spawning children while we kill
-            for pid in self.pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            self.kill()
             time.sleep(0.5)
 
 
