@@ -32,6 +32,7 @@ MODULES = {
               "tests/test_audit.py -k 'not cisi and not cli'",
     "losses": "tests/test_losses.py tests/test_multi_positive.py -k 'not cisi'",
     "metrics": "tests/test_metrics.py",
+    "merge": "tests/test_index.py -k merge",
 }
 
 
@@ -129,7 +130,9 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     cr = str(Path(sys.executable).with_name("cosmic-ray"))
-    results = {}
+    # modules not run this time keep their earlier results (each says its own sample and seed)
+    earlier = json.loads(Path(a.json).read_text()) if a.json and Path(a.json).exists() else {}
+    results = {m: r for m, r in earlier.get("modules", {}).items() if m not in a.modules}
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", ".git", "posmine-out", "results"))
@@ -146,7 +149,8 @@ def main() -> None:
             source = (copy / "platform" / "posmine" / f"{module}.py").read_text()
             annotation = sum(in_annotation(source, d) for d in alive)
             competent = killed + counts["survived"]
-            results[module] = {"mutants": total, "run": kept, **counts,
+            results[module] = {"mutants": total, "run": kept, "sample": a.sample, "seed": a.seed,
+                               **counts,
                                "survived_in_annotations": annotation,
                                "score": round(killed / max(1, competent), 4),
                                "score_without_annotations": round(killed / max(1, competent - annotation), 4),
@@ -159,8 +163,7 @@ def main() -> None:
     allc = allk + sum(r["survived"] for r in results.values())
     ann = sum(r["survived_in_annotations"] for r in results.values())
     summary = {"modules": results, "score": round(allk / max(1, allc), 4),
-               "score_without_annotations": round(allk / max(1, allc - ann), 4),
-               "sample": a.sample, "seed": a.seed}
+               "score_without_annotations": round(allk / max(1, allc - ann), 4)}
     print(f"pure core: {allk}/{allc} killed ({summary['score']:.1%}; "
           f"{summary['score_without_annotations']:.1%} without annotation-only mutants)")
     if a.json:

@@ -9,7 +9,8 @@ import pytest
 from posmine import storage
 from posmine.config import IndexConfig
 from posmine.embed import embeddings_table
-from posmine.index import brute_force_topk, build_index, merge_topk, sharded_search
+from posmine.index import build_index, sharded_search
+from posmine.merge import brute_force_topk, merge_topk
 
 
 def _vectors(n: int, dim: int, seed: int) -> np.ndarray:
@@ -36,6 +37,13 @@ def test_merge_drops_padding() -> None:
     i = np.array([[4, -1]])
     _got_s, got_i = merge_topk([(s, i), (np.array([[0.7]], np.float32), np.array([[9]]))], 3)
     assert got_i.tolist() == [[9, 4, -1]]
+    # a pad (id -1) ranks last whatever score a backend leaves in its slot, even above the
+    # real ones (all negative here, as inner products of unrelated vectors can be)
+    s = np.array([[-0.2, 9.0], [-0.4, -0.1]], np.float32)
+    i = np.array([[3, -1], [-1, 7]])
+    got_s, got_i = merge_topk([(s, i), (np.array([[-0.3], [-0.5]], np.float32), np.array([[8], [2]]))], 3)
+    assert got_i.tolist() == [[3, 8, -1], [7, 2, -1]]
+    assert np.isneginf(got_s[:, 2]).all() and np.isfinite(got_s[:, :2]).all()
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])

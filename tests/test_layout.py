@@ -19,7 +19,7 @@ def test_pure_core_does_not_import_ray() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; import posmine.mining, posmine.losses, posmine.metrics, posmine.index; "
+    code = ("import sys; import posmine.mining, posmine.losses, posmine.metrics, posmine.merge; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT / "platform"), "PATH": ""})

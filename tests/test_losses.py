@@ -61,6 +61,28 @@ def test_distillation_equals_naive_kl_and_mixes() -> None:
                          distill_weight=0.5)
 
 
+def test_distillation_leaves_out_known_positives_and_padding() -> None:
+    """A hard negative that is a labelled positive of its query (the known mask's own block)
+    and a padded slot are both out of the teacher's and the student's softmax."""
+    b, k = 5, 3
+    q, p, n, mask = _batch(b, k, seed=2)  # row 1 has slot 2 padded
+    teacher = torch.rand(b, 1 + k)
+    known = torch.zeros(b, b * (1 + k), dtype=torch.bool)
+    known[0, 0 * (1 + k) + 2] = True  # row 0's second hard negative is one of its positives
+    known[3, 3 * (1 + k) + 1] = True
+    known[2, 4 * (1 + k) + 0] = True  # another row's positive: in-batch only, not in the KL
+    own = own_logits(q, p, n, mask)
+    want = 0.0
+    for i in range(b):
+        idx = [0] + [1 + j for j in range(k) if mask[i, j] and not known[i, i * (1 + k) + 1 + j]]
+        ps = F.softmax(own[i, idx] / 0.05, -1)
+        pt = F.softmax(teacher[i, idx] / 0.1, -1)
+        want += float((pt * (pt.log() - ps.log())).sum())
+    got = contrastive_loss(q, p, n, mask, teacher, temperature=0.05, in_batch_negatives=True,
+                           distill_weight=1.0, teacher_temperature=0.1, known_positives=known)
+    assert float(got) == pytest.approx(want / b, rel=1e-5)
+
+
 def test_loss_has_gradients() -> None:
     q, p, n, mask = _batch()
     q.requires_grad_(True)

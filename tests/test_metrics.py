@@ -48,3 +48,19 @@ def test_ignore_identical_ids() -> None:
 def test_queries_missing_from_run_are_not_averaged() -> None:
     qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}}
     assert evaluate(qrels, {"q1": {"d1": 1.0}}, (10,))["ndcg@10"] == 1.0
+
+
+def test_run_queries_without_judgements_are_skipped_not_the_end() -> None:
+    """A run may hold queries the qrels do not judge (dev queries, typos): each is skipped, and
+    every judged query after it still counts."""
+    qrels = {"q2": {"d2": 1}, "q3": {"d3": 1}}
+    run = {"q1": {"d1": 1.0}, "q2": {"d2": 1.0}, "q9": {"d2": 1.0}, "q3": {"d1": 1.0, "d3": 0.5}}
+    got = evaluate(qrels, run, (1,))
+    assert got["ndcg@1"] == 0.5 and got["recall@1"] == 0.5  # q2 right at 1, q3 wrong at 1
+
+
+def test_default_cutoffs_are_beirs() -> None:
+    """@1, @10 and @100 of each metric, as BEIR and MTEB report them (the README's tables)."""
+    got = evaluate({"q1": {"d1": 1}}, {"q1": {"d1": 1.0}})
+    assert sorted(got) == sorted(f"{m}@{k}" for m in ("ndcg", "recall", "map", "mrr")
+                                 for k in (1, 10, 100))

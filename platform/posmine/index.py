@@ -1,8 +1,8 @@
 """FAISS shards over corpus embeddings, searched in parallel by Ray actors, merged exactly.
 
 Reads the embed stage's `corpus/*.parquet`; each shard actor loads one contiguous row range
-and holds its index. `merge_topk` is the pure merge: concatenate, sort by (score desc,
-global row asc), take k. Writes candidates (`query_id, doc_ids, scores`) per split.
+and holds its index; `merge.merge_topk` (pure, no Ray) merges the shards' lists exactly.
+Writes candidates (`query_id, doc_ids, scores`) per split.
 """
 
 from __future__ import annotations
@@ -20,37 +20,9 @@ from tqdm import tqdm
 from posmine import schemas, storage
 from posmine.config import IndexConfig, config_hash
 from posmine.data import parquet_rows
+from posmine.merge import merge_topk
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- pure core
-
-
-def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge per-shard results into the global top-k.
-
-    Args:
-        parts: per shard, (scores (nq, k_s) float32, global row ids (nq, k_s) int64); id -1 pads.
-        k: how many to keep.
-
-    Returns:
-        (scores (nq, k), ids (nq, k)), best first; ties broken by the smaller global id, so
-        the result does not depend on how the corpus was sharded.
-    """
-    scores = np.concatenate([p[0] for p in parts], axis=1)  # (nq, sum k_s)
-    ids = np.concatenate([p[1] for p in parts], axis=1)
-    scores = np.where(ids < 0, -np.inf, scores)
-    order = np.lexsort((ids, -scores), axis=-1)[:, :k]  # primary key: -score
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
-
-
-def brute_force_topk(corpus: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Reference exact inner-product top-k in numpy, same tie rule as `merge_topk`."""
-    scores = queries @ corpus.T  # (nq, n)
-    ids = np.broadcast_to(np.arange(corpus.shape[0]), scores.shape)
-    order = np.lexsort((ids, -scores), axis=-1)[:, :k]
-    return np.take_along_axis(scores, order, 1), order.astype(np.int64)
 
 
 def build_index(vectors: np.ndarray, cfg: IndexConfig) -> Any:

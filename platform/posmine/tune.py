@@ -52,7 +52,7 @@ from posmine.config import (
 )
 from posmine.embed import Encoder, pick_device
 from posmine.evaluate import qrels_dict
-from posmine.index import brute_force_topk
+from posmine.merge import brute_force_topk
 from posmine.train import StudentTrainer, crash_hook, epoch_batches, expand, total_steps
 
 log = logging.getLogger(__name__)
