@@ -1,6 +1,7 @@
 """Encoder pooling and ordering, the packaged model against sentence-transformers, and the
 Ray Data embed stage against the plain encoder."""
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from transformers import AutoModel, AutoTokenizer
 from posmine import storage
 from posmine.config import DataConfig, TeacherConfig
 from posmine.data import prepare
-from posmine.embed import Encoder, ModelError, pool, read_embeddings, resolve_model, run
+from posmine.embed import Encoder, ModelError, pool, read_embeddings, resolve_model, run, stage_dir
 
 TEXTS = ["cell protein", "the brain and the heart of a mouse study with a long text here",
          "drug", "vitamin diet sleep stress immune"]
@@ -92,6 +93,37 @@ def test_ray_data_stage_equals_plain_encoder(ray_local: None, tiny_beir: Path, t
     assert other["config_hash"] != emb["config_hash"]
 
 
+def _retrained(model_dir: str, dst: Path) -> str:
+    """The model with other weights (as training leaves it), saved to `dst`."""
+    model = AutoModel.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.mul_(2.0)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(dst)
+    return str(dst)
+
+
+def test_new_weights_under_the_same_path_are_embedded_again(ray_local: None, tiny_beir: Path,
+                                                            tiny_model: str, tmp_path: Path) -> None:
+    """`posmine run` always writes its fine-tuned model to `<out>/train/model`: a rerun with
+    other training settings must evaluate the new weights, not the vectors of the old ones."""
+    out = str(tmp_path / "out")
+    manifest = prepare(DataConfig(path=str(tiny_beir)), out)
+    student = tmp_path / "train" / "model"
+    shutil.copytree(tiny_model, student)
+    cfg = TeacherConfig(model=str(student), num_actors=1, cpus_per_actor=0.5, torch_threads=1)
+    first = run(cfg, f"{out}/data", out, manifest["config_hash"])
+    storage.put_tree(_retrained(tiny_model, tmp_path / "retrained"), str(student))  # as train does
+    second = run(cfg, f"{out}/data", out, manifest["config_hash"])
+    assert second["config_hash"] != first["config_hash"]
+    ids, mat = read_embeddings(storage.join(stage_dir(out, cfg), "corpus"))
+    corpus = {r["id"]: f"{r['title']} {r['text']}".strip()
+              for r in storage.read_parquet(f"{out}/data/corpus").to_pylist()}
+    np.testing.assert_allclose(mat, Encoder(cfg).encode([corpus[i] for i in ids]), atol=1e-5)
+    # and unchanged weights are not embedded again
+    assert run(cfg, f"{out}/data", out, manifest["config_hash"])["finished_at"] == second["finished_at"]
+
+
 def test_model_on_object_storage_is_fetched_once_and_again_when_replaced(
         tiny_model: str, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model folder `posmine train` wrote to S3 (the loopback server) loads like a local one;
@@ -105,13 +137,7 @@ def test_model_on_object_storage_is_fetched_once_and_again_when_replaced(
     first = resolve_model(url)
     assert first.startswith(str(tmp_path / "cache" / "models")) and resolve_model(url) == first
     # a retrained model at the same URL: other weights, so another copy
-    model = AutoModel.from_pretrained(tiny_model)
-    with torch.no_grad():
-        model.embeddings.word_embeddings.weight.mul_(2.0)
-    other = tmp_path / "other"
-    model.save_pretrained(other)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(other)
-    storage.put_tree(str(other), url)
+    storage.put_tree(_retrained(tiny_model, tmp_path / "other"), url)
     second = resolve_model(url)
     assert second != first
     assert not np.allclose(Encoder(cfg).encode(TEXTS), want, atol=1e-4)

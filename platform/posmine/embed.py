@@ -67,6 +67,17 @@ def resolve_model(model: str) -> str:
     return model  # a Hugging Face id: downloaded by transformers where a network exists
 
 
+def model_fingerprint(model: str) -> str:
+    """What identifies the weights behind `model`, beyond its name: for a folder (local or on
+    object storage) a digest of its files' names, sizes and mtimes or ETags. A fine-tuned model
+    is always written to `<out>/train/model`: keyed by the path alone, a retrained model there
+    would be taken for the one embedded before. Hub ids are their own fingerprint."""
+    if not storage.is_local(model):
+        return storage.tree_signature(model)
+    path = resolve_model(model)
+    return storage.tree_signature(path) if Path(path).is_dir() else model
+
+
 def fetch_model(url: str) -> str:
     """A local copy of the model folder at `url`, under `$POSMINE_CACHE/models/`. transformers
     reads local folders only; the copy is keyed by the URL and the folder's listing, so a model
@@ -289,11 +300,12 @@ def stage_dir(out_dir: str, cfg: TeacherConfig) -> str:
 def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[str, Any]:
     """Embed corpus and queries on Ray Data (skipped when the manifest is current).
 
-    `upstream` is the data stage's config hash: new data means new embeddings. Parts finished
-    by an earlier, interrupted run of the same key are kept.
+    `upstream` is the data stage's config hash: new data means new embeddings, and so do new
+    weights under the same model path (`model_fingerprint`). Parts finished by an earlier,
+    interrupted run of the same key are kept.
     """
     target = stage_dir(out_dir, cfg)
-    key = config_hash(output_key(cfg), upstream)
+    key = config_hash(output_key(cfg), model_fingerprint(cfg.model), upstream)
 
     def work() -> storage.Done:
         resolve_model(cfg.model)  # a missing model folder fails here, once, not in every actor

@@ -30,7 +30,7 @@ import torch
 
 from posmine import faults, storage
 from posmine.config import TrainConfig, absolute_path, config_hash, to_dict
-from posmine.embed import pool, resolve_model
+from posmine.embed import model_fingerprint, pool, resolve_model
 from posmine.losses import contrastive_loss
 from posmine.mining import query_rng, text_hash
 
@@ -404,7 +404,7 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
     # Ray Train runs workers in its own artifact folder: a relative path would land there.
     out_dir, mined_dir = absolute_path(out_dir), absolute_path(mined_dir)
     target = storage.join(out_dir, name)
-    key = config_hash(cfg, upstream)
+    key = config_hash(cfg, model_fingerprint(cfg.model), upstream)  # the starting weights too
 
     def work() -> storage.Done:
         resolve_model(cfg.model)  # a missing student folder fails here, not in every worker
