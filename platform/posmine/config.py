@@ -194,6 +194,10 @@ class TrainConfig:
     cpus_per_worker: Annotated[float, Range(0.01, 256)] = 1.0
     use_gpu: Literal["auto", "never", "always"] = "auto"
     gradient_checkpointing: bool = False
+    # GradCache (Gao et al., 2021): embed the batch in chunks of this many texts without the
+    # graph, take the loss over the whole batch, then backpropagate chunk by chunk. Same loss and
+    # gradients as one pass; activation memory bounded by the chunk, not the batch. 0 = one pass.
+    grad_cache_chunk: Annotated[int, Range(0, 10**6)] = 0
     checkpoint_every: Annotated[int, Range(1, 10**9)] = 50
     log_every: Annotated[int, Range(1, 10**9)] = 5
     max_failures: Annotated[int, Range(-1, 10_000)] = 2

@@ -14,6 +14,7 @@ benchmarks and as the reference) runs exactly the same steps without Ray.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -161,6 +162,24 @@ def masked_counts(known: np.ndarray, k: int) -> tuple[int, int]:
     return int(known.sum() - own.sum()), int(own.sum())
 
 
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU (and this device's CUDA) RNG state, to replay a forward pass's dropout."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _rng_restored(state: tuple[torch.Tensor, torch.Tensor | None],
+                  device: torch.device) -> Iterator[None]:
+    """Run the block from `state`, then carry on from where the RNG was before it."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
 class StudentTrainer:
     """Model, tokenizer, optimiser and schedule; `step(rows)` does one update."""
 
@@ -191,13 +210,26 @@ class StudentTrainer:
         return torch.nn.functional.normalize(pool(hidden, enc["attention_mask"],
                                                   self.cfg.pooling).float(), dim=-1)  # (n, d)
 
+    def texts(self, rows: list[Row]) -> tuple[list[str], list[str]]:
+        """(queries, passages) of a batch as the model reads them: passages are each row's
+        positive, then every row's hard negatives in row order."""
+        cfg, k = self.cfg, self.cfg.num_negatives
+        docs = [r["positive"] for r in rows] + [n for r in rows for n in r["negatives"][:k]]
+        return ([cfg.query_prefix + r["query"] for r in rows],
+                [cfg.passage_prefix + t for t in docs])
+
     def loss(self, rows: list[Row]) -> torch.Tensor:
+        """The batch's loss in one pass (the graph of every text kept)."""
+        queries, passages = self.texts(rows)
+        q = self._embed(queries, self.cfg.query_max_length)  # (B, dim)
+        d = self._embed(passages, self.cfg.passage_max_length)  # (B + negatives, dim)
+        return self.loss_from(rows, q, d)
+
+    def loss_from(self, rows: list[Row], q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The loss from query embeddings (B, dim) and passage embeddings laid out as `texts`."""
         cfg, b, k = self.cfg, len(rows), self.cfg.num_negatives
         neg_mask = torch.tensor([[j < len(r["negatives"]) for j in range(k)] for r in rows],
                                 dtype=torch.bool).reshape(b, k)  # (B, k); k = 0: in-batch only
-        q = self._embed([cfg.query_prefix + r["query"] for r in rows], cfg.query_max_length)
-        docs = [r["positive"] for r in rows] + [n for r in rows for n in r["negatives"][:k]]
-        d = self._embed([cfg.passage_prefix + t for t in docs], cfg.passage_max_length)
         p = d[:b]  # (B, dim)
         n = d.new_zeros(b * k, d.shape[1])
         n[neg_mask.reshape(-1).to(self.device)] = d[b:]
@@ -214,15 +246,57 @@ class StudentTrainer:
                                 in_batch_negatives=cfg.in_batch_negatives,
                                 distill_weight=cfg.distill_weight, known_positives=known)
 
-    def step(self, rows: list[Row]) -> float:
-        loss = self.loss(rows)
-        self.optimizer.zero_grad(set_to_none=True)
+    def backward(self, rows: list[Row]) -> torch.Tensor:
+        """Fill the parameters' gradients for the batch; returns its loss (detached)."""
+        if not self.cfg.grad_cache_chunk:
+            loss = self.loss(rows)
+            loss.backward()
+            return loss.detach()
+        return self._grad_cache_backward(rows, self.cfg.grad_cache_chunk)
+
+    def _grad_cache_backward(self, rows: list[Row], chunk: int) -> torch.Tensor:
+        """GradCache: the same gradients as `loss(rows).backward()`, holding one chunk's
+        activations at a time.
+
+        1. embed every chunk without the graph, keeping each chunk's RNG state (dropout);
+        2. the loss over the whole batch from those embeddings, as leaves: its backward gives
+           d loss / d embedding (B + passages, dim), cheap;
+        3. per chunk, embed again with the graph and the same RNG state (so dropout masks
+           match) and backpropagate the cached embedding gradient into the weights.
+        """
+        queries, passages = self.texts(rows)
+        pieces = [(t[i:i + chunk], n) for t, n in ((queries, self.cfg.query_max_length),
+                                                   (passages, self.cfg.passage_max_length))
+                  for i in range(0, len(t), chunk)]
+        states, cached = [], []
+        with torch.no_grad():
+            for texts, max_length in pieces:
+                states.append(_rng_state(self.device))
+                cached.append(self._embed(texts, max_length))  # (chunk, dim)
+        nq = -(-len(queries) // chunk)  # chunks of queries, then of passages
+        q = torch.cat(cached[:nq]).requires_grad_(True)
+        d = torch.cat(cached[nq:]).requires_grad_(True)
+        loss = self.loss_from(rows, q, d)
         loss.backward()
+        grads = list(torch.cat([q.grad, d.grad]).split([len(c) for c in cached]))
+        # DDP: all-reduce once, with the last chunk's backward
+        no_sync = getattr(self.model, "no_sync", contextlib.nullcontext)
+        for i, ((texts, max_length), state, grad) in enumerate(zip(pieces, states, grads, strict=True)):
+            with _rng_restored(state, self.device), \
+                    (no_sync() if i < len(pieces) - 1 else contextlib.nullcontext()):
+                emb = self._embed(texts, max_length)
+                # d(emb . g)/d theta = g^T d emb/d theta: the chunk's share of d loss/d theta
+                torch.dot(emb.reshape(-1), grad.reshape(-1)).backward()
+        return loss.detach()
+
+    def step(self, rows: list[Row]) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.backward(rows)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step_no += 1
-        return float(loss.detach())
+        return float(loss)
 
     # ---------------------------------------------------------------- state
 
