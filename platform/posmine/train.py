@@ -278,6 +278,7 @@ class StudentTrainer:
         d = torch.cat(cached[nq:]).requires_grad_(True)
         loss = self.loss_from(rows, q, d)
         loss.backward()
+        assert q.grad is not None and d.grad is not None  # leaves of the loss just backpropagated
         grads = list(torch.cat([q.grad, d.grad]).split([len(c) for c in cached]))
         # DDP: all-reduce once, with the last chunk's backward
         no_sync = getattr(self.model, "no_sync", contextlib.nullcontext)
