@@ -4,7 +4,8 @@ Each point runs in a fresh process (peak RSS is per process): all-MiniLM-L6-v2, 
 (query, positive, 4 hard negatives), passages 128 tokens, CPU fp32. Reports peak RSS and its
 growth over the process after loading the model, and the step's seconds.
 
-    python benchmarks/grad_cache_memory.py --points 8:0 16:0 16:8 32:8 64:8 --json benchmarks/results/grad_cache_memory.json
+    python benchmarks/grad_cache_memory.py --points 8:0 16:0 16:8 32:8 64:8 \
+        --json benchmarks/results/grad_cache_memory.json
 """
 
 from __future__ import annotations

@@ -142,3 +142,22 @@ def test_two_stages_remine_with_the_student(ray_local: None, tiny_beir: Path, ti
     assert storage.read_manifest(f"{out}/mine-0-t1") is not None
     assert storage.read_manifest(f"{out}/mine-1-t0") is None  # stage 2: the student alone
     assert len(storage.listdir(f"{out}/embed")) == 3  # teacher (mean), teacher (cls), student
+
+
+def test_two_ray_train_workers_gather_negatives_with_grad_cache(ray_local: None, tiny_beir: Path,
+                                                                tiny_model: str, tmp_path: Path) -> None:
+    """Through Ray Train: 2 DDP (gloo) workers, each half of the global batch, passages
+    gathered across them, GradCache chunks of 2; the run trains every planned step and counts
+    the masked pairs of the whole batch once (the numerics are tests/test_gather.py's)."""
+    out = str(tmp_path / "out")
+    cfg = _cfg(tiny_beir, tiny_model, out, "train.num_workers=2", "train.cpus_per_worker=0.5",
+               "train.torch_threads=1", "train.gather_across_workers=true",
+               "train.grad_cache_chunk=2")
+    pipeline.mine(cfg)
+    manifest = pipeline.train(cfg)
+    assert manifest["rows"]["steps"] == manifest["rows"]["steps_planned"] >= 2
+    assert (Path(out) / "train" / "model" / "model.safetensors").exists()
+    single = pipeline.train(_cfg(tiny_beir, tiny_model, str(tmp_path / "one"),
+                                 "train.num_workers=1", "train.batch_size=4"))
+    # the global batch of 2 x 2 masks what one worker with batch 4 masks
+    assert manifest["stats"]["masked_in_batch_pairs"] == single["stats"]["masked_in_batch_pairs"]

@@ -198,6 +198,10 @@ class TrainConfig:
     # graph, take the loss over the whole batch, then backpropagate chunk by chunk. Same loss and
     # gradients as one pass; activation memory bounded by the chunk, not the batch. 0 = one pass.
     grad_cache_chunk: Annotated[int, Range(0, 10**6)] = 0
+    # With several workers, every worker's queries see every worker's passages as in-batch
+    # negatives (all-gathered, the gradient through each worker's own part): N workers x b
+    # examples train as 1 worker x N*b. Off: each worker's in-batch negatives are its own b rows.
+    gather_across_workers: bool = False
     checkpoint_every: Annotated[int, Range(1, 10**9)] = 50
     log_every: Annotated[int, Range(1, 10**9)] = 5
     max_failures: Annotated[int, Range(-1, 10_000)] = 2

@@ -162,6 +162,19 @@ def masked_counts(known: np.ndarray, k: int) -> tuple[int, int]:
     return int(known.sum() - own.sum()), int(own.sum())
 
 
+def _all_gather(local: torch.Tensor, sizes: list[int], rank: int) -> list[torch.Tensor]:
+    """Every worker's (sizes[w], dim) tensor, this worker's being `local` itself (with its
+    graph); the others arrive as constants. Padded to the largest, as all_gather needs."""
+    most = max(sizes)
+    padded = local.new_zeros(most, local.shape[1])
+    padded[:len(local)] = local.detach()
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded)
+    out = [p[:n] for p, n in zip(parts, sizes, strict=True)]
+    out[rank] = local
+    return out
+
+
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The CPU (and this device's CUDA) RNG state, to replay a forward pass's dropout."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -199,6 +212,10 @@ class StudentTrainer:
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, int(cfg.warmup_ratio * steps), max(steps, 1))
         self.step_no = 0
+        dist = torch.distributed
+        self.rank, self.world = ((dist.get_rank(), dist.get_world_size())
+                                 if dist.is_available() and dist.is_initialized() else (0, 1))
+        self.batch: list[Row] = []  # the global batch of the step in progress
         # Known positives masked out of the loss so far: as a hard negative, as an in-batch one.
         self.masked = {"hard": 0, "in_batch": 0}
 
@@ -226,7 +243,12 @@ class StudentTrainer:
         return self.loss_from(rows, q, d)
 
     def loss_from(self, rows: list[Row], q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """The loss from query embeddings (B, dim) and passage embeddings laid out as `texts`."""
+        """The loss from query embeddings (B, dim) and passage embeddings laid out as `texts`;
+        with `gather_across_workers`, `rows` are this worker's and the loss is the global
+        batch's (`self.batch`), over every worker's queries and passages."""
+        gathered = self.world > 1 and self.cfg.gather_across_workers
+        if gathered:
+            rows, q, d = self._gathered(rows, q, d)
         cfg, b, k = self.cfg, len(rows), self.cfg.num_negatives
         neg_mask = torch.tensor([[j < len(r["negatives"]) for j in range(k)] for r in rows],
                                 dtype=torch.bool).reshape(b, k)  # (B, k); k = 0: in-batch only
@@ -238,21 +260,43 @@ class StudentTrainer:
         if cfg.mask_known_positives:
             mask = known_positive_mask(rows, k)  # (B, B*(1+k))
             in_batch, hard = masked_counts(mask, k)
-            self.masked["hard"] += hard
-            self.masked["in_batch"] += in_batch if cfg.in_batch_negatives else 0
+            if not gathered or self.rank == 0:  # a gathered batch is counted once, not per worker
+                self.masked["hard"] += hard
+                self.masked["in_batch"] += in_batch if cfg.in_batch_negatives else 0
             known = torch.from_numpy(mask).to(self.device)
         return contrastive_loss(q, p, n.reshape(b, k, d.shape[1]), neg_mask.to(self.device), teacher,
                                 temperature=cfg.temperature,
                                 in_batch_negatives=cfg.in_batch_negatives,
                                 distill_weight=cfg.distill_weight, known_positives=known)
 
+    def _gathered(self, rows: list[Row], q: torch.Tensor,
+                  d: torch.Tensor) -> tuple[list[Row], torch.Tensor, torch.Tensor]:
+        """Every worker's (rows, queries (B, dim), passages laid out as `texts`) in rank order;
+        this worker's embeddings keep their graph, the others' are constants."""
+        k = self.cfg.num_negatives
+        shards = [self.batch[w::self.world] for w in range(self.world)]  # as the loop splits it
+        assert shards[self.rank] == rows, "rows are not this worker's slice of the batch"
+        qs = _all_gather(q, [len(s) for s in shards], self.rank)
+        ds = _all_gather(d, [len(s) + sum(len(r["negatives"][:k]) for r in s) for s in shards],
+                         self.rank)
+        positives = [x[:len(s)] for x, s in zip(ds, shards, strict=True)]
+        negatives = [x[len(s):] for x, s in zip(ds, shards, strict=True)]
+        return [r for s in shards for r in s], torch.cat(qs), torch.cat(positives + negatives)
+
     def backward(self, rows: list[Row]) -> torch.Tensor:
         """Fill the parameters' gradients for the batch; returns its loss (detached)."""
         if not self.cfg.grad_cache_chunk:
             loss = self.loss(rows)
-            loss.backward()
+            (loss * self.grad_scale).backward()
             return loss.detach()
         return self._grad_cache_backward(rows, self.cfg.grad_cache_chunk)
+
+    @property
+    def grad_scale(self) -> float:
+        """Gathered, every worker's loss is the whole batch's and its backward gives the part of
+        the gradient that flows through its own embeddings; DDP averages over workers, so
+        scaling by the world size makes the average the sum: the whole gradient."""
+        return float(self.world) if self.world > 1 and self.cfg.gather_across_workers else 1.0
 
     def _grad_cache_backward(self, rows: list[Row], chunk: int) -> torch.Tensor:
         """GradCache: the same gradients as `loss(rows).backward()`, holding one chunk's
@@ -277,7 +321,7 @@ class StudentTrainer:
         q = torch.cat(cached[:nq]).requires_grad_(True)
         d = torch.cat(cached[nq:]).requires_grad_(True)
         loss = self.loss_from(rows, q, d)
-        loss.backward()
+        (loss * self.grad_scale).backward()
         assert q.grad is not None and d.grad is not None  # leaves of the loss just backpropagated
         grads = list(torch.cat([q.grad, d.grad]).split([len(c) for c in cached]))
         # DDP: all-reduce once, with the last chunk's backward
@@ -290,7 +334,10 @@ class StudentTrainer:
                 torch.dot(emb.reshape(-1), grad.reshape(-1)).backward()
         return loss.detach()
 
-    def step(self, rows: list[Row]) -> float:
+    def step(self, rows: list[Row], batch: list[Row] | None = None) -> float:
+        """One update on `rows`; `batch` is the global batch they are this worker's slice of
+        (needed with `gather_across_workers`)."""
+        self.batch = batch if batch is not None else rows
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.backward(rows)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -391,7 +438,7 @@ def _worker(config: dict[str, Any]) -> None:
     for batch in epoch_batches(examples, cfg, skip=done_before, world=world):
         if trainer.step_no >= steps:
             break
-        losses.append(trainer.step(batch[rank::world]))
+        losses.append(trainer.step(batch[rank::world], batch))
         timer.tick(len(batch))
         if trainer.step_no % cfg.log_every == 0 or trainer.step_no == steps:
             curve.append([trainer.step_no, float(np.mean(losses[-cfg.log_every:]))])
