@@ -144,6 +144,8 @@ def test_two_stages_remine_with_the_student(ray_local: None, tiny_beir: Path, ti
     assert len(storage.listdir(f"{out}/embed")) == 3  # teacher (mean), teacher (cls), student
 
 
+# two Ray Train runs (~90 s): out of the default run, whose numerics tests/test_gather.py checks
+@pytest.mark.slow
 def test_two_ray_train_workers_gather_negatives_with_grad_cache(ray_local: None, tiny_beir: Path,
                                                                 tiny_model: str, tmp_path: Path) -> None:
     """Through Ray Train: 2 DDP (gloo) workers, each half of the global batch, passages
