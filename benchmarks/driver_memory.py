@@ -51,7 +51,9 @@ def make_tiny_model() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS))]
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root)
+    # transformers 5 builds the vocabulary from `vocab` (and ignores vocab_file), 4.x from the file
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt"),
+                      vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(root)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     BertModel(cfg, add_pooling_layer=False).save_pretrained(root, safe_serialization=True)

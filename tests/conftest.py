@@ -72,13 +72,62 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS)),
              *"abcdefghijklmnopqrstuvwxyz0123456789", *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz")]
     (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    # transformers 5 builds the vocabulary from `vocab` (and ignores vocab_file), 4.x from the file
+    tok = BertTokenizerFast(vocab_file=str(root / "vocab.txt"), vocab={w: i for i, w in enumerate(vocab)})
+    assert tok.convert_ids_to_tokens(tok("cell")["input_ids"]) == ["[CLS]", "cell", "[SEP]"]
     tok.save_pretrained(root)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
     BertModel(cfg, add_pooling_layer=False).save_pretrained(root, safe_serialization=True)
     return str(root)
+
+
+DECODERS = ("llama", "mistral", "qwen2")
+
+
+def make_tiny_decoder(root: Path, family: str) -> str:
+    """A randomly initialised 2-layer decoder of `family` (hidden 32) with a tokenizer built
+    locally, shaped as the family's own: Llama and Mistral a word-level vocabulary with BOS
+    prepended, EOS and no pad token; Qwen2 a byte-level BPE (transformers rebuilds Qwen2's
+    tokenizer from vocab and merges) with `<|endoftext|>` as EOS and pad, and no BOS."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
+
+    extra = ["query", "passage", ":", "represent", "the", "for", "retrieval"]
+    if family == "qwen2":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator([" ".join(WORDS + extra)] * 5, trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                       pad_token="<|endoftext|>")
+        bos, eos = None, tok.token_to_id("<|endoftext|>")
+    else:
+        vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *sorted(set(WORDS)), *extra])}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>")
+        bos, eos = 1, 2
+    fast.save_pretrained(root)
+    cfg = AutoConfig.for_model(family, vocab_size=tok.get_vocab_size(), hidden_size=32,
+                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                               intermediate_size=64, max_position_embeddings=256,
+                               bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModel.from_config(cfg).save_pretrained(root, safe_serialization=True)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """{family: model folder} for the tiny Llama, Mistral and Qwen2 decoders."""
+    return {f: make_tiny_decoder(tmp_path_factory.mktemp(f"tiny-{f}"), f) for f in DECODERS}
 
 
 @pytest.fixture(scope="session")

@@ -108,7 +108,7 @@ def test_extra_teachers_resolve_over_teacher_and_reject_bad_ones(tmp_path: Path)
 
 SECTIONS = {"data": "DataConfig", "teacher": "TeacherConfig", "index": "IndexConfig",
             "mining": "MiningConfig", "train": "TrainConfig", "evaluate": "EvaluateConfig",
-            "tune": "TuneConfig"}
+            "tune": "TuneConfig", "train.lora": "LoraConfig"}
 
 
 def _ranged_fields() -> list[tuple[str, str, object, object]]:
@@ -178,3 +178,19 @@ def test_evaluate_depth_covers_the_cutoffs() -> None:
         load_config(None, ["evaluate.top_k=20"])  # k_values default to 1, 10, 100
     with pytest.raises(ConfigError, match=r"evaluate\.k_values is empty"):
         load_config(None, ["evaluate.k_values=[]"])
+
+
+def test_lora_keys_checked_at_load() -> None:
+    cfg = load_config(None, ["train.lora={r: 8, target_modules: [q_proj, v_proj]}",
+                             "train.export_adapter=true"])
+    assert cfg.train.lora is not None and cfg.train.lora.r == 8 and cfg.train.lora.alpha == 32
+    assert cfg.train.lora.target_modules == ("q_proj", "v_proj")
+    assert load_config(None, []).train.lora is None  # every weight trains by default
+    with pytest.raises(ConfigError, match=r"train\.lora\.rank"):
+        load_config(None, ["train.lora={rank: 8}"])
+    with pytest.raises(ConfigError, match=r"train\.lora\.target_modules is empty"):
+        load_config(None, ["train.lora.target_modules=[]"])
+    with pytest.raises(ConfigError, match=r"train\.export_adapter=true needs train\.lora"):
+        load_config(None, ["train.export_adapter=true"])
+    with pytest.raises(ConfigError, match=r"teacher\.attention='sideways' is not allowed"):
+        load_config(None, ["teacher.attention=sideways"])

@@ -42,21 +42,32 @@ class LocalCluster:
         # short: Ray's Unix sockets live under the temp dir and paths are capped at 107 bytes
         self.temp_dir = tempfile.mkdtemp(prefix="pmray-", dir="/tmp")
         self.env = {**env, "POSMINE_TEST_CLUSTER": self.token}
-        self.port = _free_port()
+        self._taken: set[int] = set()
+        self.port = self._port()
         self.address = f"127.0.0.1:{self.port}"
-        self._next_worker_port = random.randrange(30000, 50000, 1000)
+        # Worker ports below the kernel's ephemeral range (32768-60999 by default), where
+        # `_free_port` picks the components' ports: the two never meet. Ray refuses to start a
+        # node whose component port falls inside its own worker range.
+        self._next_worker_port = random.randrange(10000, 30000 - 600, 200)
+
+    def _port(self) -> int:
+        """A free loopback port not yet given to any component of this cluster."""
+        while (port := _free_port()) in self._taken:
+            pass
+        self._taken.add(port)
+        return port
 
     def start(self, name: str, cpus: int, head: bool = False) -> None:
         lo = self._next_worker_port
         self._next_worker_port += 200
-        ports = ["--node-manager-port", _free_port(), "--object-manager-port", _free_port(),
-                 "--dashboard-agent-listen-port", _free_port(),
-                 "--dashboard-agent-grpc-port", _free_port(),
-                 "--runtime-env-agent-port", _free_port(), "--metrics-export-port", _free_port(),
+        ports = ["--node-manager-port", self._port(), "--object-manager-port", self._port(),
+                 "--dashboard-agent-listen-port", self._port(),
+                 "--dashboard-agent-grpc-port", self._port(),
+                 "--runtime-env-agent-port", self._port(), "--metrics-export-port", self._port(),
                  "--min-worker-port", lo, "--max-worker-port", lo + 199]
         where = (["--head", "--port", self.port, "--temp-dir", self.temp_dir,
                   "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                  "--dashboard-port", _free_port(), "--ray-client-server-port", _free_port()]
+                  "--dashboard-port", self._port(), "--ray-client-server-port", self._port()]
                  if head else ["--address", self.address])
         cmd = [RAY, "start", *where, "--node-ip-address", "127.0.0.1", "--num-cpus", cpus,
                "--object-store-memory", 200 * 2**20, "--disable-usage-stats", *ports]

@@ -26,6 +26,7 @@ MODEL_DEFAULT = "default"  # the packaged all-MiniLM-L6-v2 (pip package gt-all-m
 Rule = Literal["naive_topk", "topk_shifted", "topk_abs", "topk_marginpos", "topk_percpos"]
 RULES: tuple[str, ...] = get_args(Rule)
 Anchor = Literal["pair", "min", "max", "mean"]
+Attention = Literal["auto", "causal", "bidirectional"]
 
 
 class ConfigError(ValueError):
@@ -68,7 +69,14 @@ class TeacherConfig:
     """The embedding model used by the embed stage (the teacher when mining)."""
 
     model: str = MODEL_DEFAULT  # HF model id, local directory, or "default"
+    # `last`: the last real token, with an EOS appended to every text (decoders: Mistral, Llama, Qwen)
     pooling: Literal["mean", "cls", "last"] = "mean"
+    # `bidirectional` removes a decoder's causal mask (NV-Retriever, NV-Embed, NeMo AutoModel);
+    # `auto` keeps the model's own attention (encoders are bidirectional, decoders causal).
+    attention: Attention = "auto"
+    # false: the prefix's tokens are left out of mean pooling (the paper pools over the query or
+    # passage tokens only; sentence-transformers' include_prompt=false)
+    pool_prefix: bool = True
     normalize: bool = True
     query_prefix: str = ""
     passage_prefix: str = ""
@@ -159,11 +167,36 @@ MINING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Mining
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (Hu et al., 2021) through peft. Defaults: NV-Retriever-v1's rank 16 and
+    alpha 32; dropout 0.1 as NV-Embed; every linear layer of the backbone."""
+
+    r: Annotated[int, Range(1, 4096)] = 16
+    alpha: Annotated[int, Range(1, 1_000_000)] = 32  # scaling alpha / r
+    dropout: Annotated[float, Range(0.0, 0.99)] = 0.1
+    # module names (suffixes) to adapt; ["all-linear"] is peft's every linear layer
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "train.lora")
+        if not self.target_modules:
+            raise ConfigError("train.lora.target_modules is empty: name the modules to adapt, "
+                              "or ['all-linear']")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Contrastive fine-tuning of the student."""
 
     model: str = MODEL_DEFAULT  # the student: HF id, local directory, or "default"
-    pooling: Literal["mean", "cls", "last"] = "mean"
+    pooling: Literal["mean", "cls", "last"] = "mean"  # as `teacher.pooling`
+    attention: Attention = "auto"  # as `teacher.attention`
+    pool_prefix: bool = True  # as `teacher.pool_prefix`
+    # LoRA adapters (peft) instead of training every weight; null trains every weight.
+    lora: LoraConfig | None = None
+    # With `lora`: export the adapter alone (adapter_config.json + adapter_model.safetensors,
+    # loaded over its base model) instead of a full model with the adapter merged in.
+    export_adapter: bool = False
     query_prefix: str = ""
     passage_prefix: str = ""
     epochs: Annotated[int, Range(1, 10_000)] = 1
@@ -214,6 +247,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")
+        if self.export_adapter and self.lora is None:
+            raise ConfigError("train.export_adapter=true needs train.lora: there is no adapter "
+                              "to export when every weight trains")
 
 
 @dataclass(frozen=True)

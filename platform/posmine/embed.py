@@ -26,7 +26,8 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from posmine import faults, schemas, storage
+from posmine import backbone, faults, schemas, storage
+from posmine.backbone import pool  # noqa: F401  (re-exported: older imports)
 from posmine.config import MODEL_DEFAULT, TeacherConfig, config_hash
 from posmine.data import parquet_rows
 
@@ -56,7 +57,8 @@ def resolve_model(model: str) -> str:
     if looks_local:
         if not p.is_dir():
             raise ModelError(f"model {model!r}: no such directory")
-        if not (p / "config.json").exists():
+        adapter = (p / "adapter_config.json").exists()  # LoRA alone, over its base model
+        if not adapter and not (p / "config.json").exists():
             raise ModelError(f"model {model!r}: not a model directory (no config.json)")
         if not any(p.glob("*.safetensors")):
             pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
@@ -102,10 +104,11 @@ def pick_device(device: str) -> torch.device:
 
 
 class Encoder:
-    """Text -> L2-normalised (optional) embeddings with mean / CLS / last-token pooling."""
+    """Text -> L2-normalised (optional) embeddings with mean / CLS / last-token pooling, from an
+    encoder or a decoder (`backbone`)."""
 
     def __init__(self, cfg: TeacherConfig, model: str | None = None) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.cfg = cfg
         path = resolve_model(model or cfg.model)
@@ -113,12 +116,21 @@ class Encoder:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32}[cfg.dtype]
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = backbone.prepare_tokenizer(AutoTokenizer.from_pretrained(path))
             # safetensors only: never unpickle weights from an untrusted checkpoint.
-            self.model = AutoModel.from_pretrained(path, dtype=dtype, use_safetensors=True)
+            self.model = backbone.load_model(path, dtype)
         except (OSError, ValueError) as e:
             raise ModelError(f"model {model or cfg.model!r} ({path}): cannot load: {e}") from e
+        self._setup()
         self.model.to(self.device).eval()
+
+    def _setup(self) -> None:
+        try:
+            self.bidirectional = backbone.wants_bidirectional(self.model, self.cfg.attention)
+        except backbone.BackboneError as e:
+            raise ModelError(f"model {self.cfg.model!r}: {e}") from e
+        if self.bidirectional:
+            backbone.make_bidirectional(self.model)
 
     @classmethod
     def wrap(cls, cfg: TeacherConfig, model: Any, tokenizer: Any, device: torch.device) -> Encoder:
@@ -126,44 +138,31 @@ class Encoder:
         switches it to eval mode while encoding."""
         enc = cls.__new__(cls)
         enc.cfg, enc.model, enc.tokenizer, enc.device = cfg, model, tokenizer, device
+        enc._setup()
         return enc
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(backbone.hidden_size(self.model))
 
     def encode(self, texts: list[str], prefix: str = "") -> np.ndarray:
         """Embed `texts` (longest first, in sub-batches) -> (n, dim) float32 in input order."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         order = np.argsort([-len(t) for t in texts], kind="stable")
         bs = self.cfg.batch_size
+        spec = backbone.EmbedSpec(self.cfg.pooling, self.cfg.max_length, prefix,
+                                  self.cfg.pool_prefix, self.bidirectional)
         for start in range(0, len(texts), bs):
             idx = order[start:start + bs]
-            out[idx] = self._encode_batch([prefix + texts[i] for i in idx])
+            out[idx] = self._encode_batch([texts[i] for i in idx], spec)
         return out
 
     @torch.inference_mode()
-    def _encode_batch(self, texts: list[str]) -> np.ndarray:
-        enc = self.tokenizer(texts, padding=True, truncation=True,
-                             max_length=self.cfg.max_length, return_tensors="pt").to(self.device)
-        hidden = self.model(**enc).last_hidden_state  # (batch, seq, dim)
-        emb = pool(hidden, enc["attention_mask"], self.cfg.pooling)  # (batch, dim)
+    def _encode_batch(self, texts: list[str], spec: backbone.EmbedSpec) -> np.ndarray:
+        emb = backbone.embed(self.model, self.tokenizer, texts, spec, self.device)  # (batch, dim)
         if self.cfg.normalize:
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         return emb.float().cpu().numpy()
-
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(batch, seq, dim), (batch, seq) -> (batch, dim)."""
-    if pooling == "cls":
-        return hidden[:, 0]
-    if pooling == "last":
-        # The last real token, wherever the padding sits: seq - 1 - (index of the first 1
-        # in the reversed mask). Works for left and right padding alike.
-        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # (batch,)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    m = mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
 def passage_texts(batch: dict[str, Any]) -> list[str]:
@@ -285,11 +284,15 @@ def embedding_dim(url: str) -> int:
 
 OUTPUT_FIELDS = ("model", "pooling", "normalize", "query_prefix", "passage_prefix", "max_length",
                  "dtype")
+# Fields added later: keyed only when set, so embeddings made before them stay current.
+LATER_FIELDS = {"attention": "auto", "pool_prefix": True}
 
 
 def output_key(cfg: TeacherConfig) -> str:
     """Hash of the settings that change the vectors; actors, threads and batch size do not."""
-    return config_hash({f: getattr(cfg, f) for f in OUTPUT_FIELDS})
+    fields = {f: getattr(cfg, f) for f in OUTPUT_FIELDS}
+    fields.update({f: getattr(cfg, f) for f, default in LATER_FIELDS.items() if getattr(cfg, f) != default})
+    return config_hash(fields)
 
 
 def stage_dir(out_dir: str, cfg: TeacherConfig) -> str:

@@ -190,6 +190,7 @@ def student_view(cfg: Config, model: str) -> TeacherConfig:
     """The student `model` seen through the embed stage (its pooling, prefixes, export length),
     normalised as the exported model is (it ships a Normalize module) and as training scored it."""
     return dataclasses.replace(cfg.teacher, model=model, pooling=cfg.train.pooling, normalize=True,
+                               attention=cfg.train.attention, pool_prefix=cfg.train.pool_prefix,
                                query_prefix=cfg.train.query_prefix,
                                passage_prefix=cfg.train.passage_prefix,
                                max_length=cfg.train.export_max_length)

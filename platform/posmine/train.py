@@ -29,9 +29,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from posmine import faults, storage
+from posmine import backbone, faults, storage
 from posmine.config import TrainConfig, absolute_path, config_hash, to_dict
-from posmine.embed import model_fingerprint, pool, resolve_model
+from posmine.embed import model_fingerprint, resolve_model
 from posmine.losses import contrastive_loss
 from posmine.mining import query_rng, text_hash
 
@@ -197,18 +197,25 @@ class StudentTrainer:
     """Model, tokenizer, optimiser and schedule; `step(rows)` does one update."""
 
     def __init__(self, cfg: TrainConfig, steps: int, device: torch.device) -> None:
-        from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
+        from transformers import AutoTokenizer, get_linear_schedule_with_warmup
 
         torch.manual_seed(cfg.seed)
         self.cfg, self.device, self.steps = cfg, device, steps
         path = resolve_model(cfg.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path, use_safetensors=True).to(device)
+        self.tokenizer = backbone.prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+        self.model = backbone.load_model(path)
+        self.bidirectional = backbone.wants_bidirectional(self.model, cfg.attention)
+        if self.bidirectional:
+            backbone.make_bidirectional(self.model)
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-        self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay)
+            # non-reentrant: gradients reach LoRA adapters even though the inputs need none
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora is not None:
+            lo = cfg.lora
+            self.model = backbone.add_lora(self.model, lo.r, lo.alpha, lo.dropout, lo.target_modules)
+        self.model.to(device).train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, int(cfg.warmup_ratio * steps), max(steps, 1))
         self.step_no = 0
@@ -219,27 +226,31 @@ class StudentTrainer:
         # Known positives masked out of the loss so far: as a hard negative, as an in-batch one.
         self.masked = {"hard": 0, "in_batch": 0}
 
-    def _embed(self, texts: list[str], max_length: int) -> torch.Tensor:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
-                             return_tensors="pt").to(self.device)
+    def _embed(self, texts: list[str], max_length: int, prefix: str) -> torch.Tensor:
+        spec = backbone.EmbedSpec(self.cfg.pooling, max_length, prefix, self.cfg.pool_prefix,
+                                  self.bidirectional)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            hidden = self.model(**enc).last_hidden_state  # (n, seq, d)
-        return torch.nn.functional.normalize(pool(hidden, enc["attention_mask"],
-                                                  self.cfg.pooling).float(), dim=-1)  # (n, d)
+            emb = backbone.embed(self.model, self.tokenizer, texts, spec, self.device)  # (n, d)
+        return torch.nn.functional.normalize(emb.float(), dim=-1)  # (n, d)
 
     def texts(self, rows: list[Row]) -> tuple[list[str], list[str]]:
-        """(queries, passages) of a batch as the model reads them: passages are each row's
-        positive, then every row's hard negatives in row order."""
-        cfg, k = self.cfg, self.cfg.num_negatives
+        """(queries, passages) of a batch, unprefixed: passages are each row's positive, then
+        every row's hard negatives in row order."""
+        k = self.cfg.num_negatives
         docs = [r["positive"] for r in rows] + [n for r in rows for n in r["negatives"][:k]]
-        return ([cfg.query_prefix + r["query"] for r in rows],
-                [cfg.passage_prefix + t for t in docs])
+        return [r["query"] for r in rows], docs
+
+    def sides(self) -> tuple[tuple[int, str], tuple[int, str]]:
+        """(max_length, prefix) of queries, then of passages."""
+        cfg = self.cfg
+        return (cfg.query_max_length, cfg.query_prefix), (cfg.passage_max_length, cfg.passage_prefix)
 
     def loss(self, rows: list[Row]) -> torch.Tensor:
         """The batch's loss in one pass (the graph of every text kept)."""
         queries, passages = self.texts(rows)
-        q = self._embed(queries, self.cfg.query_max_length)  # (B, dim)
-        d = self._embed(passages, self.cfg.passage_max_length)  # (B + negatives, dim)
+        (ql, qp), (pl, pp) = self.sides()
+        q = self._embed(queries, ql, qp)  # (B, dim)
+        d = self._embed(passages, pl, pp)  # (B + negatives, dim)
         return self.loss_from(rows, q, d)
 
     def loss_from(self, rows: list[Row], q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -309,14 +320,13 @@ class StudentTrainer:
            match) and backpropagate the cached embedding gradient into the weights.
         """
         queries, passages = self.texts(rows)
-        pieces = [(t[i:i + chunk], n) for t, n in ((queries, self.cfg.query_max_length),
-                                                   (passages, self.cfg.passage_max_length))
+        pieces = [(t[i:i + chunk], side) for t, side in zip((queries, passages), self.sides(), strict=True)
                   for i in range(0, len(t), chunk)]
         states, cached = [], []
         with torch.no_grad():
-            for texts, max_length in pieces:
+            for texts, side in pieces:
                 states.append(_rng_state(self.device))
-                cached.append(self._embed(texts, max_length))  # (chunk, dim)
+                cached.append(self._embed(texts, *side))  # (chunk, dim)
         nq = -(-len(queries) // chunk)  # chunks of queries, then of passages
         q = torch.cat(cached[:nq]).requires_grad_(True)
         d = torch.cat(cached[nq:]).requires_grad_(True)
@@ -326,10 +336,10 @@ class StudentTrainer:
         grads = list(torch.cat([q.grad, d.grad]).split([len(c) for c in cached]))
         # DDP: all-reduce once, with the last chunk's backward
         no_sync = getattr(self.model, "no_sync", contextlib.nullcontext)
-        for i, ((texts, max_length), state, grad) in enumerate(zip(pieces, states, grads, strict=True)):
+        for i, ((texts, side), state, grad) in enumerate(zip(pieces, states, grads, strict=True)):
             with _rng_restored(state, self.device), \
                     (no_sync() if i < len(pieces) - 1 else contextlib.nullcontext()):
-                emb = self._embed(texts, max_length)
+                emb = self._embed(texts, *side)
                 # d(emb . g)/d theta = g^T d emb/d theta: the chunk's share of d loss/d theta
                 torch.dot(emb.reshape(-1), grad.reshape(-1)).backward()
         return loss.detach()
@@ -352,17 +362,31 @@ class StudentTrainer:
         return getattr(self.model, "module", self.model)
 
     def save_state(self, directory: str) -> None:
-        """Weights as safetensors; optimiser/schedule via torch.save of tensors and numbers."""
-        self.unwrapped().save_pretrained(directory, safe_serialization=True)
+        """The trained weights (every weight, or the LoRA adapters alone) as safetensors;
+        optimiser and schedule via torch.save of tensors and numbers."""
+        from safetensors.torch import save_file
+
+        save_file(self.trainable_state(), os.path.join(directory, STATE_WEIGHTS))
         torch.save({"optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "step": self.step_no},
                    os.path.join(directory, "trainer_state.pt"))
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """{name: tensor} of the weights that train (copies: safetensors refuses shared memory)."""
+        return {n: p.detach().cpu().clone().contiguous()
+                for n, p in self.unwrapped().named_parameters() if p.requires_grad}
+
     def load_state(self, directory: str) -> None:
         from safetensors.torch import load_file
 
-        # strict: a checkpoint missing a weight, or holding one the model lacks, is not ours
-        self.unwrapped().load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+        saved = load_file(os.path.join(directory, STATE_WEIGHTS))
+        want = set(self.trainable_state())
+        # a checkpoint missing a trained weight, or holding one the model lacks, is not ours
+        if set(saved) != want:
+            odd = sorted(set(saved) ^ want)[:3]
+            raise ValueError(f"checkpoint {directory}: its weights do not match the model's "
+                             f"trainable ones (e.g. {odd}); another model or LoRA setting?")
+        self.unwrapped().load_state_dict(saved, strict=False)
         # weights_only: never unpickle arbitrary objects, even from our own checkpoints.
         state = torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -370,21 +394,42 @@ class StudentTrainer:
         self.step_no = int(state["step"])
 
     def export(self, directory: str) -> None:
-        """A directory both transformers and sentence-transformers load."""
-        export_model(self.unwrapped(), self.tokenizer, directory, self.cfg)
+        """A directory both transformers and sentence-transformers load. With LoRA the adapter
+        is merged into the base weights (this trainer's model is then the merged one), or saved
+        alone with `export_adapter`."""
+        model = self.unwrapped()
+        if self.cfg.lora is not None and not self.cfg.export_adapter:
+            model = model.merge_and_unload()
+            self.model = model
+        export_model(model, self.tokenizer, directory, self.cfg, self.bidirectional)
 
 
-def export_model(model: Any, tokenizer: Any, directory: str, cfg: TrainConfig) -> None:
+STATE_WEIGHTS = "trainable.safetensors"  # in each checkpoint
+
+
+def model_files(cfg: TrainConfig) -> tuple[str | tuple[str, ...], ...]:
+    """What an exported model folder must hold before the stage may say it is there."""
+    if cfg.export_adapter:
+        return ("model/adapter_config.json", "model/adapter_model.safetensors",
+                "model/tokenizer_config.json", "model/modules.json")
+    return MODEL_FILES
+
+
+def export_model(model: Any, tokenizer: Any, directory: str, cfg: TrainConfig,
+                 bidirectional: bool = False) -> None:
     d = Path(directory)
     model.save_pretrained(d, safe_serialization=True)
     tokenizer.save_pretrained(d)
-    dim = int(model.config.hidden_size)
+    if bidirectional and not cfg.export_adapter:
+        write_bidirectional_code(d, type(model).__name__)
+    dim = backbone.hidden_size(model)
     (d / "1_Pooling").mkdir(exist_ok=True)
     (d / "1_Pooling" / "config.json").write_text(json.dumps({
         "word_embedding_dimension": dim, "pooling_mode_cls_token": cfg.pooling == "cls",
         "pooling_mode_mean_tokens": cfg.pooling == "mean", "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": cfg.pooling == "last", "include_prompt": True}, indent=2))
+        "pooling_mode_lasttoken": cfg.pooling == "last", "include_prompt": cfg.pool_prefix},
+        indent=2))
     (d / "2_Normalize").mkdir(exist_ok=True)
     (d / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -396,6 +441,47 @@ def export_model(model: Any, tokenizer: Any, directory: str, cfg: TrainConfig) -
     (d / "config_sentence_transformers.json").write_text(json.dumps({
         "prompts": {"query": cfg.query_prefix, "document": cfg.passage_prefix},
         "default_prompt_name": None, "similarity_fn_name": "cosine"}, indent=2))
+
+
+BIDIRECTIONAL_CODE = '''"""{base} without its causal mask, as posmine fine-tuned it (attention:
+bidirectional). Written by posmine; load with trust_remote_code=True (transformers,
+sentence-transformers)."""
+
+import torch
+from transformers import {base} as _Base
+from transformers.masking_utils import create_bidirectional_mask
+
+
+class BidirectionalModel(_Base):
+    def __init__(self, config):
+        super().__init__(config)
+        for module in self.modules():  # flash attention reads the flag
+            if getattr(module, "is_causal", False):
+                module.is_causal = False
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        if attention_mask.ndim == 2:  # padding alone: every token sees every other
+            stub = torch.empty(*attention_mask.shape, 1, dtype=self.dtype, device=attention_mask.device)
+            full = create_bidirectional_mask(config=self.config, inputs_embeds=stub,
+                                             attention_mask=attention_mask,
+                                             allow_is_bidirectional_skip=False)
+            if isinstance(full, torch.Tensor):
+                attention_mask = full
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+'''
+
+
+def write_bidirectional_code(d: Path, base: str) -> None:
+    """A decoder trained bidirectionally is only that model with its mask removed: ship the few
+    lines that remove it (`auto_map`, as NV-Embed and NeMo AutoModel's exports do), and mark the
+    config so posmine's `attention=auto` removes it too."""
+    (d / "modeling_posmine.py").write_text(BIDIRECTIONAL_CODE.format(base=base))
+    config = json.loads((d / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_posmine.BidirectionalModel"}
+    config[backbone.BIDIRECTIONAL_KEY] = True
+    (d / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def train_plain(cfg: TrainConfig, rows: list[Row], steps: int | None = None,
@@ -553,7 +639,7 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
                    # the last attempt's steps (from resumed_from_step on after a restart)
                    "loss_curve": metrics.get("loss_curve", [])},
             extra={"model_dir": storage.join(target, "model"), "train": to_dict(cfg)},
-            outputs=MODEL_FILES)
+            outputs=model_files(cfg))
 
     return storage.run_stage(target, name, key, work)
 

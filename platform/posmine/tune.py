@@ -295,7 +295,8 @@ def run(cfg: Config) -> dict[str, Any]:
         base = base_metrics(shared)
         log.info("untrained student on dev: %s=%.4f", cfg.tune.metric, base[cfg.tune.metric])
         trials = [_row(r, cfg) for r in _fit(cfg, shared, storage.join(target, "ray"))]
-        trials.sort(key=lambda t: -(t.get(cfg.tune.metric) or -1.0))
+        # best first; ties (common on small dev sets) in trial order, the same on every rerun
+        trials.sort(key=lambda t: (-(t.get(cfg.tune.metric) or -1.0), str(t["trial"])))
         if not any(t.get(cfg.tune.metric) is not None for t in trials):
             raise storage.StageError(f"no trial reported {cfg.tune.metric}; see the errors above")
         best = trials[0]
