@@ -178,8 +178,8 @@ def test_posmine_run_with_the_llm_recipe(ray_local: None, tiny_beir: Path,
                                          tiny_decoders: dict[str, str], tmp_path: Path) -> None:
     """`posmine run` end to end with NV-Retriever-v1's recipe in miniature: a decoder teacher
     (Qwen2, last-token pooling, causal), a decoder student (Mistral, bidirectional, mean pooling
-    without its instruction prefix, LoRA), GradCache and two Ray Train workers gathering each
-    other's in-batch negatives."""
+    without its instruction prefix, LoRA), GradCache and two Ray Train workers sharding it with
+    FSDP and gathering each other's in-batch negatives; a checkpoint every 2 steps."""
     from posmine import pipeline, storage
     from posmine.config import load_config
 
@@ -191,6 +191,7 @@ def test_posmine_run_with_the_llm_recipe(ray_local: None, tiny_beir: Path,
         "train.attention=bidirectional", "train.pool_prefix=false", "train.query_prefix='query: '",
         "train.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj]}",
         "train.grad_cache_chunk=3", "train.num_workers=2", "train.gather_across_workers=true",
+        "train.strategy=fsdp",
         "train.cpus_per_worker=0.5", "train.batch_size=2", "train.num_negatives=3", "train.lr=1e-2",
         "train.checkpoint_every=2", "train.log_every=1", "evaluate.k_values=[10]",
         "evaluate.top_k=20", f"output.dir={out}"])

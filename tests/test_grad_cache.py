@@ -81,3 +81,24 @@ def test_grad_cache_trains(tiny_model: str) -> None:
         losses[chunk] = [trainer.step(ROWS) for _ in range(4)]
     assert losses[4] == pytest.approx(losses[0], rel=1e-4)
     assert losses[4][-1] < losses[4][0]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_grad_cache_equals_one_pass_on_a_lora_decoder(tiny_decoders: dict[str, str], family: str) -> None:
+    """The LLM recipe's student: bidirectional, last-token or mean pooling without the prefix,
+    LoRA adapters (the only weights with gradients)."""
+    from posmine.config import LoraConfig
+
+    cfg = TrainConfig(model=tiny_decoders[family], batch_size=6, num_negatives=3,
+                      attention="bidirectional", pool_prefix=False, query_prefix="query: ",
+                      pooling="last" if family == "qwen2" else "mean",
+                      lora=LoraConfig(r=4, alpha=8, dropout=0.0,
+                                      target_modules=("q_proj", "k_proj", "v_proj", "o_proj")))
+    plain = _trainer(cfg, dropout=False)
+    want = plain.backward(ROWS)
+    cached = _trainer(replace(cfg, grad_cache_chunk=4), dropout=False)
+    got = cached.backward(ROWS)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    grads = _grads(cached)
+    assert grads and all("lora_" in n for n in grads)
+    _assert_same(grads, _grads(plain))

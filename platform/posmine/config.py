@@ -197,6 +197,10 @@ class TrainConfig:
     # With `lora`: export the adapter alone (adapter_config.json + adapter_model.safetensors,
     # loaded over its base model) instead of a full model with the adapter merged in.
     export_adapter: bool = False
+    # ddp: every worker holds the whole model; fsdp: parameters, gradients and optimiser state
+    # sharded over the workers (FSDP2, one unit per transformer block), for bases that do not
+    # fit one device. Checkpoints and the export hold the full weights either way.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     query_prefix: str = ""
     passage_prefix: str = ""
     epochs: Annotated[int, Range(1, 10_000)] = 1

@@ -45,6 +45,12 @@ def ensure_ray() -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Ray runs workers at nice 15: then any of its own processes (raylet, GCS, the Train
+        # controller, at nice 0) takes a core from a worker's OpenMP team, and every thread
+        # of the team waits at the next barrier. A training step ran 20% slower than in a plain
+        # process for that alone, and as fast at nice 0 (BENCHMARKS.md). The raylet reads this
+        # from its environment when ray.init starts it.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         # address="local": a stale `ray start` must not be mistaken for a live cluster. The
         # dashboard serves the State API that Ray Train's placement-group cleaner polls.
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",

@@ -193,11 +193,14 @@ def _rng_restored(state: tuple[torch.Tensor, torch.Tensor | None],
         yield
 
 
+_PAD = ["."]  # a chunk embedded only to keep sharded workers' collectives in step
+
+
 class StudentTrainer:
     """Model, tokenizer, optimiser and schedule; `step(rows)` does one update."""
 
     def __init__(self, cfg: TrainConfig, steps: int, device: torch.device) -> None:
-        from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+        from transformers import AutoTokenizer
 
         torch.manual_seed(cfg.seed)
         self.cfg, self.device, self.steps = cfg, device, steps
@@ -214,10 +217,8 @@ class StudentTrainer:
             lo = cfg.lora
             self.model = backbone.add_lora(self.model, lo.r, lo.alpha, lo.dropout, lo.target_modules)
         self.model.to(device).train()
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
-                                           lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, int(cfg.warmup_ratio * steps), max(steps, 1))
+        self.sharded = False
+        self._make_optimizer()
         self.step_no = 0
         dist = torch.distributed
         self.rank, self.world = ((dist.get_rank(), dist.get_world_size())
@@ -225,6 +226,32 @@ class StudentTrainer:
         self.batch: list[Row] = []  # the global batch of the step in progress
         # Known positives masked out of the loss so far: as a hard negative, as an in-batch one.
         self.masked = {"hard": 0, "in_batch": 0}
+
+    def _make_optimizer(self) -> None:
+        from transformers import get_linear_schedule_with_warmup
+
+        cfg, steps = self.cfg, self.steps
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad],
+                                           lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(cfg.warmup_ratio * steps), max(steps, 1))
+
+    def shard(self) -> None:
+        """FSDP2 over the process group: each transformer block (the model's `_no_split_modules`)
+        and then the whole model become sharded units; the optimiser is rebuilt over the
+        sharded parameters. Gradients are averaged as DDP averages them."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        blocks = set(getattr(inner, "_no_split_modules", None) or ())
+        for module in self.model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        self.sharded = True
+        self._make_optimizer()
 
     def _embed(self, texts: list[str], max_length: int, prefix: str) -> torch.Tensor:
         spec = backbone.EmbedSpec(self.cfg.pooling, max_length, prefix, self.cfg.pool_prefix,
@@ -320,29 +347,51 @@ class StudentTrainer:
            match) and backpropagate the cached embedding gradient into the weights.
         """
         queries, passages = self.texts(rows)
-        pieces = [(t[i:i + chunk], side) for t, side in zip((queries, passages), self.sides(), strict=True)
-                  for i in range(0, len(t), chunk)]
+        q_pieces, d_pieces = ([t[i:i + chunk] for i in range(0, len(t), chunk)] for t in (queries, passages))
+        q_pieces, d_pieces = self._even(q_pieces), self._even(d_pieces)
+        pieces = [(t, side) for ts, side in zip((q_pieces, d_pieces), self.sides(), strict=True) for t in ts]
         states, cached = [], []
         with torch.no_grad():
             for texts, side in pieces:
                 states.append(_rng_state(self.device))
                 cached.append(self._embed(texts, *side))  # (chunk, dim)
-        nq = -(-len(queries) // chunk)  # chunks of queries, then of passages
-        q = torch.cat(cached[:nq]).requires_grad_(True)
-        d = torch.cat(cached[nq:]).requires_grad_(True)
+        real = [c for (t, _), c in zip(pieces, cached, strict=True) if t is not _PAD]
+        nq = sum(t is not _PAD for t in q_pieces)  # real chunks of queries, then of passages
+        q = torch.cat(real[:nq]).requires_grad_(True)
+        d = torch.cat(real[nq:]).requires_grad_(True)
         loss = self.loss_from(rows, q, d)
         (loss * self.grad_scale).backward()
         assert q.grad is not None and d.grad is not None  # leaves of the loss just backpropagated
-        grads = list(torch.cat([q.grad, d.grad]).split([len(c) for c in cached]))
-        # DDP: all-reduce once, with the last chunk's backward
-        no_sync = getattr(self.model, "no_sync", contextlib.nullcontext)
+        real_grads = iter(torch.cat([q.grad, d.grad]).split([len(c) for c in real]))
+        grads = [torch.zeros_like(c) if t is _PAD else next(real_grads)
+                 for (t, _), c in zip(pieces, cached, strict=True)]
         for i, ((texts, side), state, grad) in enumerate(zip(pieces, states, grads, strict=True)):
-            with _rng_restored(state, self.device), \
-                    (no_sync() if i < len(pieces) - 1 else contextlib.nullcontext()):
+            with _rng_restored(state, self.device), self._sync_grads(i == len(pieces) - 1):
                 emb = self._embed(texts, *side)
                 # d(emb . g)/d theta = g^T d emb/d theta: the chunk's share of d loss/d theta
                 torch.dot(emb.reshape(-1), grad.reshape(-1)).backward()
         return loss.detach()
+
+    def _even(self, pieces: list[list[str]]) -> list[list[str]]:
+        """Sharded, every forward is a collective (it gathers each block's weights), so every
+        worker must embed as many chunks: the ones with fewer add `_PAD` chunks, whose
+        embeddings are dropped and whose gradient is zero."""
+        if not self.sharded:
+            return pieces
+        most = torch.tensor([len(pieces)], dtype=torch.int64)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        return pieces + [_PAD] * (int(most.item()) - len(pieces))
+
+    @contextlib.contextmanager
+    def _sync_grads(self, last: bool) -> Iterator[None]:
+        """DDP all-reduces and FSDP reduce-scatters once, with the last chunk's backward."""
+        if self.sharded:
+            self.model.set_requires_gradient_sync(last)
+            yield
+            return
+        no_sync = getattr(self.model, "no_sync", None)
+        with no_sync() if no_sync is not None and not last else contextlib.nullcontext():
+            yield
 
     def step(self, rows: list[Row], batch: list[Row] | None = None) -> float:
         """One update on `rows`; `batch` is the global batch they are this worker's slice of
@@ -361,47 +410,101 @@ class StudentTrainer:
     def unwrapped(self) -> Any:
         return getattr(self.model, "module", self.model)
 
-    def save_state(self, directory: str) -> None:
+    def save_state(self, directory: str | None) -> None:
         """The trained weights (every weight, or the LoRA adapters alone) as safetensors;
-        optimiser and schedule via torch.save of tensors and numbers."""
+        optimiser and schedule via torch.save of tensors and numbers. Sharded, every worker
+        must call it (the full state is gathered); the one given a directory writes."""
         from safetensors.torch import save_file
 
-        save_file(self.trainable_state(), os.path.join(directory, STATE_WEIGHTS))
-        torch.save({"optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "step": self.step_no},
-                   os.path.join(directory, "trainer_state.pt"))
+        weights, optimizer = self.trainable_state(), self._optimizer_state()
+        if directory is None:
+            return
+        save_file(weights, os.path.join(directory, STATE_WEIGHTS))
+        torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                    "step": self.step_no}, os.path.join(directory, "trainer_state.pt"))
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """{name: tensor} of every weight, on the CPU; sharded: gathered to rank 0 (the others
+        get {}), a collective every worker calls."""
+        if not self.sharded:
+            return {n: t.detach().cpu() for n, t in self.unwrapped().state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=True))
+        return {n: t for n, t in full.items() if isinstance(t, torch.Tensor)}
+
+    def trainable_names(self) -> set[str]:
+        return {n for n, p in self.unwrapped().named_parameters() if p.requires_grad}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """{name: tensor} of the weights that train (copies: safetensors refuses shared memory)."""
-        return {n: p.detach().cpu().clone().contiguous()
-                for n, p in self.unwrapped().named_parameters() if p.requires_grad}
+        names = self.trainable_names()
+        return {n: t.clone().contiguous() for n, t in self.full_state().items() if n in names}
+
+    def _optimizer_state(self) -> dict[str, Any]:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
 
     def load_state(self, directory: str) -> None:
         from safetensors.torch import load_file
 
         saved = load_file(os.path.join(directory, STATE_WEIGHTS))
-        want = set(self.trainable_state())
+        want = self.trainable_names()
         # a checkpoint missing a trained weight, or holding one the model lacks, is not ours
         if set(saved) != want:
             odd = sorted(set(saved) ^ want)[:3]
             raise ValueError(f"checkpoint {directory}: its weights do not match the model's "
                              f"trainable ones (e.g. {odd}); another model or LoRA setting?")
-        self.unwrapped().load_state_dict(saved, strict=False)
         # weights_only: never unpickle arbitrary objects, even from our own checkpoints.
         state = torch.load(os.path.join(directory, "trainer_state.pt"), weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.model, dict(saved.items()), options=full)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=full)
+        else:
+            self.unwrapped().load_state_dict(saved, strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_no = int(state["step"])
 
-    def export(self, directory: str) -> None:
+    def export(self, directory: str | None) -> None:
         """A directory both transformers and sentence-transformers load. With LoRA the adapter
         is merged into the base weights (this trainer's model is then the merged one), or saved
-        alone with `export_adapter`."""
+        alone with `export_adapter`. Sharded, every worker calls it; the one given a directory
+        writes, from an unsharded copy of the gathered weights."""
         model = self.unwrapped()
+        if self.sharded:
+            full = self.full_state()
+            if directory is None:
+                return
+            model = self.unsharded_copy(full)
+        elif directory is None:
+            return
         if self.cfg.lora is not None and not self.cfg.export_adapter:
             model = model.merge_and_unload()
-            self.model = model
+            if not self.sharded:
+                self.model = model
         export_model(model, self.tokenizer, directory, self.cfg, self.bidirectional)
+
+    def unsharded_copy(self, full: dict[str, torch.Tensor]) -> Any:
+        """The student as built at the start (base weights, adapters) holding `full`."""
+        model = backbone.load_model(resolve_model(self.cfg.model))
+        if self.cfg.lora is not None:
+            lo = self.cfg.lora
+            model = backbone.add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules)
+        model.load_state_dict(full)
+        return model
 
 
 STATE_WEIGHTS = "trainable.safetensors"  # in each checkpoint
@@ -508,12 +611,17 @@ def _worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
     trainer = StudentTrainer(cfg, config["steps"], ray.train.torch.get_device())
+    fsdp = cfg.strategy == "fsdp" and world > 1
+    if fsdp:
+        trainer.shard()  # before loading: the optimiser state is restored into the sharded one
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             trainer.load_state(d)
-    trainer.model = ray.train.torch.prepare_model(
-        trainer.model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    if not fsdp:
+        # every parameter that trains reaches the loss (BERT's pooler is dropped at load), so
+        # DDP needs no extra pass over the graph looking for unused ones
+        trainer.model = ray.train.torch.prepare_model(trainer.model)
     # Every worker builds the same seeded plan of global batches and trains its slice of each,
     # so a restart from step n continues with batch n + 1 on every worker.
     examples = expand(storage.read_parquet(config["mined_url"]))
@@ -536,8 +644,8 @@ def _worker(config: dict[str, Any]) -> None:
              "resumed_from": done_before, "steady_samples_per_s": timer.rate(), "done": 1,
              "masked_hard": masked[0], "masked_in_batch": masked[1], "loss_curve": curve}
     with tempfile.TemporaryDirectory() as d:
+        trainer.export(d if rank == 0 else None)  # sharded: a collective every worker joins
         if rank == 0:
-            trainer.export(d)
             storage.put_tree(d, config["model_dir"])
         # Ray Train keeps the metrics of checkpointed reports: the export is the last checkpoint.
         ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
@@ -598,8 +706,7 @@ def _report(trainer: StudentTrainer, losses: list[float], steps: int, cfg: Train
     if step % cfg.checkpoint_every == 0 and step < steps:
         with tempfile.TemporaryDirectory() as d:
             is_rank0 = ray.train.get_context().get_world_rank() == 0
-            if is_rank0:
-                trainer.save_state(d)
+            trainer.save_state(d if is_rank0 else None)  # sharded: a collective every worker joins
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d)
                              if is_rank0 else None)
     elif step % cfg.log_every == 0:
