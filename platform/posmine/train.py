@@ -424,10 +424,8 @@ class StudentTrainer:
                     "step": self.step_no}, os.path.join(directory, "trainer_state.pt"))
 
     def full_state(self) -> dict[str, torch.Tensor]:
-        """{name: tensor} of every weight, on the CPU; sharded: gathered to rank 0 (the others
-        get {}), a collective every worker calls."""
-        if not self.sharded:
-            return {n: t.detach().cpu() for n, t in self.unwrapped().state_dict().items()}
+        """{name: tensor} of every weight of the sharded model, gathered to rank 0 on the CPU (the
+        others get {}): a collective every worker calls."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
@@ -438,7 +436,11 @@ class StudentTrainer:
         return {n for n, p in self.unwrapped().named_parameters() if p.requires_grad}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """{name: tensor} of the weights that train (copies: safetensors refuses shared memory)."""
+        """{name: tensor} of the weights that train, on the CPU (copies: safetensors refuses
+        shared memory); sharded, gathered to rank 0 as `full_state`."""
+        if not self.sharded:  # the adapters alone, not a copy of a 7B base on every checkpoint
+            return {n: p.detach().cpu().clone().contiguous()
+                    for n, p in self.unwrapped().named_parameters() if p.requires_grad}
         names = self.trainable_names()
         return {n: t.clone().contiguous() for n, t in self.full_state().items() if n in names}
 
