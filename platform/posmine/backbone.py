@@ -116,8 +116,8 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, *, append_eos: b
 
 def prefix_token_mask(offsets: list[list[Any]], width: int, prefix_chars: int) -> torch.Tensor:
     """(batch, width) long: 1 for the tokens before each row's first token of text proper (a
-    real token starting at or after `prefix_chars`): the prefix's tokens and the special tokens
-    (BOS, CLS) ahead of it. A token straddling the boundary counts as text."""
+    real token ending after `prefix_chars`): the prefix's tokens and the special tokens (BOS,
+    CLS) ahead of it. A token straddling the boundary counts as text."""
     out = torch.zeros((len(offsets), width), dtype=torch.long)
     for i, row in enumerate(offsets):
         first = next((j for j, (s, e) in enumerate(row) if e > s and e > prefix_chars), len(row))
