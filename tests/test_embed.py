@@ -11,9 +11,10 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from posmine import storage
+from posmine.backbone import pool
 from posmine.config import DataConfig, TeacherConfig
 from posmine.data import prepare
-from posmine.embed import Encoder, ModelError, pool, read_embeddings, resolve_model, run, stage_dir
+from posmine.embed import Encoder, ModelError, read_embeddings, resolve_model, run, stage_dir
 
 TEXTS = ["cell protein", "the brain and the heart of a mouse study with a long text here",
          "drug", "vitamin diet sleep stress immune"]

@@ -27,7 +27,6 @@ import torch
 from tqdm import tqdm
 
 from posmine import backbone, faults, schemas, storage
-from posmine.backbone import pool  # noqa: F401  (re-exported: older imports)
 from posmine.config import MODEL_DEFAULT, TeacherConfig, config_hash
 from posmine.data import parquet_rows
 

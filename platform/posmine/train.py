@@ -213,9 +213,7 @@ class StudentTrainer:
         if cfg.gradient_checkpointing:
             # non-reentrant: gradients reach LoRA adapters even though the inputs need none
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora is not None:
-            lo = cfg.lora
-            self.model = backbone.add_lora(self.model, lo.r, lo.alpha, lo.dropout, lo.target_modules)
+        self.model = self._adapted(self.model)
         self.model.to(device).train()
         self.sharded = False
         self._make_optimizer()
@@ -226,6 +224,12 @@ class StudentTrainer:
         self.batch: list[Row] = []  # the global batch of the step in progress
         # Known positives masked out of the loss so far: as a hard negative, as an in-batch one.
         self.masked = {"hard": 0, "in_batch": 0}
+
+    def _adapted(self, model: Any) -> Any:
+        """`model` with `train.lora`'s adapters, or as it is when every weight trains."""
+        lo = self.cfg.lora
+        return model if lo is None else backbone.add_lora(model, lo.r, lo.alpha, lo.dropout,
+                                                          lo.target_modules)
 
     def _make_optimizer(self) -> None:
         from transformers import get_linear_schedule_with_warmup
@@ -501,10 +505,7 @@ class StudentTrainer:
 
     def unsharded_copy(self, full: dict[str, torch.Tensor]) -> Any:
         """The student as built at the start (base weights, adapters) holding `full`."""
-        model = backbone.load_model(resolve_model(self.cfg.model))
-        if self.cfg.lora is not None:
-            lo = self.cfg.lora
-            model = backbone.add_lora(model, lo.r, lo.alpha, lo.dropout, lo.target_modules)
+        model = self._adapted(backbone.load_model(resolve_model(self.cfg.model)))
         model.load_state_dict(full)
         return model
 
