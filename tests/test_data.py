@@ -58,8 +58,8 @@ def test_gzip_and_parquet_layouts(tmp_path: Path) -> None:
 
 def test_dev_holdout_is_seeded_and_disjoint(tiny_beir: Path) -> None:
     ds = data.load(str(tiny_beir))
-    a = data.prepared_qrels(ds, DataConfig(path=str(tiny_beir), dev_fraction=0.25, holdout_dev=True))
-    b = data.prepared_qrels(ds, DataConfig(path=str(tiny_beir), dev_fraction=0.25, holdout_dev=True))
+    a = data.prepared_qrels(ds.qrels, DataConfig(path=str(tiny_beir), dev_fraction=0.25, holdout_dev=True))
+    b = data.prepared_qrels(ds.qrels, DataConfig(path=str(tiny_beir), dev_fraction=0.25, holdout_dev=True))
     dev = set(a["dev"].column("query_id").to_pylist())
     train = set(a["train"].column("query_id").to_pylist())
     assert dev and not dev & train

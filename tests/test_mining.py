@@ -291,3 +291,25 @@ def test_bounds_are_exclusive_on_exact_floats(rule: str, params: dict) -> None:
     assert negs(cfg, q) == ["below"]
     # the per-query reference twin draws the same exclusive bound
     assert rule_keep_reference([0.75, bound, below], [False, True, True], 0.75, cfg) == [False, False, True]
+
+
+def test_join_candidates_equals_a_sorted_union() -> None:
+    """The file's negatives join a query's list: each id once, best first, the search's own
+    candidates ahead on ties; against a plain sort of the union."""
+    from posmine.mining import QueryCandidates, join_candidates
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ids = [f"d{i}" for i in rng.permutation(12)[:6]]
+        scores = np.sort(rng.choice([0.1, 0.2, 0.3, 0.5], 6))[::-1].astype(np.float64)
+        q = QueryCandidates("q", ids, scores, ["p"], np.array([0.9]))
+        extra = [f"d{i}" for i in rng.integers(0, 14, 4)]  # may repeat, may be listed already
+        extra_scores = rng.choice([0.1, 0.2, 0.3, 0.5], 4)
+        joined, added = join_candidates(q, extra, extra_scores)
+        union = dict(zip(ids, scores, strict=True))
+        for d, s in zip(extra, extra_scores, strict=True):
+            union.setdefault(d, s)
+        ref = sorted(union.items(), key=lambda kv: -kv[1])  # stable: insertion order on ties
+        assert list(joined.cand_ids) == [d for d, _ in ref]
+        np.testing.assert_array_equal(joined.cand_scores, [s for _, s in ref])
+        assert added == len(union) - len(ids)

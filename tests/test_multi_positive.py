@@ -157,6 +157,17 @@ def test_epoch_plan_never_puts_one_query_twice_in_a_batch(positives: str) -> Non
     assert plans[0] != plans[1]  # a fresh shuffle (and fresh positives) each epoch
 
 
+def test_sample_sees_every_positive_once_in_as_many_epochs() -> None:
+    """positives=sample draws without replacement: 5 epochs over queries of 5 positives use
+    each (query, positive) once, in a seeded order that differs between queries."""
+    ex = mined_rows(9, 5)
+    cfg = TrainConfig(batch_size=4, positives="sample", epochs=5, seed=3)
+    used = [i for e in range(5) for b in epoch_plan(ex, cfg, e) for i in b]
+    assert sorted(used) == list(range(len(ex)))
+    firsts = {ex[i]["positive"][-1] for b in epoch_plan(ex, cfg, 0) for i in b}
+    assert len(firsts) > 1  # not every query starts with its first positive
+
+
 def test_epoch_plan_for_workers_leaves_no_worker_without_rows() -> None:
     ex = mined_rows(9, 1)
     plan = epoch_plan(ex, TrainConfig(batch_size=2, positives="all"), 0, world=2)

@@ -9,8 +9,7 @@ import pytest
 import pytrec_eval
 import ray
 
-from posmine import evaluate, pipeline, report, storage
-from posmine import mine as mine_stage
+from posmine import evaluate, export, pipeline, report, storage
 from posmine.cli import main
 from posmine.config import load_config
 from posmine.embed import Encoder
@@ -55,11 +54,9 @@ def test_mine_to_s3_and_report(ray_local: None, tiny_beir: Path, tiny_model: str
     png = report.histogram(f"{out}/mine")
     fs, path = storage.filesystem(png)
     assert fs.cat_file(path)[:8] == b"\x89PNG\r\n\x1a\n"
-    # exports
-    st = mine_stage.to_sentence_transformers(mined, 3)
-    assert st.column_names == ["query", "positive", "negative_1", "negative_2", "negative_3"]
-    flag = mine_stage.to_flag_embedding(mined).splitlines()
-    assert len(flag) == mined.num_rows and '"neg"' in flag[0]
+    # exports read the finished stage from S3 too
+    summary = export.export(f"{out}/mine", "st-n-tuple", f"{out}/export/n-tuple.parquet")
+    assert summary["columns"] == ["anchor", "positive", "negative_1", "negative_2", "negative_3"]
     # credentials (dummy keys set in the environment) never reach an output object, the
     # driver's log, or the log files of the Ray session that ran the stages
     fs, root = storage.filesystem(out)

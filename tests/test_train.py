@@ -77,7 +77,7 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
     from transformers import AutoModel
 
     out = str(tmp_path / "out")
-    summary = pipeline.run(_cfg(tiny_beir, tiny_model, out))
+    summary = pipeline.run(_cfg(tiny_beir, tiny_model, out, "train.track=mlflow"))
     manifest = storage.read_manifest(f"{out}/train")
     # 10 (query, positive) examples of 8 queries; positives=sample trains 8 a epoch: 4 batches of 2
     assert manifest is not None and manifest["rows"]["examples"] == 10
@@ -92,6 +92,15 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
     assert set(summary["base"]) == set(summary["fine_tuned"]) == {"ndcg@10", "recall@10", "map@10",
                                                                    "mrr@10"}
     assert "ndcg@10" in pipeline.format_table(summary)
+    # train.track=mlflow: a run in the SQLite store under the output, with the loss at each step
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("posmine").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, round(m.value, 5)) for m in history] == [
+        (s, round(v, 5)) for s, v in manifest["stats"]["loss_curve"]]
+    assert run.data.params["lr"] == "0.0001" and run.info.status == "FINISHED"
 
 
 def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path, tiny_model: str,

@@ -30,7 +30,7 @@ def test_two_trial_search(ray_local: None, tiny_beir: Path, tiny_model: str, tmp
                           capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # a relative output dir, as in the shipped configs: Tune runs trials in their own cwd
     monkeypatch.chdir(tmp_path)
-    args = _overrides(tiny_beir, tiny_model, Path("out"))
+    args = [*_overrides(tiny_beir, tiny_model, Path("out")), "train.track=mlflow"]
     crash_marker = tmp_path / "crashed"
     # trial processes read these: pass them through the runtime env
     with ray_with_env({"POSMINE_CRASH_AT_STEP": "2", "POSMINE_CRASH_MARKER": str(crash_marker)}):
@@ -57,6 +57,12 @@ def test_two_trial_search(ray_local: None, tiny_beir: Path, tiny_model: str, tmp
     seconds = [r["trial_seconds"] for r in resumed[0]]
     assert seconds == sorted(seconds), seconds
     assert "untrained" in printed and "topk_percpos" in printed and "best.yaml" in printed
+    # train.track=mlflow: Ray Tune's MLflow callback logged each trial's dev metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/out/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("posmine-tune").experiment_id])
+    assert len(runs) == 2 and all("ndcg_at_10" in r.data.metrics for r in runs)
     with open(Path(target) / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["rule"] for r in rows] == [t["rule"] for t in trials]

@@ -15,20 +15,38 @@ from posmine import storage
 from posmine.config import ConfigError, load_config
 from posmine.data import DataError
 from posmine.embed import EmbeddingError, ModelError
+from posmine.export import FORMATS as EXPORT_FORMATS
+from posmine.export import ExportError
 from posmine.storage import StageError, StorageError
 
 log = logging.getLogger(__name__)
 # Errors whose message already says what went wrong and where: printed as they are.
 _OURS = (ConfigError, DataError, StorageError, StageError, EmbeddingError, ModelError,
-         FileNotFoundError)
+         ExportError, FileNotFoundError)
 
-VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "audit", "report")
+VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "audit", "report", "export")
 
 
 def _data(args: argparse.Namespace) -> int:
-    from posmine import data
+    from posmine import data, sources
+    from posmine.config import DataConfig, absolute_path
 
-    summary = data.load(args.path).summary()
+    fmt = sources.detect(args.path) if args.format == "auto" else args.format
+    if fmt == "beir":
+        summary = data.load(args.path).summary()
+    else:
+        t = sources.load(DataConfig(path=absolute_path(args.path)), fmt)
+        summary = {**t.summary, "qrels": {s: q.num_rows for s, q in t.qrels.items()},
+                   "warnings": dict(t.warnings.counts)}
+    print(json.dumps(storage.redact_all(summary), indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from posmine import export
+
+    summary = export.export(args.mine_dir, args.format, args.out, scores=args.scores,
+                            num_negatives=args.num_negatives)
     print(json.dumps(storage.redact_all(summary), indent=2))
     return 0
 
@@ -53,6 +71,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = pipeline.run(cfg)
+    print(pipeline.format_data(summary))
     print(pipeline.format_table(summary))
     print(f"model: {storage.redact(str(summary['model_dir']))}")
     return 0
@@ -102,7 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="check a BEIR dataset")
     dsub = d.add_subparsers(dest="data_verb", required=True)
     check = dsub.add_parser("check", help="validate a dataset and print its counts as JSON")
-    check.add_argument("path", help="dataset folder, fsspec URL (s3://...), or beir:<name>")
+    check.add_argument("path", help="dataset folder, fsspec URL (s3://...), beir:<name>, a pairs/"
+                                    "FlagEmbedding/NeMo file, a datasets folder, or hf:NAME[:SPLIT]")
+    check.add_argument("--format", default="auto",
+                       choices=("auto", "beir", "pairs", "flagembedding", "nemo"))
     check.set_defaults(func=_data)
 
     def staged(name: str, help_: str, func: Callable[[argparse.Namespace], int]) -> None:
@@ -126,6 +148,15 @@ def _parser() -> argparse.ArgumentParser:
                                 "(<output.dir>/audit/<hash>) or a run's output.dir")
     r.add_argument("--out", default=None, help="histogram PNG path (default: <mine dir>/scores.png)")
     r.set_defaults(func=_report)
+    e = sub.add_parser("export", help="a mine stage's examples in sentence-transformers, "
+                                      "FlagEmbedding, NeMo AutoModel or Parquet form")
+    e.add_argument("mine_dir", help="a finished mine stage folder (<output.dir>/mine)")
+    e.add_argument("out", help="output file (.parquet, or .jsonl for JSON lines); a folder for nemo")
+    e.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    e.add_argument("--scores", action="store_true", help="add the teacher's scores")
+    e.add_argument("--num-negatives", type=int, default=None,
+                   help="st-n-tuple width (default: the mine stage's mining.num_negatives)")
+    e.set_defaults(func=_export)
     return p
 
 

@@ -45,9 +45,26 @@ def default_beir_dir(name: str = "scifact") -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the BEIR dataset lives and which split to mine/train on."""
+    """Where the training data lives, in which format, and which split to mine/train on."""
 
-    path: str = field(default_factory=default_beir_dir)  # folder, fsspec URL, or beir:<name>
+    # BEIR folder, fsspec URL, or beir:<name>; a pairs/FlagEmbedding/NeMo file (any fsspec URL),
+    # a `datasets` save_to_disk folder, or hf:NAME[:SPLIT] (see `sources.py`)
+    path: str = field(default_factory=default_beir_dir)
+    # auto: a folder with corpus + queries is BEIR, a .json file NeMo AutoModel's corpus-ID
+    # JSON, a JSONL whose records hold `pos` and `neg` lists FlagEmbedding's (`pos_doc`:
+    # NeMo's inline JSONL), anything else (query, positive) pairs; the data stage says which.
+    format: Literal["auto", "beir", "pairs", "flagembedding", "nemo"] = "auto"
+    # pairs: the query and positive columns; null looks for anchor/query/question and
+    # positive/pos. A query on several rows has several positives.
+    query_column: str | None = None
+    positive_column: str | None = None
+    # pairs/flagembedding/nemo: more passages (a file, folder or dataset with `corpus_column`)
+    # added to the positives (and the file's negatives) to search in
+    corpus: str | None = None
+    corpus_column: str = "text"
+    # Formats without a test split: this fraction of queries (seeded) is held out as `test`,
+    # so `posmine run` evaluates on queries it never trained on. 0 keeps every query in train.
+    test_fraction: Annotated[float, Range(0.0, 0.9)] = 0.1
     split: str = "train"
     eval_split: str = "test"
     # SciFact has no dev split: hold out this fraction of train queries (seeded) as dev.
@@ -153,6 +170,10 @@ class MiningConfig:
     dedup_text: Literal["none", "exact", "normalized"] = "normalized"
     # A sequence-classification model that rescores candidates and positives before the rule.
     cross_encoder: str | None = None
+    # Negatives the training file brings (FlagEmbedding `neg`, NeMo `neg_doc`): `candidates`
+    # adds them to their query's candidates, scored by the teacher, so the rule filters them
+    # like any other; `ignore` leaves them as plain corpus passages.
+    existing_negatives: Literal["candidates", "ignore"] = "candidates"
     # With `extra_teachers`: how each query's negatives from the teachers are combined (the
     # paper's ensembling). intra_sample: round-robin over the teachers' lists, skipping
     # documents already taken; cross_sample: one teacher drawn per query.
@@ -215,7 +236,8 @@ class TrainConfig:
     in_batch_negatives: bool = True
     num_negatives: Annotated[int, Range(0, 10_000)] = 4
     # A query with several positives: `sample` trains one example per query per epoch, its
-    # positive drawn afresh each epoch (seeded); `all` trains every (query, positive) each epoch.
+    # positive drawn without replacement across epochs (a seeded permutation per query, so P
+    # epochs see all P positives); `all` trains every (query, positive) each epoch.
     # Either way a batch never holds two examples of one query.
     positives: Literal["sample", "all"] = "sample"
     # Keep the query's labelled positives (by id, or the same normalised text) out of its hard
@@ -248,6 +270,10 @@ class TrainConfig:
     startup_retries: Annotated[int, Range(-1, 10_000)] = 10
     torch_threads: Annotated[int, Range(0, 1024)] = 0  # per worker; 0 = cores / workers
     seed: Annotated[int, Range(0, 2**32 - 1)] = 42
+    # Loss, lr and the config to TensorBoard event files (`<train dir>/tensorboard`) or an
+    # MLflow run (`$MLFLOW_TRACKING_URI`, else the SQLite store `<output.dir>/mlflow.db`). Not
+    # part of the stage's key: turning it on does not train again.
+    track: Literal["none", "tensorboard", "mlflow"] = "none"
 
     def __post_init__(self) -> None:
         check_ranges(self, "train")
@@ -521,7 +547,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
 
 
 def _is_url(path: str) -> bool:
-    return "://" in path or path.startswith("beir:")
+    return "://" in path or path.startswith(("beir:", "hf:"))
 
 
 def absolute_path(path: str) -> str:
@@ -557,7 +583,8 @@ def resolve_paths(cfg: Config) -> Config:
             train["model"] = absolute_model(train["model"])
         return dataclasses.replace(st, mining=mining, train=train)
 
-    for key, value in (("data.path", cfg.data.path), ("output.dir", cfg.output.dir),
+    for key, value in (("data.path", cfg.data.path), ("data.corpus", cfg.data.corpus or ""),
+                       ("output.dir", cfg.output.dir),
                        ("teacher.model", cfg.teacher.model), ("train.model", cfg.train.model)):
         if re.search(r"//[^/@\s]*@", value):
             raise ConfigError(f"{key}: credentials in a URL are refused (they would reach "
@@ -566,7 +593,8 @@ def resolve_paths(cfg: Config) -> Config:
                   else t for t in cfg.extra_teachers)
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, path=absolute_path(cfg.data.path)),
+        data=dataclasses.replace(cfg.data, path=absolute_path(cfg.data.path),
+                                 corpus=absolute_path(cfg.data.corpus) if cfg.data.corpus else None),
         teacher=dataclasses.replace(cfg.teacher, model=str(absolute_model(cfg.teacher.model))),
         mining=dataclasses.replace(cfg.mining, cross_encoder=absolute_model(cfg.mining.cross_encoder)),
         train=dataclasses.replace(cfg.train, model=str(absolute_model(cfg.train.model))),

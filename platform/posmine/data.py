@@ -324,9 +324,14 @@ def load(path: str, sink: Callable[[int, pa.Table], None] | None = None,
 
 def split_dev(qrels: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
     """Split train qrels by query into (train, dev), seeded; all rows of a query stay together."""
+    n = len(set(qrels.column("query_id").to_pylist()))
+    return split_queries(qrels, max(1, round(n * fraction)) if fraction > 0 else 0, seed)
+
+
+def split_queries(qrels: pa.Table, n: int, seed: int) -> tuple[pa.Table, pa.Table]:
+    """(rest, held out): `n` queries drawn seeded, with all their rows."""
     qids = sorted(set(qrels.column("query_id").to_pylist()))
-    rng = random.Random(seed)
-    dev = set(rng.sample(qids, max(1, round(len(qids) * fraction)))) if fraction > 0 else set()
+    dev = set(random.Random(seed).sample(qids, n))
     mask = pa.array([q in dev for q in qrels.column("query_id").to_pylist()])
     return qrels.filter(pc.invert(mask)), qrels.filter(mask)
 
@@ -340,9 +345,9 @@ def subset_queries(qrels: pa.Table, max_queries: int | None, seed: int) -> pa.Ta
     return qrels.filter(pa.array([q in keep for q in qrels.column("query_id").to_pylist()]))
 
 
-def prepared_qrels(ds: Dataset, cfg: DataConfig) -> dict[str, pa.Table]:
+def prepared_qrels(qrels: dict[str, pa.Table], cfg: DataConfig) -> dict[str, pa.Table]:
     """Qrels per split, with a seeded dev hold-out of train when the dataset has no dev."""
-    qrels = dict(ds.qrels)
+    qrels = dict(qrels)
     if "dev" not in qrels and "train" in qrels:
         rest, dev = split_dev(qrels["train"], cfg.dev_fraction, cfg.seed)
         qrels["dev"] = dev
@@ -359,29 +364,63 @@ def stage_dir(out_dir: str) -> str:
 
 
 def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
-    """Validate the dataset and write it as Parquet under `<out_dir>/data` (skipped if current)."""
+    """Validate the dataset and write it as Parquet under `<out_dir>/data` (skipped if current).
+
+    BEIR folders are streamed; the other formats (`sources.py`) are read whole, then written
+    the same way, with the file's own negatives in `negatives.parquet`.
+    """
     target = stage_dir(out_dir)
 
     def work() -> storage.Done:
-        for old in ("corpus", "qrels"):  # an earlier dataset's files must not outlive it
+        from posmine import sources
+
+        for old in ("corpus", "qrels", NEGATIVES):  # an earlier dataset's files must not outlive it
             storage.remove(storage.join(target, old))
+        fmt = sources.detect(cfg.path) if cfg.format == "auto" else cfg.format
+        log.info("data: reading %s as %s", storage.redact(cfg.path), fmt)
 
         def write_chunk(i: int, chunk: pa.Table) -> None:
             storage.write_parquet(sort_by_length(chunk),
                                   storage.join(target, "corpus", f"part-{i:05d}.parquet"))
 
-        ds = load(cfg.path, sink=write_chunk, rows_per_part=cfg.rows_per_part)
-        storage.write_parquet(ds.queries, storage.join(target, "queries.parquet"))
-        qrels = prepared_qrels(ds, cfg)
-        for split, table in qrels.items():
+        outputs = ["queries.parquet"]
+        if fmt == "beir":
+            ds = load(cfg.path, sink=write_chunk, rows_per_part=cfg.rows_per_part)
+            queries, qrels, warnings = ds.queries, ds.qrels, ds.warnings
+            source: dict[str, Any] = {"format": "beir"}
+            n_corpus = len(ds.corpus_ids)
+        else:
+            t = sources.load(cfg, fmt)
+            for i, start in enumerate(range(0, t.corpus.num_rows, cfg.rows_per_part)):
+                write_chunk(i, t.corpus.slice(start, cfg.rows_per_part))
+            storage.write_parquet(t.negatives, storage.join(target, NEGATIVES))
+            queries, qrels, warnings, source = t.queries, t.qrels, t.warnings, t.summary
+            outputs.append(NEGATIVES)
+            n_corpus = t.corpus.num_rows
+        storage.write_parquet(queries, storage.join(target, "queries.parquet"))
+        prepared = prepared_qrels(qrels, cfg)
+        for split, table in prepared.items():
             storage.write_parquet(table, storage.join(target, "qrels", f"{split}.parquet"))
-        rows = {"corpus": len(ds.corpus_ids), "queries": ds.queries.num_rows,
-                **{f"qrels_{s}": t.num_rows for s, t in qrels.items()}}
-        return storage.Done(rows, stats={"warnings": ds.warnings.counts,
-                                         "dev_source": "file" if "dev" in ds.qrels else "heldout"},
-                            outputs=["queries.parquet", *(f"qrels/{s}.parquet" for s in qrels)])
+        rows = {"corpus": n_corpus, "queries": queries.num_rows,
+                **{f"qrels_{s}": t.num_rows for s, t in prepared.items()}}
+        return storage.Done(rows, stats={"warnings": warnings.counts, "source": source,
+                                         "dev_source": "file" if "dev" in qrels else "heldout"},
+                            outputs=[*outputs, *(f"qrels/{s}.parquet" for s in prepared)])
 
     return storage.run_stage(target, "data", config_hash(cfg), work)
+
+
+NEGATIVES = "negatives.parquet"  # query_id, doc_ids: negatives the training file brought
+
+
+def file_negatives(data_dir: str) -> dict[str, list[str]]:
+    """The data stage's `negatives.parquet` as query id -> doc ids ({} for BEIR data)."""
+    url = storage.join(data_dir, NEGATIVES)
+    if not storage.exists(url):
+        return {}
+    table = storage.read_parquet(url)
+    return dict(zip(table.column("query_id").to_pylist(), table.column("doc_ids").to_pylist(),
+                    strict=True))
 
 
 def sort_by_length(chunk: pa.Table) -> pa.Table:

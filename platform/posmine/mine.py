@@ -5,13 +5,11 @@ embed stage's vectors (for the positives' teacher scores, which the top-K may no
 Writes `<out>/mine/mined.parquet` (schema `schemas.MINED`: one row per training example,
 i.e. per query, or per (query, positive) with `mining.anchor=pair`) and a manifest with the
 rule, its parameters and the counts of `mining.MiningStats`; warns when over 20% of the
-examples end short of negatives. Also exports sentence-transformers
-n-tuples and FlagEmbedding JSONL.
+examples end short of negatives. `export.py` writes it in other trainers' formats.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def positive_scores(embed_dir: str, positives: dict[str, list[str]]) -> dict[str, np.ndarray]:
-    """Teacher score s(q, p) for every query's positives: (P,) per query."""
+    """Teacher score s(q, d) for every query's listed documents (its positives, or the file's
+    negatives): (P,) per query."""
     qids, qmat = read_embeddings(storage.join(embed_dir, "queries"))
     need = {d for ps in positives.values() for d in ps}
     table = storage.read_parquet(storage.join(embed_dir, "corpus"))
@@ -101,13 +100,15 @@ def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Seque
     """
     positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
     pos_scores = positive_scores(embed_dir, positives)
-    queries = [mining.cut_to_window(_query_candidates(c, positives, pos_scores), cfg)
-               for c in read_candidates(cand_dirs)]
+    stats = mining.MiningStats()
+    queries = [_query_candidates(c, positives, pos_scores) for c in read_candidates(cand_dirs)]
+    if cfg.existing_negatives == "candidates":
+        queries = _join_file_negatives(queries, data_dir, embed_dir, stats)
+    queries = [mining.cut_to_window(q, cfg) for q in queries]
     need = {d for q in queries for d in q.cand_ids} | {d for p in positives.values() for d in p}
     texts = data.read_texts(storage.join(data_dir, "corpus"), need)
     qtexts = data.read_texts(storage.join(data_dir, "queries.parquet"), {q.query_id for q in queries})
     scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
-    stats = mining.MiningStats()
     rows: list[dict[str, Any]] = []
     for start in tqdm(range(0, len(queries), BATCH), desc="mining", unit="batch"):
         batch = queries[start:start + BATCH]
@@ -122,6 +123,24 @@ def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Seque
         r["negatives"] = [texts[d] for d in r["negative_ids"]]
         r["query_positive_hashes"] = [hashes[d] for d in r["query_positive_ids"]]
     return rows, stats
+
+
+def _join_file_negatives(queries: list[mining.QueryCandidates], data_dir: str, embed_dir: str,
+                         stats: mining.MiningStats) -> list[mining.QueryCandidates]:
+    """Each query's candidates with the negatives its training file listed (`data.NEGATIVES`)
+    added, scored by the teacher (`mining.existing_negatives=candidates`)."""
+    listed = data.file_negatives(data_dir)
+    listed = {q.query_id: listed[q.query_id] for q in queries if listed.get(q.query_id)}
+    if not listed:
+        return queries
+    scores = positive_scores(embed_dir, listed)
+    out = []
+    for q in queries:
+        joined, n = mining.join_candidates(q, listed.get(q.query_id, []),
+                                           scores.get(q.query_id, np.zeros(0)))
+        stats.existing_negatives_joined += n
+        out.append(joined)
+    return out
 
 
 def _write(cfg: MiningConfig, target: str, rows: list[dict[str, Any]], stats: dict[str, Any],
@@ -159,29 +178,3 @@ def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: s
                        "teacher_dirs": teacher_dirs})
 
     return storage.run_stage(target, "mine", key, work)
-
-
-def to_sentence_transformers(mined: pa.Table, num_negatives: int) -> pa.Table:
-    """One row per (query, positive): `query, positive, negative_1..negative_k`.
-
-    With anchor=pair each (query, positive) example carries its own negatives already.
-
-    Rows with fewer than k negatives are left out (the n-tuple format has fixed width).
-    """
-    cols: dict[str, list[str]] = {"query": [], "positive": []}
-    cols.update({f"negative_{i + 1}": [] for i in range(num_negatives)})
-    for r in mined.to_pylist():
-        if len(r["negatives"]) < num_negatives:
-            continue
-        for p in r["positives"]:
-            cols["query"].append(r["query"])
-            cols["positive"].append(p)
-            for i in range(num_negatives):
-                cols[f"negative_{i + 1}"].append(r["negatives"][i])
-    return pa.table(cols)
-
-
-def to_flag_embedding(mined: pa.Table) -> str:
-    """FlagEmbedding JSONL: `{"query", "pos": [...], "neg": [...]}` per line."""
-    return "".join(json.dumps({"query": r["query"], "pos": r["positives"], "neg": r["negatives"]},
-                              ensure_ascii=False) + "\n" for r in mined.to_pylist())

@@ -70,6 +70,7 @@ class MiningStats:
     negatives_kept: int = 0
     positives: int = 0
     positives_not_in_topk: int = 0
+    existing_negatives_joined: int = 0  # the training file's negatives added to candidate lists
     hist_positive: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_BINS) - 1, np.int64))
     hist_kept: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_BINS) - 1, np.int64))
     hist_dropped: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_BINS) - 1, np.int64))
@@ -182,6 +183,25 @@ def window_end(q: QueryCandidates, cfg: MiningConfig) -> int | None:
     if len(below) < cfg.top_k:
         return None
     return min(len(scores), int(below[cfg.top_k - 1]) + 1 + cfg.top_k)
+
+
+def join_candidates(q: QueryCandidates, ids: Sequence[str],
+                    scores: np.ndarray) -> tuple[QueryCandidates, int]:
+    """`q` with the documents `ids` (teacher scores `scores`, (n,)) added to its candidates
+    where absent, the list still best first (ties: the search's own candidates first); and how
+    many were added. The rule then treats them as any other candidate."""
+    have, new = set(q.cand_ids), []
+    for i, d in enumerate(ids):
+        if d not in have:
+            have.add(d)
+            new.append(i)
+    if not new:
+        return q, 0
+    all_ids = [*q.cand_ids, *(ids[i] for i in new)]
+    all_scores = np.concatenate([np.asarray(q.cand_scores, np.float64),
+                                 np.asarray(scores, np.float64)[new]])  # (K + n,)
+    order = np.argsort(-all_scores, kind="stable")
+    return replace(q, cand_ids=[all_ids[i] for i in order], cand_scores=all_scores[order]), len(new)
 
 
 def cut_to_window(q: QueryCandidates, cfg: MiningConfig) -> QueryCandidates:

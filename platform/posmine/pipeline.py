@@ -214,9 +214,12 @@ def run(cfg: Config) -> dict[str, Any]:
     trained = train(cfg)
     base = evaluate_student(cfg, cfg.train.model)
     tuned = evaluate_student(cfg, str(trained["model_dir"]))
+    read = storage.read_manifest(data.stage_dir(cfg.output.dir)) or {}
     summary = {"split": cfg.evaluate.split, "base": base["metrics"], "fine_tuned": tuned["metrics"],
+               "data": {**read.get("stats", {}).get("source", {}), "rows": read.get("rows", {})},
                "model_dir": trained["model_dir"], "rule": cfg.mining.rule,
                "anchor": cfg.mining.anchor, "train_steps": trained["rows"]["steps"],
+               "loss_curve": trained["stats"].get("loss_curve", []),
                "config_hash": config_hash(cfg), "seconds": round(time.time() - started, 1),
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.write_json(summary_url, summary)
@@ -233,6 +236,24 @@ def _evaluate_with(cfg: Config, teacher: TeacherConfig) -> dict[str, Any]:
     data_dir, _ = prepare(cfg)
     return eval_stage.score(cfg.evaluate, data_dir, cand_dir, cfg.output.dir, teacher.model,
                             upstream=str(cand["config_hash"]))
+
+
+def format_data(summary: dict[str, Any]) -> str:
+    """One line on what the data stage read (format, rows, merges, skips, splits)."""
+    d = summary.get("data", {})
+    rows = d.get("rows", {})
+    parts = [f"read {d.get('format', '?')}: {rows.get('queries', 0):,} queries, "
+             f"{rows.get('corpus', 0):,} passages"]
+    for key, what in (("records", "records"), ("positives_per_query", "positives per query"),
+                      ("duplicate_query_texts", "query spellings merged"),
+                      ("duplicate_passage_texts", "passage spellings merged"),
+                      ("duplicate_pairs", "repeated pairs"), ("records_skipped", "records skipped (empty)"),
+                      ("file_negatives", "negatives from the file")):
+        if d.get(key):
+            parts.append(f"{d[key]:,} {what}")
+    splits = ", ".join(f"{k.removeprefix('qrels_')} {v:,}" for k, v in rows.items()
+                       if k.startswith("qrels_"))
+    return "; ".join(parts) + (f" (qrels: {splits})" if splits else "")
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ benchmarks and as the reference) runs exactly the same steps without Ray.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -29,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from posmine import backbone, faults, storage
+from posmine import backbone, faults, storage, tracking
 from posmine.config import TrainConfig, absolute_path, config_hash, to_dict
 from posmine.embed import model_fingerprint, resolve_model
 from posmine.losses import contrastive_loss
@@ -99,8 +100,10 @@ def epoch_plan(examples: Sequence[Row], cfg: TrainConfig, epoch: int, world: int
     """Global batches (`batch_size * world` examples, indices into `examples`) of one epoch.
 
     A seeded shuffle of the whole set each epoch. `positives=sample` takes one example per
-    query, its positive drawn per (epoch, query); `all` takes them all. A last batch too small
-    to give every worker a row is left out.
+    query, its positive drawn without replacement across epochs: each query walks a seeded
+    permutation of its positives (epoch e takes entry e mod P), so P epochs see every positive
+    once, as NeMo AutoModel's `cycle_positive_docs` does in file order. `all` takes them all.
+    A last batch too small to give every worker a row is left out.
     """
     query_of = [e["query_id"] for e in examples]
     rng = np.random.default_rng([cfg.seed, epoch])
@@ -108,7 +111,7 @@ def epoch_plan(examples: Sequence[Row], cfg: TrainConfig, epoch: int, world: int
         by_query: dict[str, list[int]] = {}
         for i, q in enumerate(query_of):
             by_query.setdefault(q, []).append(i)
-        chosen = [idx[int(query_rng(cfg.seed + epoch, q).integers(len(idx)))]
+        chosen = [idx[int(query_rng(cfg.seed, q).permutation(len(idx))[epoch % len(idx)])]
                   for q, idx in sorted(by_query.items())]
         order = [chosen[j] for j in rng.permutation(len(chosen))]
     else:
@@ -632,6 +635,8 @@ def _worker(config: dict[str, Any]) -> None:
     losses: list[float] = []
     curve: list[list[float]] = []  # [step, mean loss of the last log_every steps]
     timer = StepTimer()
+    tracker = (tracking.open_tracker(cfg.track, config["target"], config["out_dir"], to_dict(cfg),
+                                     config["key"]) if rank == 0 else tracking.Tracker())
     for batch in epoch_batches(examples, cfg, skip=done_before, world=world):
         if trainer.step_no >= steps:
             break
@@ -639,9 +644,12 @@ def _worker(config: dict[str, Any]) -> None:
         timer.tick(len(batch))
         if trainer.step_no % cfg.log_every == 0 or trainer.step_no == steps:
             curve.append([trainer.step_no, float(np.mean(losses[-cfg.log_every:]))])
+            tracker.log(trainer.step_no, {"loss": curve[-1][1],
+                                          "lr": trainer.scheduler.get_last_lr()[0]})
         _report(trainer, losses, steps, cfg)
         crash_hook(trainer.step_no)
         faults.trace("train", trainer.step_no)
+    tracker.close()
     masked = _sum_over_workers([trainer.masked["hard"], trainer.masked["in_batch"]])
     final = {"step": trainer.step_no, "loss": float(np.mean(losses[-10:] or [0.0])),
              "resumed_from": done_before, "steady_samples_per_s": timer.rate(), "done": 1,
@@ -722,10 +730,12 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
     # Ray Train runs workers in its own artifact folder: a relative path would land there.
     out_dir, mined_dir = absolute_path(out_dir), absolute_path(mined_dir)
     target = storage.join(out_dir, name)
-    key = config_hash(cfg, model_fingerprint(cfg.model), upstream)  # the starting weights too
+    # the starting weights too; tracking changes nothing the stage writes
+    key = config_hash(dataclasses.replace(cfg, track="none"), model_fingerprint(cfg.model), upstream)
 
     def work() -> storage.Done:
         resolve_model(cfg.model)  # a missing student folder fails here, not in every worker
+        tracking.require(cfg.track)
         started = time.time()
         mined_url = storage.join(mined_dir, "mined.parquet")
         examples = expand(storage.read_parquet(mined_url))
@@ -733,7 +743,8 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
             raise ValueError(f"{storage.redact(mined_url)}: no training examples")
         steps = total_steps(cfg, examples, cfg.num_workers)
         metrics = _fit(cfg, key, target, {"cfg": cfg, "steps": steps, "mined_url": mined_url,
-                                          "model_dir": storage.join(target, "model")})
+                                          "model_dir": storage.join(target, "model"),
+                                          "target": target, "out_dir": out_dir, "key": key})
         ran = int(metrics.get("step", 0))
         return storage.Done(
             {"examples": len(examples), "queries": len({e["query_id"] for e in examples}),

@@ -36,7 +36,7 @@ import pyarrow as pa
 import torch
 import yaml
 
-from posmine import data, metrics, storage
+from posmine import data, metrics, storage, tracking
 from posmine import embed as embed_stage
 from posmine import mine as mine_stage
 from posmine.config import (
@@ -346,7 +346,8 @@ def _fit(cfg: Config, shared: Shared, experiment_root: str) -> Any:
         run_config=tune.RunConfig(
             name="search", storage_path=root, storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1,
+            callbacks=tracking.tune_callbacks(cfg.train.track, cfg.output.dir)),
     )
     return tuner.fit()
 
