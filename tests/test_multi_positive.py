@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -22,7 +23,7 @@ from posmine.mining import (
     rule_keep_reference,
     starvation_warning,
 )
-from posmine.train import epoch_plan, expand, known_positive_mask, masked_counts
+from posmine.train import epoch_batches, epoch_plan, expand, known_positive_mask, masked_counts
 
 # One query, three positives of different strength among its candidates (best first).
 CANDS = ["p1", "a", "b", "p2", "c", "d", "p3", "e", "f", "g"]
@@ -281,3 +282,34 @@ def test_cisi_default_config_mines_enough_and_never_trains_on_known_positives(
                         collisions += 1
                         assert known[i, j], (r["query_id"], d)  # ... is masked
     assert collisions > 0  # CISI's queries share positives: the check above ran
+
+
+@pytest.mark.parametrize("positives", ["sample", "all"])
+def test_planned_batches_read_only_what_the_steps_use(tmp_path, positives: str) -> None:
+    """Training plans batches from two light columns and expands only the mined rows its steps
+    use, read by row group: the batches equal `epoch_batches` over the whole expanded file."""
+    from posmine.train import planned_batches
+
+    cols = {k: [] for k in ("query_id", "query", "positive_ids", "positives", "positive_scores",
+                            "negative_ids", "negatives", "negative_scores")}
+    for i in range(40):  # 40 rows of 1-3 positives, written in row groups of 3 rows
+        pos = [f"d{i}-{j}" for j in range(1 + i % 3)]
+        for k, v in (("query_id", f"q{i}"), ("query", f"query {i}"), ("positive_ids", pos),
+                     ("positives", [f"text {d}" for d in pos]), ("positive_scores", [0.9] * len(pos)),
+                     ("negative_ids", [f"n{i}"]), ("negatives", [f"neg {i}"]),
+                     ("negative_scores", [0.1])):
+            cols[k].append(v)
+    url = str(tmp_path / "mined.parquet")
+    storage.write_parquet(pa.table(cols), url, row_group_size=3)
+    examples = expand(pa.table(cols))
+    cfg = TrainConfig(batch_size=4, positives=positives, epochs=2, seed=5)  # type: ignore[arg-type]
+    everything = list(epoch_batches(examples, cfg))
+    for skip, steps in ((0, 3), (2, 5), (0, len(everything)), (len(everything) - 1, len(everything))):
+        batches, rows_read = planned_batches(url, cfg, skip, steps)
+        assert batches == everything[skip:steps]
+        used = {e["query_id"] for b in batches for e in b}
+        assert rows_read == len(used)  # one mined row per query here
+    assert planned_batches(url, cfg, 0, 2)[1] <= 8 < 40
+    # read_parquet_rows: any rows, in the order asked
+    for rows in ([5, 0, 39, 6], [], [38, 2]):
+        assert storage.read_parquet_rows(url, rows).equals(pa.table(cols).take(pa.array(rows, pa.int64())))

@@ -82,10 +82,17 @@ def test_pairs_jsonl_merges_repeated_queries_and_counts_what_it_did(tmp_path: Pa
     assert len(test) == 3 and not train & test and len(train | test) == 12
 
 
-@pytest.mark.parametrize("kind", [".parquet", ".csv", "_hf"])
+@pytest.mark.parametrize("kind", [".parquet", ".csv", "_hf", "hf:"])
 def test_parquet_csv_and_datasets_folder_read_as_the_jsonl(tmp_path: Path, kind: str) -> None:
+    """`hf:` goes through `datasets.load_dataset` (the Hub path), here on a local folder of
+    data files, which it loads offline."""
     ref = tables(write_pairs(tmp_path / "pairs.jsonl"))
-    other = tables(write_pairs(tmp_path / f"pairs{kind}"))
+    if kind == "hf:":
+        (tmp_path / "hub").mkdir()
+        write_pairs(tmp_path / "hub" / "train.jsonl")
+        other = tables(Path(f"hf:{tmp_path / 'hub'}:train"))
+    else:
+        other = tables(write_pairs(tmp_path / f"pairs{kind}"))
     for name in ("corpus", "queries", "negatives"):
         assert getattr(other, name).equals(getattr(ref, name)), name
     assert all(other.qrels[s].equals(ref.qrels[s]) for s in ref.qrels)

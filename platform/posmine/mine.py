@@ -25,6 +25,7 @@ from posmine.embed import embedding_matrix, read_embeddings
 from posmine.rescore import CrossEncoderScorer, rescore
 
 BATCH = 4096  # queries per call of the pure miner
+ROW_GROUP = 4096  # mined rows per Parquet row group
 log = logging.getLogger(__name__)
 
 
@@ -147,7 +148,8 @@ def _write(cfg: MiningConfig, target: str, rows: list[dict[str, Any]], stats: di
            what: str, extra: dict[str, Any]) -> storage.Done:
     """mined.parquet, the short-of-negatives share, and the warning when it is too high."""
     table = pa.Table.from_pylist(rows, schema=schemas.MINED)
-    storage.write_parquet(table, storage.join(target, "mined.parquet"))
+    # row groups of ROW_GROUP rows: training reads only the groups its steps use
+    storage.write_parquet(table, storage.join(target, "mined.parquet"), row_group_size=ROW_GROUP)
     stats = {**stats, "short_share": round(mining.short_share(stats), 4),
              "warning": mining.starvation_warning(stats, cfg)}
     if stats["warning"]:

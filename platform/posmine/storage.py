@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -338,11 +339,30 @@ def arrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-def write_parquet(table: pa.Table, url: str) -> None:
+def write_parquet(table: pa.Table, url: str, row_group_size: int | None = None) -> None:
     """Write one Parquet file atomically (see `write_bytes`)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     write_bytes(url, buf.getvalue())
+
+
+@retrying
+def read_parquet_rows(url: str, rows: Sequence[int]) -> pa.Table:
+    """Rows `rows` (positions in the file) of one Parquet file, in that order, reading only
+    the row groups that hold them."""
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        starts = np.cumsum([0, *sizes])  # (G + 1,): first row of each group
+        group_of = np.searchsorted(starts, rows, side="right") - 1  # (n,)
+        groups = sorted({int(g) for g in group_of})
+        table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+    at, offset = {}, 0  # where each read group starts in `table`
+    for g in groups:
+        at[g], offset = offset, offset + sizes[g]
+    local = [at[int(g)] + r - int(starts[g]) for r, g in zip(rows, group_of, strict=True)]
+    return table.take(pa.array(local, pa.int64()))
 
 
 @retrying

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -125,12 +126,48 @@ def epoch_batches(examples: Sequence[Row], cfg: TrainConfig, skip: int = 0,
 
     The same order on every call, so a run restored at step n continues with batch n + 1.
     """
+    for batch in index_batches(examples, cfg, skip, world):
+        yield [examples[i] for i in batch]
+
+
+def index_batches(examples: Sequence[Row], cfg: TrainConfig, skip: int = 0,
+                  world: int = 1) -> Iterator[list[int]]:
+    """`epoch_batches` as indices into `examples` (which need only their `query_id`)."""
     seen = 0
     for epoch in range(cfg.epochs):
         for batch in epoch_plan(examples, cfg, epoch, world):
             seen += 1
             if seen > skip:
-                yield [examples[i] for i in batch]
+                yield batch
+
+
+def plan_examples(mined_url: str) -> list[Row]:
+    """One `{"query_id", "row", "positive"}` per training example (as `expand` orders them),
+    read from two light columns: enough to plan every epoch's batches."""
+    light = storage.read_parquet(mined_url, columns=["query_id", "positive_scores"])
+    return [{"query_id": q, "row": r, "positive": j}
+            for r, (q, ps) in enumerate(zip(light.column("query_id").to_pylist(),
+                                            light.column("positive_scores").to_pylist(), strict=True))
+            for j in range(len(ps))]
+
+
+def planned_batches(mined_url: str, cfg: TrainConfig, skip: int, steps: int,
+                    world: int = 1) -> tuple[list[list[Row]], int]:
+    """The global batches of steps skip+1..steps, expanded from only the mined rows they use
+    (read by row group); and how many mined rows were read."""
+    plan = plan_examples(mined_url)
+    batches = list(itertools.islice(index_batches(plan, cfg, skip, world), max(0, steps - skip)))
+    needed = sorted({plan[i]["row"] for b in batches for i in b})
+    table = storage.read_parquet_rows(mined_url, needed)  # rows in `needed` order
+    full = expand(table)
+    at: dict[tuple[int, int], Row] = {}
+    k = 0
+    # expand() lists each row's positives in order, row after row
+    for r, ps in zip(needed, table.column("positive_scores").to_pylist(), strict=True):
+        for j in range(len(ps)):
+            at[r, j] = full[k]
+            k += 1
+    return [[at[plan[i]["row"], plan[i]["positive"]] for i in b] for b in batches], len(needed)
 
 
 def total_steps(cfg: TrainConfig, examples: Sequence[Row], world: int = 1) -> int:
@@ -630,16 +667,15 @@ def _worker(config: dict[str, Any]) -> None:
         trainer.model = ray.train.torch.prepare_model(trainer.model)
     # Every worker builds the same seeded plan of global batches and trains its slice of each,
     # so a restart from step n continues with batch n + 1 on every worker.
-    examples = expand(storage.read_parquet(config["mined_url"]))
     done_before, steps = trainer.step_no, config["steps"]
+    # only the mined rows that steps done_before+1..steps use are read and expanded
+    batches, _ = planned_batches(config["mined_url"], cfg, done_before, steps, world)
     losses: list[float] = []
     curve: list[list[float]] = []  # [step, mean loss of the last log_every steps]
     timer = StepTimer()
     tracker = (tracking.open_tracker(cfg.track, config["target"], config["out_dir"], to_dict(cfg),
                                      config["key"]) if rank == 0 else tracking.Tracker())
-    for batch in epoch_batches(examples, cfg, skip=done_before, world=world):
-        if trainer.step_no >= steps:
-            break
+    for batch in batches:
         losses.append(trainer.step(batch[rank::world], batch))
         timer.tick(len(batch))
         if trainer.step_no % cfg.log_every == 0 or trainer.step_no == steps:
@@ -738,7 +774,7 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         tracking.require(cfg.track)
         started = time.time()
         mined_url = storage.join(mined_dir, "mined.parquet")
-        examples = expand(storage.read_parquet(mined_url))
+        examples = plan_examples(mined_url)  # query ids only: the texts stay on storage
         if not examples:
             raise ValueError(f"{storage.redact(mined_url)}: no training examples")
         steps = total_steps(cfg, examples, cfg.num_workers)

@@ -1,0 +1,186 @@
+"""How far the embed stage is from this machine's limit, in one run (issue #21, item 1).
+
+1. The limit: torch's fp32 matrix multiply at the encoder's own shapes (the linear layers of
+   all-MiniLM-L6-v2 on a batch of `--batch` texts of 256 tokens), best of several runs.
+2. The work: model FLOPs counted from each text's real token count (linear layers
+   2*(4*d*d + 2*d*ff) per token and layer, attention 4*L*L*d per text and layer); the padded
+   count, which is what the machine really multiplies, beside it.
+3. The rates: the plain in-process `Encoder` (the model's speed), the Ray Data embed stage
+   with the SciFact config's actor layout (Ray's share), and its fixed cost (a 4-text corpus).
+4. Levers, each with its largest cosine difference to the torch encoder: ONNX Runtime fp32
+   (when `onnxruntime` is installed), and `torch.compile`.
+
+    python benchmarks/embed_peak.py [--docs 1000] [--json benchmarks/results/embed_peak.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from _common import emit
+from posmine import data, pipeline, storage
+from posmine.config import TeacherConfig, default_beir_dir
+from posmine.embed import Encoder, embed_ray, passage_texts, read_embeddings, resolve_model
+
+
+def gemm_peak(d: int, ff: int, tokens: int, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of torch.mm fp32 at the encoder's linear-layer shapes; best of `repeats`."""
+    out = {}
+    for name, (k, n) in {"qkvo": (d, d), "ffn_up": (d, ff), "ffn_down": (ff, d)}.items():
+        a, b = torch.randn(tokens, k), torch.randn(k, n)
+        torch.mm(a, b)  # warm-up
+        best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
+        out[name] = 2 * tokens * k * n / best / 1e9
+    out["peak"] = max(out.values())
+    return out
+
+
+def _timed(fn: Any) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def model_flops(lengths: np.ndarray, layers: int, d: int, ff: int) -> float:
+    """Forward FLOPs of a BERT encoder over texts of `lengths` tokens (no padding)."""
+    linear = 2 * (4 * d * d + 2 * d * ff) * lengths.sum()
+    attention = 4 * d * (lengths.astype(np.float64) ** 2).sum()
+    return float(layers * (linear + attention))
+
+
+def padded_lengths(lengths: np.ndarray, batch: int) -> np.ndarray:
+    """Each text's length as computed: padded to its batch's longest (longest-first batches)."""
+    order = np.sort(lengths)[::-1]
+    return np.concatenate([np.full(len(order[i:i + batch]), order[i])
+                           for i in range(0, len(order), batch)])
+
+
+def onnx_encoder(enc: Encoder, workdir: str, threads: int) -> Any:
+    """An ONNX Runtime session of the encoder's transformer (fp32), or None without ORT."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    class Hidden(torch.nn.Module):  # keyword arguments: the tracer passes positionals only
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    path = str(Path(workdir, "model.onnx"))
+    ids = torch.ones((2, 16), dtype=torch.long)
+    torch.onnx.export(Hidden(enc.model), (ids, torch.ones_like(ids)), path, dynamo=False,
+                      input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                      dynamic_axes={n: {0: "b", 1: "t"} for n in ("input_ids", "attention_mask", "hidden")})
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_encode(session: Any, enc: Encoder, texts: list[str], batch: int) -> np.ndarray:
+    """Mean-pooled, normalised embeddings through ORT, batched as `Encoder.encode` does."""
+    out = np.empty((len(texts), enc.dim), np.float32)
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    for s in range(0, len(texts), batch):
+        idx = order[s:s + batch]
+        tok = enc.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                            max_length=enc.cfg.max_length, return_tensors="np")
+        hidden = session.run(None, {"input_ids": tok["input_ids"].astype(np.int64),
+                                    "attention_mask": tok["attention_mask"].astype(np.int64)})[0]
+        m = tok["attention_mask"][..., None].astype(np.float32)  # (b, t, 1)
+        emb = (hidden * m).sum(1) / m.sum(1)  # (b, d)
+        out[idx] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default=default_beir_dir("scifact"))
+    p.add_argument("--docs", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    chunk = data.sort_by_length(next(data.load(a.data).corpus_chunks(chunk_rows=a.docs)))
+    texts = passage_texts(chunk.to_pydict())
+    cfg = TeacherConfig(batch_size=a.batch, torch_threads=threads)
+    enc = Encoder(cfg)
+    mc = enc.model.config
+    layers, d, ff = mc.num_hidden_layers, mc.hidden_size, mc.intermediate_size
+    lengths = np.array([len(x) for x in enc.tokenizer(texts, truncation=True,
+                                                      max_length=cfg.max_length)["input_ids"]])
+    useful = model_flops(lengths, layers, d, ff)
+    padded = model_flops(padded_lengths(lengths, a.batch), layers, d, ff)
+    peak = gemm_peak(d, ff, a.batch * cfg.max_length)
+
+    enc.encode(texts[:a.batch])  # warm-up
+    t0 = time.perf_counter()
+    ref = enc.encode(texts)
+    plain_s = time.perf_counter() - t0
+
+    # The embed stage as the SciFact config runs it: 2 actors x 1 thread, half a CPU each.
+    work = tempfile.mkdtemp(prefix="posmine-peak-")
+    src, dst, tiny_src, tiny_dst = (f"{work}/{n}" for n in ("src", "dst", "tsrc", "tdst"))
+    storage.write_parquet(chunk, f"{src}/part-0.parquet")
+    storage.write_parquet(chunk.slice(0, 4), f"{tiny_src}/part-0.parquet")
+    stage_cfg = TeacherConfig(batch_size=a.batch, num_actors=2, cpus_per_actor=0.5, torch_threads=1)
+    pipeline.ensure_ray()
+    fixed_s = _timed(lambda: embed_ray(stage_cfg, tiny_src, tiny_dst, "corpus"))
+    ray_s = _timed(lambda: embed_ray(stage_cfg, src, dst, "corpus"))
+    ids, mat = read_embeddings(dst)
+    row = {i: k for k, i in enumerate(chunk.column("id").to_pylist())}
+    ray_diff = float(np.abs(mat - ref[[row[i] for i in ids]]).max())
+
+    levers: dict[str, Any] = {}
+    session = onnx_encoder(enc, work, threads)
+    if session is not None:
+        onnx_encode(session, enc, texts[:a.batch], a.batch)  # warm-up
+        t0 = time.perf_counter()
+        got = onnx_encode(session, enc, texts, a.batch)
+        s = time.perf_counter() - t0
+        levers["onnxruntime_fp32"] = {"seconds": round(s, 2), "speedup_vs_torch": round(plain_s / s, 3),
+                                      "gflops_useful": round(useful / s / 1e9, 1),
+                                      "max_cosine_diff": float(np.abs((got * ref).sum(1) - 1).max()),
+                                      "max_abs_diff": float(np.abs(got - ref).max())}
+    compiled = Encoder.wrap(cfg, torch.compile(enc.model, dynamic=True), enc.tokenizer, enc.device)
+    compiled.encode(texts[:a.batch])
+    t0 = time.perf_counter()
+    got = compiled.encode(texts)
+    s = time.perf_counter() - t0
+    levers["torch_compile"] = {"seconds": round(s, 2), "speedup_vs_torch": round(plain_s / s, 3),
+                               "max_abs_diff": float(np.abs(got - ref).max())}
+    shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "model": resolve_model(cfg.model), "docs": len(texts), "threads": threads,
+        "tokens": int(lengths.sum()), "mean_tokens": round(float(lengths.mean()), 1),
+        "gflop_useful": round(useful / 1e9, 1), "gflop_padded": round(padded / 1e9, 1),
+        "gemm_gflops": {k: round(v, 1) for k, v in peak.items()},
+        "plain_encoder": {"seconds": round(plain_s, 2), "docs_per_s": round(len(texts) / plain_s, 1),
+                          "gflops_useful": round(useful / plain_s / 1e9, 1),
+                          "share_of_peak": round(useful / plain_s / 1e9 / peak["peak"], 3)},
+        "embed_stage": {"seconds": round(ray_s, 2), "docs_per_s": round(len(texts) / ray_s, 1),
+                        "gflops_useful": round(useful / ray_s / 1e9, 1),
+                        "share_of_peak": round(useful / ray_s / 1e9 / peak["peak"], 3),
+                        "fixed_cost_seconds_4_docs": round(fixed_s, 2),
+                        "max_abs_diff_vs_plain": ray_diff},
+        "levers": levers,
+    }
+    emit(result, a.json)
+
+
+if __name__ == "__main__":
+    main()
