@@ -108,9 +108,20 @@ class TeacherConfig:
     # Query sets this small are embedded in the driver: a second actor pool would cost more
     # to start (Ray Data + model load per actor) than the embedding itself.
     local_queries_below: Annotated[int, Range(0, 10**12)] = 20_000
+    # `openvino`: the encoder's forward compiled by OpenVINO for the CPU, float32 (encoders
+    # such as BERT/MiniLM; decoders do not convert yet; `pip install 'posmine[openvino]'`): the torch
+    # vectors within 1e-6, faster on CPUs (BENCHMARKS.md, "Embedding against the machine's limit").
+    backend: Literal["torch", "openvino"] = "torch"
 
     def __post_init__(self) -> None:
         check_ranges(self, "teacher")
+        if self.backend == "openvino" and self.dtype not in ("auto", "float32"):
+            # OpenVINO's bfloat16 gave cosine 0.85-0.95 to the float32 vectors of short texts
+            # (0.99997 on SciFact abstracts): not offered until it is understood
+            raise ConfigError("teacher.backend=openvino runs float32 only (teacher.dtype auto or "
+                              f"float32), not {self.dtype}")
+        if self.backend == "openvino" and self.device == "cuda":
+            raise ConfigError("teacher.backend=openvino runs on the CPU; use backend=torch on a GPU")
 
 
 @dataclass(frozen=True)

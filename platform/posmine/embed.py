@@ -122,6 +122,21 @@ class Encoder:
             raise ModelError(f"model {model or cfg.model!r} ({path}): cannot load: {e}") from e
         self._setup()
         self.model.to(self.device).eval()
+        self.forward_model = self.model
+        if cfg.backend == "openvino":
+            from posmine.openvino_backend import OpenVinoForward
+
+            try:
+                if self.bidirectional:
+                    raise ValueError("a decoder made bidirectional is not converted")
+                self.forward_model = OpenVinoForward(self.model, cfg.torch_threads or os.cpu_count() or 1)
+            except ImportError:
+                raise
+            except Exception as e:  # OpenVINO's conversion failures have types of their own
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise ModelError(f"model {cfg.model!r}: teacher.backend=openvino runs encoders "
+                                 f"(BERT, MiniLM, ...); this one did not convert ({first}); use "
+                                 "teacher.backend=torch") from e
 
     def _setup(self) -> None:
         try:
@@ -137,6 +152,7 @@ class Encoder:
         switches it to eval mode while encoding."""
         enc = cls.__new__(cls)
         enc.cfg, enc.model, enc.tokenizer, enc.device = cfg, model, tokenizer, device
+        enc.forward_model = model  # a model in training runs as it is, whatever the backend
         enc._setup()
         return enc
 
@@ -158,7 +174,7 @@ class Encoder:
 
     @torch.inference_mode()
     def _encode_batch(self, texts: list[str], spec: backbone.EmbedSpec) -> np.ndarray:
-        emb = backbone.embed(self.model, self.tokenizer, texts, spec, self.device)  # (batch, dim)
+        emb = backbone.embed(self.forward_model, self.tokenizer, texts, spec, self.device)  # (batch, dim)
         if self.cfg.normalize:
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         return emb.float().cpu().numpy()
@@ -284,7 +300,7 @@ def embedding_dim(url: str) -> int:
 OUTPUT_FIELDS = ("model", "pooling", "normalize", "query_prefix", "passage_prefix", "max_length",
                  "dtype")
 # Fields added later: keyed only when set, so embeddings made before them stay current.
-LATER_FIELDS = {"attention": "auto", "pool_prefix": True}
+LATER_FIELDS = {"attention": "auto", "pool_prefix": True, "backend": "torch"}
 
 
 def output_key(cfg: TeacherConfig) -> str:

@@ -1,0 +1,49 @@
+"""`teacher.backend: openvino`: an encoder's forward pass compiled by OpenVINO for the CPU.
+
+Tokenizing, pooling and normalising stay posmine's own (`backbone`); only the transformer runs
+in OpenVINO, converted from the loaded torch model (a copy: tracing leaves the model it traced
+changed). float32 only: it keeps torch's vectors (max difference ~2e-7 on SciFact); its
+bfloat16 mode was 3x faster on this AMX CPU but gave cosine 0.85-0.95 to the float32 vectors of
+short texts, so it is not offered. Measured in `benchmarks/embed_peak.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+
+class _Hidden(torch.nn.Module):
+    """The model as (input_ids, attention_mask) -> last hidden state: what gets converted."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class OpenVinoForward:
+    """Called as a transformers model is by `backbone.forward_hidden`: (input_ids,
+    attention_mask) -> `.last_hidden_state` (batch, seq, dim), float32 torch."""
+
+    def __init__(self, model: Any, threads: int) -> None:
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise ImportError("teacher.backend=openvino needs `pip install 'posmine[openvino]'`") from e
+        example = torch.ones((2, 8), dtype=torch.long)
+        converted = ov.convert_model(_Hidden(copy.deepcopy(model).eval()),
+                                     example_input={"input_ids": example, "attention_mask": example})
+        self.compiled = ov.Core().compile_model(converted, "CPU", {
+            # f32: OpenVINO would otherwise run bf16 on CPUs that have it
+            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        out = self.compiled({"input_ids": input_ids.cpu().numpy(),
+                             "attention_mask": attention_mask.cpu().numpy()})[0]
+        return SimpleNamespace(last_hidden_state=torch.from_numpy(out))
