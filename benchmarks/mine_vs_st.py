@@ -24,10 +24,12 @@ from posmine.config import default_beir_dir, load_config
 from posmine.embed import resolve_model
 
 
-def run_posmine(data: str, out: str, actors: int, threads: int) -> tuple[float, dict, dict]:
+def run_posmine(data: str, out: str, actors: int, threads: int,
+                backend: str = "torch") -> tuple[float, dict, dict]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config("jobs/configs/scifact.yaml", [
         f"data.path={data}", f"output.dir={out}", f"teacher.num_actors={actors}",
+        f"teacher.backend={backend}",
         f"teacher.cpus_per_actor={1.0 if actors == 1 else 0.5}", f"teacher.torch_threads={threads}",
         "mining.rule=topk_percpos", "mining.perc=0.95", "mining.num_negatives=4", "mining.top_k=30",
         "mining.dedup_text=exact", "mining.window=rank",  # ST's range_max: the teacher's top 30
@@ -36,7 +38,9 @@ def run_posmine(data: str, out: str, actors: int, threads: int) -> tuple[float, 
     manifest = pipeline.mine(cfg)
     seconds = time.perf_counter() - t0
     mined = storage.read_parquet(f"{out}/mine/mined.parquet").to_pylist()
-    return seconds, {r["query"]: r["negatives"] for r in mined}, manifest
+    # keyed by (query, positive): with anchor=pair each positive has negatives of its own, as
+    # each (query, positive) row of ST's n-tuples does
+    return seconds, {(r["query"], p): r["negatives"] for r in mined for p in r["positives"]}, manifest
 
 
 def run_st(data: str) -> tuple[float, dict]:
@@ -65,17 +69,18 @@ def run_st(data: str) -> tuple[float, dict]:
         sampling_strategy="top", batch_size=32, use_faiss=True, output_format="n-tuple",
         verbose=True)
     seconds = time.perf_counter() - t0
-    out: dict[str, list[str]] = {}
+    out: dict[tuple[str, str], list[str]] = {}
     for r in mined:
-        out[r["query"]] = [r[f"negative_{i}"] for i in range(1, 5)]
+        out[r["query"], r["positive"]] = [r[f"negative_{i}"] for i in range(1, 5)]
     return seconds, out
 
 
-def compare(ours: dict[str, list[str]], theirs: dict[str, list[str]]) -> dict:
+def compare(ours: dict, theirs: dict) -> dict:
+    """Per (query, positive) example: identical negative lists and the overlap of the sets."""
     common = sorted(set(ours) & set(theirs))
     overlaps = [len(set(ours[q]) & set(theirs[q])) / max(len(theirs[q]), 1) for q in common]
     identical = sum(ours[q] == theirs[q] for q in common)
-    return {"queries_posmine": len(ours), "queries_st": len(theirs), "queries_both": len(common),
+    return {"examples_posmine": len(ours), "examples_st": len(theirs), "examples_both": len(common),
             "identical_lists": identical, "mean_overlap": sum(overlaps) / max(len(overlaps), 1),
             "only_posmine": len(set(ours) - set(theirs)), "only_st": len(set(theirs) - set(ours))}
 
@@ -86,22 +91,25 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/posmine-bench-mine")
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "openvino"],
+                   help="posmine's teacher.backend; each runs beside the one ST run")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     t0 = time.perf_counter()
     pipeline.ensure_ray()  # a cluster is already up in production: timed apart
     ray_init_s = time.perf_counter() - t0
-    pm_s, pm, manifest = run_posmine(a.data, a.out, a.actors, a.threads)
+    runs = {b: run_posmine(a.data, a.out, a.actors, a.threads, b) for b in a.backends}
     st_s, st = run_st(a.data)
-    result = {
+    result: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "posmine_seconds": round(pm_s, 1), "st_seconds": round(st_s, 1),
-        "speedup_st_over_posmine": round(st_s / pm_s, 3),
-        "ray_init_seconds": round(ray_init_s, 1),
-        "posmine_dropped_by_rule": manifest["stats"]["dropped_by_rule"],
-        **compare(pm, st),
-    }
+        "st_seconds": round(st_s, 1), "ray_init_seconds": round(ray_init_s, 1)}
+    for b, (pm_s, pm, manifest) in runs.items():
+        tag = "" if b == "torch" else f"_{b}"
+        result.update({f"posmine{tag}_seconds": round(pm_s, 1),
+                       f"speedup{tag}_posmine_over_st": round(st_s / pm_s, 3),
+                       f"posmine{tag}_dropped_by_rule": manifest["stats"]["dropped_by_rule"],
+                       **{f"{k}{tag}": v for k, v in compare(pm, st).items()}})
     emit(result, a.json)
 
 
