@@ -29,6 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from posmine import schemas, storage
 from posmine.config import DataConfig
@@ -67,12 +68,13 @@ class Collected:
         self.counts[key] = self.counts.get(key, 0) + n
 
     def add_text(self, table: dict[str, str], prefix: str, text: str, doc_id: str | None = None) -> str:
+        """The id of `text` in `table` (its own `doc_id`, else its normalised text's), added when
+        new; another spelling of a text already there is counted as merged."""
         key = doc_id if doc_id is not None else text_id(prefix, text)
-        if key in table:
-            self.count("duplicate_query_texts" if prefix == "q" else "duplicate_passage_texts",
-                       int(doc_id is None and table[key] != text))
-        else:
+        if key not in table:
             table[key] = text
+        elif doc_id is None and table[key] != text:
+            self.count("duplicate_query_texts" if prefix == "q" else "duplicate_passage_texts")
         return key
 
     def doc(self, text: Any, where: str, what: str) -> str | None:
@@ -123,7 +125,7 @@ def iter_rows(path: str) -> Iterator[Row]:
     if is_hf(path):
         yield from _hf_rows(path)
     elif path.endswith(".parquet"):
-        table = _read_table(path, lambda f: __import__("pyarrow.parquet").parquet.read_table(f))
+        table = _read_table(path, pq.read_table)
         yield from ((f"{storage.redact(path)}:row {i}", r) for i, r in enumerate(table.to_pylist(), 1))
     elif path.endswith(".csv"):
         table = _read_table(path, pacsv.read_csv)
@@ -164,8 +166,8 @@ def _hf_rows(path: str) -> Iterator[Row]:
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds and len(ds) != 1:
-                raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; name one as "
-                                "hf-saved folder/<split> or keep a `train` split")
+                raise DataError(f"{path}: a DatasetDict with splits {list(ds)} and no `train`; "
+                                "point data.path at the split's own folder (<folder>/<split>)")
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     if len(ds) == 0:
         raise DataError(f"{path}: empty dataset (no rows)")
@@ -404,8 +406,8 @@ def load(cfg: DataConfig, fmt: str) -> Tables:
                "positives_per_query": round(len(pairs) / max(1, len(out.positives)), 2),
                "file_negatives": sum(len(v) for v in out.negatives.values()),
                **({"columns": list(out.columns)} if out.columns else {})}
-    for kind, n in out.warnings.counts.items():
-        log.warning("%s: %d skipped (first at %s)", kind, n, out.warnings.examples[kind])
+    for kind, times in out.warnings.counts.items():
+        log.warning("%s: %d skipped (first at %s)", kind, times, out.warnings.examples[kind])
     return Tables(corpus, queries, splits, negatives, summary, out.warnings)
 
 
