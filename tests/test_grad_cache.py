@@ -25,7 +25,15 @@ def _trainer(cfg: TrainConfig, dropout: bool) -> StudentTrainer:
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys() and len(a) > 10
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-4, msg=name)
+        torch.testing.assert_close(a[name], b[name], atol=grad_atol(b[name]), rtol=1e-4, msg=name)
+
+
+def grad_atol(want: torch.Tensor) -> float:
+    """Absolute tolerance for a gradient summed over many tokens (token-type and position
+    embeddings sum over the whole batch): fp32 sums taken in another order (chunks, workers)
+    differ by ~1e-5 of the largest entry (seen: 1.1e-5 on entries up to 2.3), which a fixed
+    1e-6 refuses near zero. A real error moves gradients by far more."""
+    return max(1e-6, 1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 1000])

@@ -10,6 +10,7 @@ short texts, so it is not offered. Measured in `benchmarks/embed_peak.py`.
 from __future__ import annotations
 
 import copy
+import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,8 +38,14 @@ class OpenVinoForward:
         except ImportError as e:
             raise ImportError("teacher.backend=openvino needs `pip install 'posmine[openvino]'`") from e
         example = torch.ones((2, 8), dtype=torch.long)
-        converted = ov.convert_model(_Hidden(copy.deepcopy(model).eval()),
-                                     example_input={"input_ids": example, "attention_mask": example})
+        root, level = logging.getLogger(), logging.getLogger().level
+        try:
+            converted = ov.convert_model(_Hidden(copy.deepcopy(model).eval()),
+                                         example_input={"input_ids": example, "attention_mask": example})
+        finally:
+            # a conversion that fails leaves the root logger at ERROR (seen with OpenVINO
+            # 2026.4): every warning after it would be lost
+            root.setLevel(level)
         self.compiled = ov.Core().compile_model(converted, "CPU", {
             # f32: OpenVINO would otherwise run bf16 on CPUs that have it
             "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
