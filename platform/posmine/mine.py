@@ -100,11 +100,17 @@ def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Seque
     With `survivors` windows each list is first cut where its windows end (`mining.cut_to_window`).
     """
     positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
-    pos_scores = positive_scores(embed_dir, positives)
+    # the negatives the training file listed (`mining.existing_negatives=candidates`), scored in
+    # the same pass over the teacher's embeddings as the positives
+    listed = ({q: ds for q, ds in data.file_negatives(data_dir).items() if q in positives}
+              if cfg.existing_negatives == "candidates" else {})
+    scores = positive_scores(embed_dir, {q: ps + listed.get(q, []) for q, ps in positives.items()})
+    pos_scores = {q: s[:len(positives[q])] for q, s in scores.items()}
     stats = mining.MiningStats()
     queries = [_query_candidates(c, positives, pos_scores) for c in read_candidates(cand_dirs)]
-    if cfg.existing_negatives == "candidates":
-        queries = _join_file_negatives(queries, data_dir, embed_dir, stats)
+    if listed:
+        queries = _join_file_negatives(queries, listed, {q: scores[q][len(positives[q]):] for q in listed},
+                                       stats)
     queries = [mining.cut_to_window(q, cfg) for q in queries]
     need = {d for q in queries for d in q.cand_ids} | {d for p in positives.values() for d in p}
     texts = data.read_texts(storage.join(data_dir, "corpus"), need)
@@ -126,15 +132,11 @@ def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Seque
     return rows, stats
 
 
-def _join_file_negatives(queries: list[mining.QueryCandidates], data_dir: str, embed_dir: str,
+def _join_file_negatives(queries: list[mining.QueryCandidates], listed: Mapping[str, list[str]],
+                         scores: Mapping[str, np.ndarray],
                          stats: mining.MiningStats) -> list[mining.QueryCandidates]:
     """Each query's candidates with the negatives its training file listed (`data.NEGATIVES`)
-    added, scored by the teacher (`mining.existing_negatives=candidates`)."""
-    listed = data.file_negatives(data_dir)
-    listed = {q.query_id: listed[q.query_id] for q in queries if listed.get(q.query_id)}
-    if not listed:
-        return queries
-    scores = positive_scores(embed_dir, listed)
+    added, with their teacher `scores` ((n,) per query)."""
     out = []
     for q in queries:
         joined, n = mining.join_candidates(q, listed.get(q.query_id, []),
