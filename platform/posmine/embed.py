@@ -126,17 +126,16 @@ class Encoder:
         if cfg.backend == "openvino":
             from posmine.openvino_backend import OpenVinoForward
 
+            refused = (f"model {cfg.model!r}: teacher.backend=openvino runs encoders (BERT, MiniLM, "
+                       "...); this one did not convert ({}); use teacher.backend=torch")
+            if self.bidirectional:
+                raise ModelError(refused.format("a decoder made bidirectional is not converted"))
             try:
-                if self.bidirectional:
-                    raise ValueError("a decoder made bidirectional is not converted")
                 self.forward_model = OpenVinoForward(self.model, cfg.torch_threads or os.cpu_count() or 1)
             except ImportError:
                 raise
             except Exception as e:  # OpenVINO's conversion failures have types of their own
-                first = (str(e).strip().splitlines() or [""])[0]
-                raise ModelError(f"model {cfg.model!r}: teacher.backend=openvino runs encoders "
-                                 f"(BERT, MiniLM, ...); this one did not convert ({first}); use "
-                                 "teacher.backend=torch") from e
+                raise ModelError(refused.format((str(e).strip().splitlines() or [""])[0])) from e
 
     def _setup(self) -> None:
         try:
