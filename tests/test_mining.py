@@ -21,6 +21,7 @@ from posmine.mining import (
     rule_keep,
     rule_keep_reference,
     short_share,
+    text_key,
 )
 
 # One query, two positives (p1 0.80, p2 0.70): s+ = 0.70, the weakest positive.
@@ -112,6 +113,39 @@ def test_self_hit_duplicates_and_no_positive() -> None:
     rows, _ = mine([q], MiningConfig(rule="naive_topk"), exact, {"q7": "the cell divides"})
     assert rows[0]["negative_ids"] == ["dupq", "ok"]
     assert normalize_text(" A-b  C. ") == "a b c"
+
+
+@pytest.mark.parametrize("dedup", ["normalized", "exact", "none"])
+def test_eligibility_by_precomputed_keys_equals_the_per_candidate_texts(dedup: str) -> None:
+    """The fast path (keys from the text store) removes the same candidates, and counts them
+    the same, as normalising every candidate's text: positives, self-hits and duplicate texts
+    of the query or of any positive, in every mix."""
+    rng = np.random.default_rng(3)
+    spellings = ["The cell divides.", "the  cell divides", "THE CELL, DIVIDES", "other text",
+                 "another", "x"]
+    cfg = MiningConfig(rule="naive_topk", top_k=50, num_negatives=50, dedup_text=dedup)  # type: ignore[arg-type]
+    batch, texts, qtexts = [], {}, {}
+    for i in range(60):
+        ids = [f"d{j}" for j in rng.choice(40, size=25, replace=False)] + [f"q{i}"]
+        pos = [ids[j] for j in rng.choice(len(ids) - 1, size=int(rng.integers(1, 4)), replace=False)]
+        batch.append(QueryCandidates(f"q{i}", ids, np.sort(rng.uniform(0, 1, len(ids)))[::-1],
+                                     pos, rng.uniform(0.5, 1, len(pos))))
+        qtexts[f"q{i}"] = spellings[int(rng.integers(len(spellings)))]
+    for j in range(40):
+        texts[f"d{j}"] = spellings[int(rng.integers(len(spellings)))]
+    for i in range(60):
+        texts[f"q{i}"] = qtexts[f"q{i}"]
+    key = {d: text_key(t, "exact" if dedup == "exact" else "normalized") for d, t in texts.items()}
+    fast = [replace(q, cand_keys=np.array([key[d] for d in q.cand_ids]),
+                    banned_keys=np.array([] if dedup == "none" else
+                                         [key[p] for p in q.pos_ids] + [key[q.query_id]], np.int64))
+            for q in batch]
+    ref_rows, ref = mine(batch, cfg, texts if dedup != "none" else None, qtexts)
+    rows, got = mine(fast, cfg)
+    assert rows == ref_rows
+    assert got.to_dict() == ref.to_dict()
+    assert ref.removed_self > 0 and ref.removed_positive > 0
+    assert (ref.removed_duplicate_text > 0) == (dedup != "none")
 
 
 def test_self_hit_by_value_not_identity() -> None:

@@ -253,7 +253,8 @@ def test_cisi_default_config_mines_enough_and_never_trains_on_known_positives(
                                                [whole], "train")
     key = ("query_id", "positive_ids", "negative_ids")
     got = storage.read_parquet(f"{manifest['dir']}/mined.parquet").to_pylist()
-    assert [[r[k] for k in key] for r in got] == [[r[k] for k in key] for r in ref_rows]
+    # the stage writes a shard per search round and query block: the same examples, in another order
+    assert sorted([[r[k] for k in key] for r in got]) == sorted([[r[k] for k in key] for r in ref_rows])
     assert ref_stats.examples_too_few == stats["examples_too_few"]
     positives = {q: set(d) for q, d in data.positives_by_query(
         data.read_prepared_qrels(data_dir, "train")).items()}

@@ -413,12 +413,18 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
 NEGATIVES = "negatives.parquet"  # query_id, doc_ids: negatives the training file brought
 
 
-def file_negatives(data_dir: str) -> dict[str, list[str]]:
-    """The data stage's `negatives.parquet` as query id -> doc ids ({} for BEIR data)."""
+def file_negatives_table(data_dir: str) -> pa.Table:
+    """The data stage's `negatives.parquet` (query_id, doc_ids); empty for BEIR data."""
     url = storage.join(data_dir, NEGATIVES)
     if not storage.exists(url):
-        return {}
-    table = storage.read_parquet(url)
+        return pa.table({"query_id": pa.array([], pa.string()),
+                         "doc_ids": pa.array([], pa.list_(pa.string()))})
+    return storage.read_parquet(url)
+
+
+def file_negatives(data_dir: str) -> dict[str, list[str]]:
+    """The data stage's `negatives.parquet` as query id -> doc ids ({} for BEIR data)."""
+    table = file_negatives_table(data_dir)
     return dict(zip(table.column("query_id").to_pylist(), table.column("doc_ids").to_pylist(),
                     strict=True))
 

@@ -251,7 +251,8 @@ def embeddings_table(ids: list[str], emb: np.ndarray) -> pa.Table:
 def embedding_matrix(table: pa.Table) -> np.ndarray:
     """The fixed-size list column 'embedding' as an (n, dim) matrix (a view where Arrow allows)."""
     col = table.column("embedding").combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+    # flatten, not .values: it honours a slice's offset
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
 
 
 def read_embeddings(url: str, dim: int | None = None) -> tuple[list[str], np.ndarray]:

@@ -7,14 +7,17 @@ Writes candidates (`query_id, doc_ids, scores`) per split.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from posmine import schemas, storage
@@ -60,8 +63,9 @@ class ShardPlan:
     stop: int
 
 
-def plan_shards(corpus_dir: str, num_shards: int) -> tuple[list[ShardPlan], list[str]]:
-    """Split the embedding files' rows into contiguous ranges; also return every row's id."""
+def plan_shards(corpus_dir: str, num_shards: int) -> tuple[list[ShardPlan], pa.Array]:
+    """Split the embedding files' rows into contiguous ranges; also return every row's id (an
+    Arrow array: ~15 bytes a document, not a Python string each)."""
     files = [storage.join(corpus_dir, n) for n in storage.listdir(corpus_dir)
              if n.endswith(".parquet")]
     if not files:
@@ -70,23 +74,34 @@ def plan_shards(corpus_dir: str, num_shards: int) -> tuple[list[ShardPlan], list
     total = sum(counts)
     bounds = np.linspace(0, total, min(num_shards, total) + 1).astype(int)
     plans = [ShardPlan(tuple(files), int(a), int(b)) for a, b in itertools.pairwise(bounds)]
-    ids = storage.read_parquet(corpus_dir, columns=["id"]).column("id").to_pylist()
+    ids = storage.read_parquet(corpus_dir, columns=["id"]).column("id").combine_chunks()
     return plans, ids
 
 
-def load_rows(plan: ShardPlan) -> np.ndarray:
-    """(stop - start, dim) float32: the shard's rows, reading only the files that overlap it."""
-    from posmine.embed import embedding_dim, read_embeddings
+def load_rows(plan: ShardPlan) -> tuple[pa.Array, np.ndarray]:
+    """The shard's ids and (stop - start, dim) float32 rows, reading only the files that
+    overlap it."""
+    from posmine.embed import check_vectors, embedding_dim, embedding_matrix
 
-    parts, offset = [], 0
+    ids, parts, offset = [], [], 0
     dim = embedding_dim(plan.files[0])  # every file the same size, or a named error
     for f in plan.files:
         n = parquet_rows(f)
         lo, hi = max(plan.start, offset), min(plan.stop, offset + n)
         if lo < hi:
-            parts.append(read_embeddings(f, dim=dim)[1][lo - offset:hi - offset])
+            table = storage.read_parquet(f).slice(lo - offset, hi - lo)
+            parts.append(embedding_matrix(table))
+            check_vectors(table.column("id").to_pylist(), parts[-1], storage.redact(f), dim)
+            ids.append(table.column("id"))
         offset += n
-    return np.concatenate(parts)
+    return pa.chunked_array(ids).combine_chunks(), np.concatenate(parts)
+
+
+def pair_scores(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """s(q_i, d_i) for each row pair: (n, dim), (n, dim) -> (n,) float32. One row's score does
+    not depend on the other rows (no BLAS blocking), so every stage that scores a pair gets the
+    same bits."""
+    return np.einsum("nd,nd->n", queries, docs)
 
 
 class IndexShard:
@@ -94,61 +109,179 @@ class IndexShard:
 
     def __init__(self, plan: ShardPlan, cfg: IndexConfig, threads: int = 0) -> None:
         import faiss
+        import pandas as pd
 
         faiss.omp_set_num_threads(threads or os.cpu_count() or 1)  # workers are reused
         self.offset = plan.start
-        self.index = build_index(load_rows(plan), cfg)
+        ids, rows = load_rows(plan)
+        self.index = build_index(rows, cfg)
+        if cfg.kind == "ivf" and hasattr(self.index, "make_direct_map"):
+            self.index.make_direct_map()  # IVF lists hold the vectors; `reconstruct` needs a map
+        self.rows = pd.Index(ids.to_numpy(zero_copy_only=False))  # id -> local row, hashed once
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, local = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, np.where(local < 0, -1, local + self.offset)
 
+    def score_pairs(self, queries: np.ndarray, doc_ids: np.ndarray) -> np.ndarray:
+        """`pair_scores` of (query vector i, document doc_ids[i]) for the documents this shard
+        holds, NaN for the others: (n, dim), (n,) -> (n,)."""
+        local = self.rows.get_indexer(doc_ids)  # (n,), -1 where not in this shard
+        out = np.full(len(doc_ids), np.nan, np.float32)
+        have = np.flatnonzero(local >= 0)
+        if len(have):
+            docs = self.index.reconstruct_batch(local[have].astype(np.int64))  # (h, dim)
+            out[have] = pair_scores(queries[have], docs)
+        return out
+
+
+@dataclass(frozen=True)
+class Listed:
+    """The documents whose exact teacher score the mine stage needs besides the top-K: each
+    query's positives (qrels order) and the negatives its training file listed."""
+
+    positives: pa.Table  # query_id, doc_id (score > 0 only)
+    negatives: pa.Table  # query_id, doc_ids
+
+    def for_block(self, query_ids: pa.Array) -> tuple[list[list[str]], list[list[str]]]:
+        """Each block query's positives and file negatives, in block order."""
+        out = []
+        for table, col in ((self.positives, "doc_id"), (self.negatives, "doc_ids")):
+            rows = table.filter(pc.is_in(table.column("query_id"), value_set=query_ids))
+            by_query: dict[str, list[str]] = {}
+            for q, d in zip(rows.column("query_id").to_pylist(), rows.column(col).to_pylist(),
+                            strict=True):
+                by_query.setdefault(q, []).extend(d if isinstance(d, list) else [d])
+            out.append([by_query.get(q, []) for q in query_ids.to_pylist()])
+        return out[0], out[1]
+
+
+class ShardedSearch:
+    """The shard actors of one corpus, searched block by block from the driver."""
+
+    def __init__(self, corpus_dir: str, cfg: IndexConfig) -> None:
+        import ray
+
+        plans, self.ids = plan_shards(corpus_dir, cfg.num_shards)
+        if cfg.cpus_per_shard:  # reserve N CPUs, run N FAISS threads
+            cpus, threads = cfg.cpus_per_shard, max(1, round(cfg.cpus_per_shard))
+        else:  # the shards share the machine's cores; Ray's reservation stays small
+            cpus, threads = min(1.0, 2.0 / len(plans)), max(1, (os.cpu_count() or 1) // len(plans))
+        shard_cls: Any = ray.remote(num_cpus=cpus)(IndexShard)
+        self.actors: list[Any] = [shard_cls.remote(p, cfg, threads) for p in plans]
+
+    def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """(nq, dim) -> scores (nq, k) float32 and each query's doc ids (fewer at the end of
+        a small corpus)."""
+        import ray
+
+        k = min(k, len(self.ids))
+        block = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
+        scores, rows = merge_topk(ray.get([a.search.remote(block, k) for a in self.actors]), k)
+        flat = self.ids.take(pa.array(np.where(rows < 0, 0, rows).ravel())).to_numpy(
+            zero_copy_only=False).reshape(rows.shape)
+        return scores.astype(np.float32), [list(r[m]) for r, m in zip(flat, rows >= 0, strict=True)]
+
+    def score_pairs(self, queries: np.ndarray, doc_ids: list[str]) -> np.ndarray:
+        """`pair_scores` of (queries[i], doc_ids[i]): (n, dim), n -> (n,), from the shard that
+        holds each document."""
+        import ray
+
+        if not doc_ids:
+            return np.zeros(0, np.float32)
+        docs = np.asarray(doc_ids, dtype=object)
+        parts = ray.get([a.score_pairs.remote(queries, docs) for a in self.actors])
+        out = np.fmax.reduce(np.stack(parts), axis=0)  # NaN from the shards without the doc
+        if np.isnan(out).any():
+            missing = docs[np.isnan(out)][:3].tolist()
+            raise ValueError(f"documents {missing} have no embedding in the corpus")
+        return out
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
 
 def sharded_search(corpus_dir: str, queries: np.ndarray, k: int,
                    cfg: IndexConfig) -> tuple[np.ndarray, list[list[str]]]:
     """Top-k over all shards, one Ray actor per shard. Returns scores (nq, k), doc ids."""
-    import ray
-
-    plans, ids = plan_shards(corpus_dir, cfg.num_shards)
-    if cfg.cpus_per_shard:  # reserve N CPUs, run N FAISS threads
-        cpus, threads = cfg.cpus_per_shard, max(1, round(cfg.cpus_per_shard))
-    else:  # the shards share the machine's cores; Ray's reservation stays small
-        cpus, threads = min(1.0, 2.0 / len(plans)), max(1, (os.cpu_count() or 1) // len(plans))
-    shard_cls: Any = ray.remote(num_cpus=cpus)(IndexShard)
-    actors: list[Any] = [shard_cls.remote(p, cfg, threads) for p in plans]
-    k = min(k, len(ids))
-    all_scores, all_rows = [], []
+    search = ShardedSearch(corpus_dir, cfg)
     try:
-        for start in tqdm(range(0, len(queries), cfg.query_batch_size), desc="search",
-                          unit="batch", disable=len(queries) <= cfg.query_batch_size):
-            block = ray.put(queries[start:start + cfg.query_batch_size])
-            parts = ray.get([a.search.remote(block, k) for a in actors])
-            s, r = merge_topk(parts, k)
-            all_scores.append(s)
-            all_rows.append(r)
+        parts = [search.topk(queries[s:s + cfg.query_batch_size], k)
+                 for s in range(0, len(queries), cfg.query_batch_size)]
     finally:
-        for a in actors:
-            ray.kill(a)
-    scores = np.concatenate(all_scores) if all_scores else np.zeros((0, k), np.float32)
-    rows = np.concatenate(all_rows) if all_rows else np.zeros((0, k), np.int64)
-    doc_ids = [[ids[j] for j in row if j >= 0] for row in rows]
-    return scores.astype(np.float32), doc_ids
+        search.close()
+    k = min(k, len(search.ids))
+    scores = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, k), np.float32)
+    return scores, [d for p in parts for d in p[1]]
 
 
-def candidates_table(query_ids: list[str], scores: np.ndarray, doc_ids: list[list[str]]) -> pa.Table:
+def candidates_table(query_ids: list[str], scores: np.ndarray, doc_ids: list[list[str]],
+                     listed: tuple[list[list[str]], list[np.ndarray], list[list[str]],
+                                   list[np.ndarray]] | None = None) -> pa.Table:
+    """One row per query (schema `schemas.CANDIDATES`); `listed`: each query's positives, their
+    scores, its file negatives and theirs (empty lists without)."""
+    empty: list[list[Any]] = [[] for _ in query_ids]
+    pos, pos_s, neg, neg_s = listed or (empty, empty, empty, empty)
     return pa.table({
         "query_id": query_ids,
         "doc_ids": doc_ids,
         "scores": [s[:len(d)].tolist() for s, d in zip(scores, doc_ids, strict=True)],
+        "positive_ids": pos, "positive_scores": [list(map(float, s)) for s in pos_s],
+        "file_negative_ids": neg, "file_negative_scores": [list(map(float, s)) for s in neg_s],
     }, schema=schemas.CANDIDATES)
 
 
-def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
-               query_ids: list[str], k: int, upstream: str) -> tuple[str, dict[str, Any]]:
-    """Write candidates for `query_ids` (skipped when current). Returns (folder, manifest)."""
-    from posmine.embed import embedding_dim, read_embeddings
+def ids_digest(ids: pa.Array) -> str:
+    """A digest of a set of ids (order and repeats aside) without a Python string per id."""
+    uniq = pc.unique(ids)
+    uniq = uniq.take(pc.array_sort_indices(uniq))
+    h = hashlib.sha256()
+    for start in range(0, len(uniq), 65536):
+        h.update("\x1f".join(uniq.slice(start, 65536).to_pylist()).encode())
+        h.update(b"\x1e")
+    return h.hexdigest()
 
-    key = config_hash(cfg, upstream, split, k, sorted(query_ids))
+
+def query_blocks(queries_dir: str, wanted: pa.Array, size: int, dim: int
+                 ) -> Iterator[tuple[pa.Array, np.ndarray]]:
+    """The query vectors of `wanted`, in the embedding files' order, `size` at a time: (ids,
+    (n, dim) float32). One file and one block in memory, however many queries."""
+    from posmine.embed import check_vectors, embedding_matrix
+
+    buf: list[pa.Table] = []
+    have = 0
+    files = sorted(n for n in storage.listdir(queries_dir) if n.endswith(".parquet"))
+    for name in files:
+        table = storage.read_parquet(storage.join(queries_dir, name))
+        table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
+        buf.append(table)
+        have += table.num_rows
+        while have >= size or (name == files[-1] and have):
+            whole = pa.concat_tables(buf).combine_chunks()
+            block, rest = whole.slice(0, size), whole.slice(size)
+            mat = embedding_matrix(block)
+            check_vectors(block.column("id").to_pylist(), mat, storage.redact(queries_dir), dim)
+            yield block.column("id").combine_chunks(), mat
+            buf, have = [rest], rest.num_rows
+
+
+def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
+               query_ids: pa.Array, k: int, upstream: str,
+               listed: Listed | None = None) -> tuple[str, dict[str, Any]]:
+    """Write candidates for `query_ids` (skipped when current). Returns (folder, manifest).
+
+    `candidates.parquet` is a folder of query shards (`part-NNNNN.parquet`, `index.query_batch_size`
+    queries each, in the query embeddings' order), written block by block: the driver holds one
+    block, whatever the number of queries. With `listed`, each row also carries its positives'
+    and file negatives' exact teacher scores (the mine stage's anchors).
+    """
+    from posmine.embed import embedding_dim
+
+    query_ids = pa.array(query_ids, pa.string()) if not isinstance(query_ids, pa.Array) else query_ids
+    key = config_hash(cfg, upstream, split, k, ids_digest(query_ids), listed is not None)
     target = storage.join(out_dir, "candidates", key)
 
     def work() -> storage.Done:
@@ -156,18 +289,41 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
         first = next((n for n in storage.listdir(corpus_dir) if n.endswith(".parquet")), None)
         if first is None:
             raise FileNotFoundError(f"{storage.redact(corpus_dir)}: no embedding files")
-        # Query vectors must match the corpus's size (and be finite): say so before FAISS does.
-        qids, qmat = read_embeddings(storage.join(embed_dir, "queries"),
-                                     dim=embedding_dim(storage.join(corpus_dir, first)))
-        row = {q: i for i, q in enumerate(qids)}
-        missing = [q for q in query_ids if q not in row]
-        if missing:
-            raise ValueError(f"{len(missing)} queries have no embedding, e.g. {missing[:3]}")
-        queries = qmat[[row[q] for q in query_ids]]  # (nq, dim)
-        scores, doc_ids = sharded_search(corpus_dir, queries, k, cfg)
-        storage.write_parquet(candidates_table(query_ids, scores, doc_ids),
-                              storage.join(target, "candidates.parquet"))
-        return storage.Done({"queries": len(query_ids)}, extra={"split": split, "k": k},
+        out = storage.join(target, "candidates.parquet")
+        storage.remove(out)  # parts of an interrupted run are redone, not mixed in
+        dim = embedding_dim(storage.join(corpus_dir, first))
+        wanted = pc.unique(query_ids)
+        search, done = ShardedSearch(corpus_dir, cfg), 0
+        try:
+            with tqdm(total=len(wanted), desc="search", unit="query",
+                      disable=len(wanted) <= cfg.query_batch_size) as bar:
+                for part, (ids, qmat) in enumerate(query_blocks(
+                        storage.join(embed_dir, "queries"), wanted, cfg.query_batch_size, dim)):
+                    scores, doc_ids = search.topk(qmat, k)
+                    extra = _score_listed(search, listed, ids, qmat) if listed else None
+                    storage.write_parquet(candidates_table(ids.to_pylist(), scores, doc_ids, extra),
+                                          storage.join(out, f"part-{part:05d}.parquet"))
+                    done += len(ids)
+                    bar.update(len(ids))
+        finally:
+            search.close()
+        if done != len(wanted):  # queries of the split that the embed stage never embedded
+            raise ValueError(f"{len(wanted) - done} of {len(wanted)} queries have no embedding "
+                             f"in {storage.redact(embed_dir)}")
+        return storage.Done({"queries": done}, extra={"split": split, "k": k},
                             outputs=["candidates.parquet"])
 
     return target, storage.run_stage(target, "search", key, work)
+
+
+def _score_listed(search: ShardedSearch, listed: Listed, ids: pa.Array, qmat: np.ndarray
+                  ) -> tuple[list[list[str]], list[np.ndarray], list[list[str]], list[np.ndarray]]:
+    """The block's positives and file negatives with their exact teacher scores."""
+    pos, neg = listed.for_block(ids)
+    out: list[Any] = []
+    for docs in (pos, neg):
+        lens = [len(d) for d in docs]
+        rows = np.repeat(np.arange(len(docs)), lens)  # (n,) pair -> query row
+        flat = search.score_pairs(qmat[rows], [d for ds in docs for d in ds])
+        out += [docs, np.split(flat, np.cumsum(lens)[:-1])]
+    return out[0], out[1], out[2], out[3]

@@ -1,15 +1,21 @@
-"""The mine stage: candidates + qrels + teacher scores -> mined examples (Parquet) and stats.
+"""The mine stage: candidates + teacher scores -> mined examples (Parquet) and stats, on Ray Data.
 
-Reads the search stage's `candidates.parquet`, the data stage's qrels and texts, and the
-embed stage's vectors (for the positives' teacher scores, which the top-K may not hold).
-Writes `<out>/mine/mined.parquet` (schema `schemas.MINED`: one row per training example,
-i.e. per query, or per (query, positive) with `mining.anchor=pair`) and a manifest with the
-rule, its parameters and the counts of `mining.MiningStats`; warns when over 20% of the
-examples end short of negatives. `export.py` writes it in other trainers' formats.
+Reads the search stage's candidate shards (`candidates.parquet/part-*.parquet`: each query's
+top-K, its positives and its file negatives with their teacher scores) and maps the pure miner
+(`mining.py`) over them with `map_batches` on an actor pool, one candidate shard per call. The
+texts and their duplicate keys come from `TextShard` actors that hold the corpus and queries
+split by id across the cluster (`textstore.py`): no process holds every text, and a text is
+normalised once, not once per candidate. Each call writes one mined shard,
+`mined.parquet/part-<search round>-<shard>.parquet` (schema `schemas.MINED`: one row per
+training example, i.e. per query, or per (query, positive) with `mining.anchor=pair`), and
+returns its `mining.MiningStats`; the manifest, written last, sums them. Warns when over 20%
+of the examples end short of negatives. `export.py` writes the result in other trainers'
+formats. `mine_rows` is the simple one-process reference the tests hold the stage to.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,16 +28,20 @@ from tqdm import tqdm
 from posmine import data, mining, schemas, storage
 from posmine.config import MiningConfig, config_hash, to_dict
 from posmine.embed import embedding_matrix, read_embeddings
+from posmine.index import pair_scores
 from posmine.rescore import CrossEncoderScorer, rescore
+from posmine.textstore import TextStore
 
 BATCH = 4096  # queries per call of the pure miner
 ROW_GROUP = 4096  # mined rows per Parquet row group
+MINED = "mined.parquet"  # a folder of shards
 log = logging.getLogger(__name__)
 
 
 def positive_scores(embed_dir: str, positives: dict[str, list[str]]) -> dict[str, np.ndarray]:
     """Teacher score s(q, d) for every query's listed documents (its positives, or the file's
-    negatives): (P,) per query."""
+    negatives), read from the embeddings in one process: (P,) per query. The search stage
+    scores them on its shards (`index.ShardedSearch.score_pairs`); this is the reference."""
     qids, qmat = read_embeddings(storage.join(embed_dir, "queries"))
     need = {d for ps in positives.values() for d in ps}
     table = storage.read_parquet(storage.join(embed_dir, "corpus"))
@@ -39,14 +49,11 @@ def positive_scores(embed_dir: str, positives: dict[str, list[str]]) -> dict[str
     dmat = embedding_matrix(table)  # (D, dim)
     drow = {d: i for i, d in enumerate(table.column("id").to_pylist())}
     qrow = {q: i for i, q in enumerate(qids)}
-    out = {}
-    for q, ps in positives.items():
-        rows = [drow[p] for p in ps]
-        out[q] = dmat[rows] @ qmat[qrow[q]]  # (P, dim) @ (dim,) -> (P,)
-    return out
+    return {q: pair_scores(qmat[[qrow[q]] * len(ps)], dmat[[drow[p] for p in ps]])
+            for q, ps in positives.items()}  # (P, dim), (P, dim) -> (P,)
 
 
-def run(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Sequence[str], out_dir: str,
+def run(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str], out_dir: str,
         split: str, upstream: str, name: str = "mine") -> dict[str, Any]:
     """Mine `split` into `<out_dir>/<name>` (skipped when current); returns the manifest.
 
@@ -56,16 +63,161 @@ def run(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Sequence[st
     target = storage.join(out_dir, name)
 
     def work() -> storage.Done:
-        rows, stats = mine_rows(cfg, data_dir, embed_dir, cand_dirs, split)
-        return _write(cfg, target, rows, stats.to_dict(), f"mine {split}",
-                      {"rule": cfg.rule, "mining": to_dict(cfg), "split": split,
-                       "candidate_dirs": [storage.redact(d) for d in cand_dirs]})
+        out = storage.join(target, MINED)
+        storage.remove(out)  # shards of an interrupted run are redone, not mixed in
+        stats, examples = mine_shards(cfg, data_dir, cand_dirs, out)
+        return _done(cfg, examples, stats, f"mine {split}",
+                     {"rule": cfg.rule, "mining": to_dict(cfg), "split": split,
+                      "candidate_dirs": [storage.redact(d) for d in cand_dirs]})
 
     return storage.run_stage(target, "mine", config_hash(cfg, upstream, split), work)
 
 
+def candidate_shards(cand_dir: str) -> list[str]:
+    """The URLs of a search stage's candidate shards, in order."""
+    folder = storage.join(cand_dir, "candidates.parquet")
+    return [storage.join(folder, n) for n in sorted(storage.listdir(folder)) if n.endswith(".parquet")]
+
+
+def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
+                out: str) -> tuple[dict[str, Any], int]:
+    """Map `MineShard` over every candidate shard on Ray Data; returns the summed stats and the
+    number of examples written. The driver sees one small row of stats per shard."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    shards = [{"round": j, "url": u} for j, d in enumerate(cand_dirs) for u in candidate_shards(d)]
+    # A query searched again deeper keeps only its deepest list: round j skips the queries of
+    # the rounds after it (few: only those whose windows the shallower list could not fill).
+    later = [ray.put(_query_ids(cand_dirs[j + 1:])) for j in range(len(cand_dirs))]
+    store = TextStore(data_dir, cfg.dedup_text)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    DataContext.get_current().execution_options.preserve_order = True
+    ds = ray.data.from_items(shards).map_batches(
+        MineShard, fn_constructor_kwargs={"cfg": cfg, "data_dir": data_dir, "out": out,
+                                          "store": store.handles, "later": later},
+        batch_size=1, batch_format="pyarrow", num_cpus=1,
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(len(shards), cpus))))
+    stats, examples = mining.MiningStats(), 0
+    try:
+        with tqdm(total=len(shards), desc="mine", unit="shard") as bar:
+            for row in ds.iter_rows():
+                stats.add(json.loads(row["stats"]))
+                examples += int(row["examples"])
+                bar.update(1)
+    finally:
+        store.close()
+    return stats.to_dict(), examples
+
+
+def _query_ids(cand_dirs: Sequence[str]) -> pa.Array:
+    """The distinct query ids of these search stages' candidates."""
+    cols = [storage.read_parquet(u, ["query_id"]).column("query_id")
+            for d in cand_dirs for u in candidate_shards(d)]
+    return pc.unique(pa.chunked_array(cols, pa.string()).combine_chunks())
+
+
+class MineShard:
+    """Ray Data actor: mines one candidate shard per call and writes its mined shard."""
+
+    def __init__(self, cfg: MiningConfig, data_dir: str, out: str, store: list[Any],
+                 later: list[Any]) -> None:
+        import ray
+
+        self.cfg, self.out = cfg, out
+        self.store = TextStore.attach(store)
+        self.later = [ray.get(r) for r in later]
+        self.scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        names, counts, stats = [], [], []
+        for j, url in zip(batch.column("round").to_pylist(), batch.column("url").to_pylist(),
+                          strict=True):
+            try:
+                table = storage.read_parquet(url)
+            except (OSError, pa.ArrowException) as e:
+                raise ValueError(f"{storage.redact(url)}: cannot read this candidate shard: {e}") from e
+            table = table.filter(pc.invert(pc.is_in(table.column("query_id"), value_set=self.later[j])))
+            rows, st = mine_table(self.cfg, table, self.store, self.scorer)
+            name = f"part-{j}-{url.rsplit('/', 1)[-1].removeprefix('part-')}"
+            storage.write_parquet(pa.Table.from_pylist(rows, schema=schemas.MINED),
+                                  storage.join(self.out, name), row_group_size=ROW_GROUP)
+            names.append(name)
+            counts.append(len(rows))
+            stats.append(json.dumps(st.to_dict()))
+        return pa.table({"shard": names, "examples": counts, "stats": stats})
+
+
+def shard_queries(table: pa.Table) -> list[mining.QueryCandidates]:
+    """A candidate shard's rows as the pure miner's input (positives and scores from the shard)."""
+    cols = {c: table.column(c).to_pylist() for c in ("query_id", "doc_ids", "scores", "positive_ids",
+                                                     "positive_scores")}
+    return [mining.QueryCandidates(q, d, np.asarray(s, np.float64), p, np.asarray(ps, np.float32))
+            for q, d, s, p, ps in zip(*cols.values(), strict=True)]
+
+
+def mine_table(cfg: MiningConfig, table: pa.Table, store: TextStore,
+               scorer: CrossEncoderScorer | None = None) -> tuple[list[dict[str, Any]], mining.MiningStats]:
+    """Mine one candidate shard: windows cut, duplicate keys and texts fetched from `store`."""
+    stats = mining.MiningStats()
+    queries = shard_queries(table)
+    if cfg.existing_negatives == "candidates":
+        listed = dict(zip(table.column("query_id").to_pylist(),
+                          zip(table.column("file_negative_ids").to_pylist(),
+                              table.column("file_negative_scores").to_pylist(), strict=True),
+                          strict=True))
+        queries = _join_file_negatives(queries, {q: ids for q, (ids, _) in listed.items()},
+                                       {q: np.asarray(s, np.float64) for q, (_, s) in listed.items()},
+                                       stats)
+    queries = [mining.cut_to_window(q, cfg) for q in queries]
+    if scorer is not None:
+        need = {d for q in queries for d in [*q.cand_ids, *q.pos_ids]}
+        texts = store.texts("corpus", sorted(need))
+        queries = rescore(queries, scorer, texts, store.texts("queries", [q.query_id for q in queries]))
+    queries = _with_keys(queries, store, cfg.dedup_text)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(queries), BATCH):
+        rows.extend(mining.mine(queries[start:start + BATCH], cfg, stats=stats)[0])
+    _add_texts(rows, store)
+    return rows, stats
+
+
+def _with_keys(queries: list[mining.QueryCandidates], store: TextStore,
+               dedup: str) -> list[mining.QueryCandidates]:
+    """Each query with its candidates' duplicate keys and the keys it bans (its own text's and
+    its positives'); nothing banned with `dedup_text=none`."""
+    from dataclasses import replace
+
+    cand = [d for q in queries for d in q.cand_ids]
+    ckeys = store.keys("corpus", cand)  # (sum K,)
+    pkeys = store.keys("corpus", [p for q in queries for p in q.pos_ids]) if dedup != "none" else None
+    qkeys = store.keys("queries", [q.query_id for q in queries]) if dedup != "none" else None
+    out, c, p = [], 0, 0
+    for i, q in enumerate(queries):
+        k, n = len(q.cand_ids), len(q.pos_ids)
+        banned = (np.zeros(0, np.int64) if pkeys is None or qkeys is None
+                  else np.concatenate([pkeys[p:p + n], qkeys[i:i + 1]]))
+        out.append(replace(q, cand_keys=ckeys[c:c + k], banned_keys=banned))
+        c, p = c + k, p + n
+    return out
+
+
+def _add_texts(rows: list[dict[str, Any]], store: TextStore) -> None:
+    """The mined rows' texts and their positives' `mining.text_hash` (training's duplicate check)."""
+    docs = sorted({d for r in rows for d in (*r["positive_ids"], *r["negative_ids"],
+                                             *r["query_positive_ids"])})
+    texts = store.texts("corpus", docs)
+    hashes = dict(zip(docs, store.hashes("corpus", docs).tolist(), strict=True))
+    qtexts = store.texts("queries", sorted({r["query_id"] for r in rows}))
+    for r in rows:
+        r["query"] = qtexts[r["query_id"]]
+        r["positives"] = [texts[d] for d in r["positive_ids"]]
+        r["negatives"] = [texts[d] for d in r["negative_ids"]]
+        r["query_positive_hashes"] = [hashes[d] for d in r["query_positive_ids"]]
+
+
 def read_candidates(cand_dirs: Sequence[str]) -> list[dict[str, Any]]:
-    """Each query's deepest candidate list, in the first stage's query order."""
+    """Each query's deepest candidate list, in the first stage's query order (one process)."""
     merged: dict[str, dict[str, Any]] = {}
     for d in cand_dirs:
         for c in storage.read_parquet(storage.join(d, "candidates.parquet")).to_pylist():
@@ -80,28 +232,26 @@ def _query_candidates(c: Mapping[str, Any], positives: Mapping[str, list[str]],
                                   pos_scores.get(c["query_id"], np.zeros(0)))
 
 
-def unfilled(cfgs: Sequence[MiningConfig], data_dir: str, embed_dir: str, cand_dir: str, split: str,
-             depth: int) -> list[str]:
+def unfilled(cfgs: Sequence[MiningConfig], cand_dir: str, depth: int) -> list[str]:
     """Queries of `cand_dir` (searched `depth` deep) whose `survivors` windows need a deeper
     list under some setting of `cfgs`: fewer than top_k candidates under the lowest bound, and
-    the corpus not yet ended."""
-    positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
-    pos_scores = positive_scores(embed_dir, positives)
-    cands = storage.read_parquet(storage.join(cand_dir, "candidates.parquet")).to_pylist()
-    queries = [_query_candidates(c, positives, pos_scores) for c in cands
-               if c["query_id"] in positives and len(c["doc_ids"]) >= depth]
-    return [q.query_id for q in queries if any(mining.window_end(q, m) is None for m in cfgs)]
+    the corpus not yet ended. Reads one candidate shard at a time."""
+    out = []
+    for url in candidate_shards(cand_dir):
+        for q in shard_queries(storage.read_parquet(url)):
+            if (len(q.pos_ids) and len(q.cand_ids) >= depth
+                    and any(mining.window_end(q, m) is None for m in cfgs)):
+                out.append(q.query_id)
+    return out
 
 
 def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Sequence[str],
               split: str) -> tuple[list[dict[str, Any]], mining.MiningStats]:
-    """The pure miner over the search stage's candidates, with texts and hashes joined in.
-
-    With `survivors` windows each list is first cut where its windows end (`mining.cut_to_window`).
+    """The reference: the pure miner in one process over every candidate, with the positives'
+    scores from the embeddings and every text read and normalised per candidate
+    (`mining.eligible_mask`). The stage must mine the same examples (tests/test_mine_scale.py).
     """
     positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
-    # the negatives the training file listed (`mining.existing_negatives=candidates`), scored in
-    # the same pass over the teacher's embeddings as the positives
     listed = ({q: ds for q, ds in data.file_negatives(data_dir).items() if q in positives}
               if cfg.existing_negatives == "candidates" else {})
     scores = positive_scores(embed_dir, {q: ps + listed.get(q, []) for q, ps in positives.items()})
@@ -117,7 +267,7 @@ def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Seque
     qtexts = data.read_texts(storage.join(data_dir, "queries.parquet"), {q.query_id for q in queries})
     scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
     rows: list[dict[str, Any]] = []
-    for start in tqdm(range(0, len(queries), BATCH), desc="mining", unit="batch"):
+    for start in range(0, len(queries), BATCH):
         batch = queries[start:start + BATCH]
         if scorer is not None:
             batch = rescore(batch, scorer, texts, qtexts)
@@ -146,19 +296,16 @@ def _join_file_negatives(queries: list[mining.QueryCandidates], listed: Mapping[
     return out
 
 
-def _write(cfg: MiningConfig, target: str, rows: list[dict[str, Any]], stats: dict[str, Any],
-           what: str, extra: dict[str, Any]) -> storage.Done:
-    """mined.parquet, the short-of-negatives share, and the warning when it is too high."""
-    table = pa.Table.from_pylist(rows, schema=schemas.MINED)
-    # row groups of ROW_GROUP rows: training reads only the groups its steps use
-    storage.write_parquet(table, storage.join(target, "mined.parquet"), row_group_size=ROW_GROUP)
+def _done(cfg: MiningConfig, examples: int, stats: dict[str, Any], what: str,
+          extra: dict[str, Any]) -> storage.Done:
+    """The manifest's content: counts, the short-of-negatives share, and the warning when it is
+    too high."""
     stats = {**stats, "short_share": round(mining.short_share(stats), 4),
              "warning": mining.starvation_warning(stats, cfg)}
     if stats["warning"]:
         log.warning("%s: %s", what, stats["warning"])
     return storage.Done({"queries_in": stats["queries_in"], "queries_out": stats["queries_out"],
-                         "examples": table.num_rows}, stats=stats, extra=extra,
-                        outputs=["mined.parquet"])
+                         "examples": examples}, stats=stats, extra=extra, outputs=[MINED])
 
 
 def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: str,
@@ -173,11 +320,13 @@ def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: s
 
     def work() -> storage.Done:
         teacher_dirs = [t["dir"] for t in teachers]
-        per_teacher = [storage.read_parquet(storage.join(d, "mined.parquet")).to_pylist()
-                       for d in teacher_dirs]
+        per_teacher = [storage.read_parquet(storage.join(d, MINED)).to_pylist() for d in teacher_dirs]
+        storage.remove(storage.join(target, MINED))
         rows, stats = mining.combine_mined(per_teacher, cfg)
         stats["teachers"] = [t["stats"] for t in teachers]
-        return _write(cfg, target, rows, stats, f"mine ({len(teachers)} teachers)",
+        storage.write_parquet(pa.Table.from_pylist(rows, schema=schemas.MINED),
+                              storage.join(target, MINED, "part-00000.parquet"), row_group_size=ROW_GROUP)
+        return _done(cfg, len(rows), stats, f"mine ({len(teachers)} teachers)",
                       {"rule": cfg.rule, "mining": to_dict(cfg), "combine": cfg.combine,
                        "teacher_dirs": teacher_dirs})
 

@@ -47,6 +47,10 @@ class QueryCandidates:
     cand_scores: np.ndarray  # (K,)
     pos_ids: Sequence[str]
     pos_scores: np.ndarray  # (P,)
+    # The fast path's duplicate-text check (`text_key` of each text, from the text store):
+    # (K,) one per candidate, and the keys of the query's own text and its positives' texts.
+    cand_keys: np.ndarray | None = None
+    banned_keys: np.ndarray | None = None
 
 
 @dataclass
@@ -75,6 +79,15 @@ class MiningStats:
     hist_kept: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_BINS) - 1, np.int64))
     hist_dropped: np.ndarray = field(default_factory=lambda: np.zeros(len(HIST_BINS) - 1, np.int64))
 
+    def add(self, other: Mapping[str, Any]) -> None:
+        """Add the counts of another batch's `to_dict()` (shards mined apart, summed last)."""
+        for k, v in other.items():
+            if k == "histograms":
+                for h in ("positive", "kept", "dropped"):
+                    setattr(self, f"hist_{h}", getattr(self, f"hist_{h}") + np.asarray(v[h], np.int64))
+            elif k in vars(self):
+                setattr(self, k, getattr(self, k) + int(v))
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: v for k, v in vars(self).items() if not k.startswith("hist_")}
         out["histograms"] = {"bins": HIST_BINS.round(4).tolist(),
@@ -101,6 +114,15 @@ def text_hash(text: str) -> int:
     """
     digest = hashlib.blake2b(normalize_text(text).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
+
+
+def text_key(text: str, dedup: str) -> int:
+    """The key under which `mining.dedup_text` equates texts: `text_hash` (normalized) or a
+    hash of the exact text (exact). Two different texts share a key with probability 2^-64."""
+    if dedup == "exact":
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little",
+                              signed=True)
+    return text_hash(text)
 
 
 def rule_threshold(anchor: np.ndarray, cfg: MiningConfig) -> np.ndarray:
@@ -210,7 +232,8 @@ def cut_to_window(q: QueryCandidates, cfg: MiningConfig) -> QueryCandidates:
     if not survivor_window(cfg):
         return q
     end = window_end(q, cfg)  # None: the list ended first, keep it whole
-    return replace(q, cand_ids=q.cand_ids[:end], cand_scores=q.cand_scores[:end])
+    return replace(q, cand_ids=q.cand_ids[:end], cand_scores=q.cand_scores[:end],
+                   cand_keys=None if q.cand_keys is None else q.cand_keys[:end])
 
 
 def query_rng(seed: int, query_id: str) -> np.random.Generator:
@@ -219,7 +242,7 @@ def query_rng(seed: int, query_id: str) -> np.random.Generator:
 
 
 def select(survivors: np.ndarray, scores: np.ndarray, cfg: MiningConfig,
-           rng: np.random.Generator) -> np.ndarray:
+           rng: np.random.Generator | None) -> np.ndarray:
     """Pick up to `num_negatives` of the survivor positions (best first in, best first out).
 
     topk: the first k. sample: k of the first `sample_from`, uniform or softmax(s / T).
@@ -228,6 +251,7 @@ def select(survivors: np.ndarray, scores: np.ndarray, cfg: MiningConfig,
     k = cfg.num_negatives
     if cfg.sampling == "topk" or len(survivors) <= k:
         return survivors[:k]
+    assert rng is not None, "the sampling modes need a generator"
     head = survivors[:1] if cfg.sampling == "top1_sample" else survivors[:0]
     pool = survivors[len(head):max(cfg.sample_from, k)]
     need = min(k - len(head), len(pool))
@@ -261,6 +285,20 @@ def eligible_mask(q: QueryCandidates, texts: Mapping[str, str] | None, query_tex
             continue
         out[i] = False
     return out
+
+
+def eligible_by_keys(q: QueryCandidates, stats: MiningStats) -> np.ndarray:
+    """(K,) bool, as `eligible_mask` decides, with texts compared by their precomputed keys
+    (`q.cand_keys`, `q.banned_keys`) instead of normalised per candidate: the fast path."""
+    assert q.cand_keys is not None and q.banned_keys is not None
+    pos = set(q.pos_ids)
+    is_pos = np.fromiter((d in pos for d in q.cand_ids), bool, len(q.cand_ids))  # (K,)
+    is_self = np.fromiter((d == q.query_id for d in q.cand_ids), bool, len(q.cand_ids)) & ~is_pos
+    is_dup = np.isin(q.cand_keys, q.banned_keys) & ~is_pos & ~is_self
+    stats.removed_positive += int(is_pos.sum())
+    stats.removed_self += int(is_self.sum())
+    stats.removed_duplicate_text += int(is_dup.sum())
+    return ~(is_pos | is_self | is_dup)
 
 
 def anchors(pos_scores: np.ndarray, mode: str) -> list[tuple[np.ndarray, float]]:
@@ -302,14 +340,15 @@ def filter_batch(batch: Sequence[QueryCandidates], cfg: MiningConfig,
         n = len(q.cand_ids)
         scores[i, :n] = q.cand_scores
         qtext = (query_texts or {}).get(q.query_id, "")
-        eligible[i, :n] = eligible_mask(q, texts, qtext, cfg, stats)
+        eligible[i, :n] = (eligible_by_keys(q, stats) if q.cand_keys is not None
+                           else eligible_mask(q, texts, qtext, cfg, stats))
         stats.candidates += n
         stats.positives += len(q.pos_ids)
         stats.positives_not_in_topk += len(set(q.pos_ids) - set(q.cand_ids))
-        stats.hist_positive += _hist(np.asarray(q.pos_scores))
         for pos, s_plus in anchors(np.asarray(q.pos_scores), cfg.anchor):
             examples.append((i, pos))
             anchor_list.append(s_plus)
+    stats.hist_positive += _hist(np.concatenate([np.zeros(0), *(q.pos_scores for q in with_pos)]))
     qrow = np.array([i for i, _ in examples], dtype=np.int64)  # (ne,) example -> query row
     keep, dropped = rule_keep(scores[qrow], eligible[qrow], np.array(anchor_list), cfg)  # (ne, K)
     stats.examples += len(examples)
@@ -336,11 +375,14 @@ def mine(batch: Sequence[QueryCandidates], cfg: MiningConfig,
 def choose(f: Filtered, cfg: MiningConfig, stats: MiningStats) -> list[dict[str, Any]]:
     """Each example's negatives from its survivors (`select`), as the rows `mine` returns."""
     rows, short_queries, kept_queries = [], set(), set()
+    kept_scores: list[np.ndarray] = []
     for e, (i, pos) in enumerate(f.examples):
         q = f.queries[i]
         pos_ids = [q.pos_ids[j] for j in pos]
         key = q.query_id if cfg.anchor != "pair" else f"{q.query_id}\x1f{pos_ids[0]}"
-        chosen = select(np.flatnonzero(f.keep[e]), f.scores[i], cfg, query_rng(cfg.seed, key))
+        # a generator costs ~15 us to seed: only the sampling modes draw from one
+        rng = None if cfg.sampling == "topk" else query_rng(cfg.seed, key)
+        chosen = select(np.flatnonzero(f.keep[e]), f.scores[i], cfg, rng)
         if len(chosen) < cfg.num_negatives:
             stats.examples_too_few += 1
             short_queries.add(q.query_id)
@@ -349,7 +391,7 @@ def choose(f: Filtered, cfg: MiningConfig, stats: MiningStats) -> list[dict[str,
                 continue
         kept_queries.add(q.query_id)
         stats.negatives_kept += len(chosen)
-        stats.hist_kept += _hist(f.scores[i, chosen])
+        kept_scores.append(f.scores[i, chosen])
         rows.append({
             "query_id": q.query_id,
             "positive_ids": pos_ids,
@@ -358,6 +400,7 @@ def choose(f: Filtered, cfg: MiningConfig, stats: MiningStats) -> list[dict[str,
             "negative_scores": [float(f.scores[i, j]) for j in chosen],
             "query_positive_ids": list(q.pos_ids),
         })
+    stats.hist_kept += _hist(np.concatenate([np.zeros(0), *kept_scores]))
     stats.examples_out += len(rows)
     stats.queries_out += len(kept_queries)
     stats.queries_too_few += len(short_queries)

@@ -15,6 +15,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from posmine import data, index, storage
 from posmine import embed as embed_stage
 from posmine import evaluate as eval_stage
@@ -77,20 +80,29 @@ def embed(cfg: Config, teacher: TeacherConfig | None = None) -> dict[str, Any]:
 
 
 def search(cfg: Config, teacher: TeacherConfig, split: str, k: int,
-           query_ids: Sequence[str] | None = None) -> tuple[str, dict[str, Any]]:
-    """Candidates for `query_ids` (default: the queries of `split`), from `teacher`'s embeddings."""
+           query_ids: Sequence[str] | None = None,
+           for_mining: bool = False) -> tuple[str, dict[str, Any]]:
+    """Candidates for `query_ids` (default: the queries of `split`), from `teacher`'s embeddings;
+    `for_mining` adds each query's positives and file negatives with their teacher scores."""
     emb = embed(cfg, teacher)
     data_dir, _ = prepare(cfg)
-    if query_ids is None:
-        query_ids = data.read_prepared_qrels(data_dir, split).column("query_id").to_pylist()
-    return index.run_search(cfg.index, emb["dir"], cfg.output.dir, split, sorted(set(query_ids)), k,
-                            upstream=str(emb["config_hash"]))
+    qrels = data.read_prepared_qrels(data_dir, split)
+    ids = pa.array(query_ids, pa.string()) if query_ids is not None else qrels.column("query_id")
+    listed = index.Listed(
+        qrels.filter(pc.greater(qrels.column("score"), 0)).select(["query_id", "doc_id"]),
+        data.file_negatives_table(data_dir)) if for_mining else None
+    return index.run_search(cfg.index, emb["dir"], cfg.output.dir, split,
+                            pc.unique(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids),
+                            k, upstream=str(emb["config_hash"]), listed=listed)
 
 
 def candidate_depth(data_dir: str, split: str, top_k: int) -> int:
     """Candidates to fetch so that `top_k` remain after removing positives and self-hits."""
-    positives = data.positives_by_query(data.read_prepared_qrels(data_dir, split))
-    return top_k + max((len(p) for p in positives.values()), default=0) + 1
+    qrels = data.read_prepared_qrels(data_dir, split)
+    pos = qrels.filter(pc.greater(qrels.column("score"), 0))
+    counts = pos.group_by("query_id").aggregate([("doc_id", "count")]).column("doc_id_count")
+    most = pc.max(counts).as_py() if len(counts) else None
+    return top_k + (most or 0) + 1
 
 
 def candidates(cfg: Config, teacher: TeacherConfig,
@@ -104,19 +116,18 @@ def candidates(cfg: Config, teacher: TeacherConfig,
     """
     data_dir, _ = prepare(cfg)
     depth = candidate_depth(data_dir, cfg.data.split, max(m.top_k for m in minings))
-    cand_dir, cand = search(cfg, teacher, cfg.data.split, depth)
+    cand_dir, cand = search(cfg, teacher, cfg.data.split, depth, for_mining=True)
     dirs, keys, rounds = [cand_dir], [str(cand["config_hash"])], [[depth, cand["rows"]["queries"]]]
-    emb_dir = embed_stage.stage_dir(cfg.output.dir, teacher)
     deepen = [m for m in minings if survivor_window(m)]
     max_depth = max((m.max_depth for m in deepen), default=0)
     while depth < max_depth:
-        todo = mine_stage.unfilled(deepen, data_dir, emb_dir, dirs[-1], cfg.data.split, depth)
+        todo = mine_stage.unfilled(deepen, dirs[-1], depth)
         if not todo:
             break
         depth = min(max_depth, depth * 4)
         log.info("searching %d queries %d deep: fewer than mining.top_k candidates pass the "
                  "rule in the shallower list", len(todo), depth)
-        cand_dir, cand = search(cfg, teacher, cfg.data.split, depth, todo)
+        cand_dir, cand = search(cfg, teacher, cfg.data.split, depth, todo, for_mining=True)
         dirs.append(cand_dir)
         keys.append(str(cand["config_hash"]))
         rounds.append([depth, len(todo)])
@@ -143,8 +154,7 @@ def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig
 def _mine_one(cfg: Config, teacher: TeacherConfig, mining: MiningConfig, name: str) -> dict[str, Any]:
     data_dir, _ = prepare(cfg)
     cand_dirs, upstream, _ = candidates(cfg, teacher, [mining])
-    emb_dir = embed_stage.stage_dir(cfg.output.dir, teacher)
-    manifest = mine_stage.run(mining, data_dir, emb_dir, cand_dirs, cfg.output.dir,
+    manifest = mine_stage.run(mining, data_dir, cand_dirs, cfg.output.dir,
                               cfg.data.split, upstream=upstream, name=name)
     manifest["dir"] = storage.join(cfg.output.dir, name)
     return manifest

@@ -22,6 +22,12 @@ CANDIDATES = pa.schema(
         ("query_id", pa.string()),
         ("doc_ids", pa.list_(pa.string())),  # sorted by score, best first
         ("scores", pa.list_(pa.float32())),
+        # For mining (empty otherwise): the query's positives (qrels order) and the negatives its
+        # training file listed, with their exact teacher scores, which the top-K may not hold.
+        ("positive_ids", pa.list_(pa.string())),
+        ("positive_scores", pa.list_(pa.float32())),
+        ("file_negative_ids", pa.list_(pa.string())),
+        ("file_negative_scores", pa.list_(pa.float32())),
     ]
 )
 

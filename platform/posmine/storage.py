@@ -346,10 +346,37 @@ def write_parquet(table: pa.Table, url: str, row_group_size: int | None = None) 
     write_bytes(url, buf.getvalue())
 
 
-@retrying
 def read_parquet_rows(url: str, rows: Sequence[int]) -> pa.Table:
-    """Rows `rows` (positions in the file) of one Parquet file, in that order, reading only
-    the row groups that hold them."""
+    """Rows `rows` (positions in the file, or in a folder's files taken in name order) of
+    Parquet data, in that order, reading only the row groups that hold them."""
+    fs, path = filesystem(url)
+    if not fs.isdir(path):
+        return _read_file_rows(url, rows)
+    files = [join(url, n) for n in listdir(url) if n.endswith(".parquet")]
+    starts = np.cumsum([0, *(_num_rows(f) for f in files)])  # (F + 1,)
+    want = np.asarray(rows, np.int64)  # (n,)
+    file_of = np.searchsorted(starts, want, side="right") - 1
+    parts, where = [], np.empty(len(want), np.int64)
+    offset = 0
+    for f in np.unique(file_of):
+        sel = np.flatnonzero(file_of == f)
+        parts.append(_read_file_rows(files[f], (want[sel] - starts[f]).tolist()))
+        where[sel] = offset + np.arange(len(sel))
+        offset += len(sel)
+    if not parts:
+        return _read_file_rows(files[0], []) if files else pa.table({})
+    return pa.concat_tables(parts).take(pa.array(where))
+
+
+@retrying
+def _num_rows(url: str) -> int:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return int(pq.ParquetFile(f).metadata.num_rows)
+
+
+@retrying
+def _read_file_rows(url: str, rows: Sequence[int]) -> pa.Table:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as f:
         pf = pq.ParquetFile(f)

@@ -172,9 +172,21 @@ def planned_batches(mined_url: str, cfg: TrainConfig, skip: int, steps: int,
 
 def total_steps(cfg: TrainConfig, examples: Sequence[Row], world: int = 1) -> int:
     """Optimiser steps the run will take: batches over all epochs, capped by `max_steps`."""
-    per_epoch = [len(epoch_plan(examples, cfg, e, world)) for e in range(cfg.epochs)]
-    steps = sum(per_epoch)
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+    steps = 0
+    for e in range(cfg.epochs):
+        steps += len(epoch_plan(examples, cfg, e, world))
+        if cfg.max_steps and steps >= cfg.max_steps:  # no need to plan the epochs never run
+            return cfg.max_steps
+    return steps
+
+
+def plan_counts(cfg: TrainConfig, mined_url: str, world: int) -> tuple[int, int, int]:
+    """(examples, queries, steps) of the mined data: run as a Ray task by `run`, so the
+    driver never holds a plan of every example (memory that grows with the data)."""
+    examples = plan_examples(mined_url)  # query ids only: the texts stay on storage
+    if not examples:
+        raise ValueError(f"{storage.redact(mined_url)}: no training examples")
+    return len(examples), len({e["query_id"] for e in examples}), total_steps(cfg, examples, world)
 
 
 def known_positive_mask(rows: Sequence[Row], k: int) -> np.ndarray:
@@ -760,6 +772,17 @@ def _report(trainer: StudentTrainer, losses: list[float], steps: int, cfg: Train
         ray.train.report(metrics)
 
 
+def _remote_counts(cfg: TrainConfig, mined_url: str) -> tuple[int, int, int]:
+    """`plan_counts` in a Ray task when Ray is up (the driver stays flat), else here."""
+    import ray
+
+    if not ray.is_initialized():
+        return plan_counts(cfg, mined_url, cfg.num_workers)
+    task: Any = ray.remote(num_cpus=0)(plan_counts)
+    examples, queries, steps = ray.get(task.remote(cfg, mined_url, cfg.num_workers))
+    return examples, queries, steps
+
+
 def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         name: str = "train") -> dict[str, Any]:
     """Fine-tune on `<mined_dir>/mined.parquet` with a TorchTrainer (skipped when current)."""
@@ -774,17 +797,13 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         tracking.require(cfg.track)
         started = time.time()
         mined_url = storage.join(mined_dir, "mined.parquet")
-        examples = plan_examples(mined_url)  # query ids only: the texts stay on storage
-        if not examples:
-            raise ValueError(f"{storage.redact(mined_url)}: no training examples")
-        steps = total_steps(cfg, examples, cfg.num_workers)
+        n_examples, n_queries, steps = _remote_counts(cfg, mined_url)
         metrics = _fit(cfg, key, target, {"cfg": cfg, "steps": steps, "mined_url": mined_url,
                                           "model_dir": storage.join(target, "model"),
                                           "target": target, "out_dir": out_dir, "key": key})
         ran = int(metrics.get("step", 0))
         return storage.Done(
-            {"examples": len(examples), "queries": len({e["query_id"] for e in examples}),
-             "steps": ran, "steps_planned": steps},
+            {"examples": n_examples, "queries": n_queries, "steps": ran, "steps_planned": steps},
             stats={"final_loss": metrics.get("loss"), "resumed_from_step": metrics.get("resumed_from"),
                    "steady_samples_per_s": metrics.get("steady_samples_per_s"),
                    "samples_per_s": round(ran * cfg.batch_size * cfg.num_workers

@@ -163,7 +163,7 @@ def trial(config: dict[str, Any], shared: Shared) -> None:
     mining = trial_mining(cfg.mining, config["mining"])
     started = time.time()
     out = storage.join(shared.trials_dir, tune.get_context().get_trial_id())
-    mined = mine_stage.run(mining, shared.data_dir, shared.embed_dir, shared.cand_dirs, out,
+    mined = mine_stage.run(mining, shared.data_dir, shared.cand_dirs, out,
                            cfg.data.split, shared.upstream)  # skipped on a restored trial
     rows = expand(storage.read_parquet(storage.join(out, "mine", "mined.parquet")))
     if not rows:

@@ -1,0 +1,121 @@
+"""Each stage's wall time and the driver's peak RSS as the number of queries grows 100x.
+
+Synthetic BEIR data (`--docs` short documents; queries with 1-3 positives each, the
+multi-positive case) and a tiny random 2-layer BERT (hidden 32, 16 tokens) as teacher and
+student. Each size runs in a fresh subprocess: data -> embed -> search -> mine -> train
+(`train.max_steps`, default 3: training is bounded, the point is what it reads). After each
+stage the driver's peak RSS so far is read (`ru_maxrss`, this process only, not Ray's workers);
+the mine stage's candidates per second are its candidates over its wall time.
+
+    python benchmarks/scale.py --queries 10000 100000 1000000 --docs 100000 \
+        --json benchmarks/results/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import emit
+from driver_memory import WORDS, make_tiny_model
+
+ROOT = Path("/tmp/posmine-bench-scale")
+
+
+def make_dataset(nq: int, nd: int) -> Path:
+    root = ROOT / f"q{nq}-d{nd}"
+    if (root / "qrels" / "train.tsv").exists():
+        return root
+    (root / "qrels").mkdir(parents=True, exist_ok=True)
+    w = len(WORDS)
+    with open(root / "corpus.jsonl", "w") as f:
+        for i in range(nd):
+            text = " ".join(WORDS[(i * 7 + j * 3 + i // w) % w] for j in range(12))
+            f.write(json.dumps({"_id": f"d{i}", "title": WORDS[i % w], "text": text}) + "\n")
+    with open(root / "queries.jsonl", "w") as f:
+        for i in range(nq):
+            f.write(json.dumps({"_id": f"q{i}", "text": " ".join(
+                WORDS[(i // w ** j) % w] for j in range(5))}) + "\n")
+    with open(root / "qrels" / "train.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for i in range(nq):
+            for j in range(1 + i % 3):  # 1-3 positives: 2 on average
+                f.write(f"q{i}\td{(i * 7919 + j * 104729) % nd}\t1\n")
+    return root
+
+
+def child(data: str, model: str, out: str, steps: str) -> None:
+    from posmine import pipeline
+    from posmine.config import load_config
+
+    cfg = load_config(None, [
+        f"data.path={data}", "data.split=train", f"teacher.model={model}", "teacher.max_length=16",
+        "teacher.batch_size=512", "teacher.num_actors=2", "teacher.cpus_per_actor=0.5",
+        "teacher.torch_threads=1", "index.num_shards=2", "index.query_batch_size=8192",
+        "mining.top_k=30", f"train.model={model}", f"train.max_steps={steps}",
+        "train.batch_size=32", f"output.dir={out}"])
+    t0 = time.perf_counter()
+
+    def mark(stage: str, **extra: object) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        print("STAGE", json.dumps({"stage": stage, "seconds": round(now - t0, 1),
+                                   "driver_peak_rss_mib": peak, **extra}), flush=True)
+        t0 = now
+
+    pipeline.prepare(cfg)
+    mark("data")
+    pipeline.embed(cfg)
+    mark("embed")
+    pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
+    mark("search")
+    mined = pipeline.mine(cfg)
+    st = mined["stats"]
+    mark("mine", candidates=st["candidates"], examples=st["examples"])
+    pipeline.train(cfg)
+    mark("train")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(*sys.argv[2:6])
+        return
+    p = argparse.ArgumentParser()
+    p.add_argument("--queries", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--docs", type=int, default=100_000)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    model = make_tiny_model()
+    runs = []
+    for nq in a.queries:
+        data = make_dataset(nq, a.docs)
+        out = ROOT / f"out-q{nq}-d{a.docs}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--child", str(data), str(model), str(out),
+                               str(a.steps)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-4000:])
+        stages = [json.loads(line.split("STAGE", 1)[1]) for line in proc.stdout.splitlines()
+                  if line.startswith("STAGE")]
+        mine = next(s for s in stages if s["stage"] == "mine")
+        runs.append({"queries": nq, "docs": a.docs, "stages": stages,
+                     "driver_peak_rss_mib": max(s["driver_peak_rss_mib"] for s in stages),
+                     "mine_candidates_per_s": round(mine["candidates"] / mine["seconds"]),
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(runs[-1]), flush=True)
+    emit(runs, a.json)
+
+
+if __name__ == "__main__":
+    main()
