@@ -94,8 +94,8 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items(shards).map_batches(
-        MineShard, fn_constructor_kwargs={"cfg": cfg, "data_dir": data_dir, "out": out,
-                                          "store": store.handles, "later": later},
+        MineShard, fn_constructor_kwargs={"cfg": cfg, "out": out, "store": store.handles,
+                                          "later": later},
         batch_size=1, batch_format="pyarrow", num_cpus=1,
         compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(len(shards), cpus))))
     stats, examples = mining.MiningStats(), 0
@@ -120,8 +120,7 @@ def _query_ids(cand_dirs: Sequence[str]) -> pa.Array:
 class MineShard:
     """Ray Data actor: mines one candidate shard per call and writes its mined shard."""
 
-    def __init__(self, cfg: MiningConfig, data_dir: str, out: str, store: list[Any],
-                 later: list[Any]) -> None:
+    def __init__(self, cfg: MiningConfig, out: str, store: list[Any], later: list[Any]) -> None:
         import ray
 
         self.cfg, self.out = cfg, out
