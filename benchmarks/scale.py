@@ -3,7 +3,9 @@
 Synthetic BEIR data (`--docs` short documents; queries with 1-3 positives each, the
 multi-positive case) and a tiny random 2-layer BERT (hidden 32, 16 tokens) as teacher and
 student. Each size runs in a fresh subprocess: data -> embed -> search -> mine -> train
-(`train.max_steps`, default 3: training is bounded, the point is what it reads). After each
+(`train.max_steps`, default 3: training is bounded, the point is what it reads). A random
+teacher ranks the positives anywhere, so `mining.max_depth=128` bounds the deeper searches of
+the survivors windows (the default 4096 would make every list 4096 deep). After each
 stage the driver's peak RSS so far is read (`ru_maxrss`, this process only, not Ray's workers);
 the mine stage's candidates per second are its candidates over its wall time.
 
@@ -59,7 +61,7 @@ def child(data: str, model: str, out: str, steps: str) -> None:
         f"data.path={data}", "data.split=train", f"teacher.model={model}", "teacher.max_length=16",
         "teacher.batch_size=512", "teacher.num_actors=2", "teacher.cpus_per_actor=0.5",
         "teacher.torch_threads=1", "index.num_shards=2", "index.query_batch_size=8192",
-        "mining.top_k=30", f"train.model={model}", f"train.max_steps={steps}",
+        "mining.top_k=30", "mining.max_depth=128", f"train.model={model}", f"train.max_steps={steps}",
         "train.batch_size=32", f"output.dir={out}"])
     t0 = time.perf_counter()
 

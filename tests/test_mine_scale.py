@@ -15,9 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from posmine import metrics, pipeline, storage
 from posmine import mine as mine_stage
-from posmine import pipeline, storage
 from posmine.config import Config, default_beir_dir, load_config
+from posmine.evaluate import qrels_dict, run_from_candidates
+from posmine.index import candidate_shards
 from posmine.mining import MiningStats
 from posmine.textstore import TextStore, bucket
 
@@ -103,7 +105,7 @@ def test_a_mine_stage_that_fails_midway_leaves_no_manifest_and_a_rerun_finishes(
     cfg = _cfg("cranfield", tiny_model, outputs, ["mining.num_negatives=3"])
     dirs, upstream, _ = pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
     data_dir, _ = pipeline.prepare(cfg)
-    shard = mine_stage.candidate_shards(dirs[0])[1]
+    shard = candidate_shards(dirs[0])[1]
     good = Path(shard).read_bytes()
     Path(shard).write_bytes(good[: len(good) // 2])
     out = outputs / "faulty"
@@ -116,3 +118,19 @@ def test_a_mine_stage_that_fails_midway_leaves_no_manifest_and_a_rerun_finishes(
     assert manifest["rows"] == clean["rows"] and manifest["stats"] == clean["stats"]
     assert (storage.read_parquet(str(out / "mine" / "mined.parquet")).to_pylist()
             == storage.read_parquet(str(outputs / "clean" / "mine" / "mined.parquet")).to_pylist())
+
+
+def test_evaluation_summed_over_candidate_shards_equals_one_pass_over_the_whole_run(
+        ray_local: None, tiny_model: str, outputs: Path) -> None:
+    """SciFact test, 300 queries in shards of 40: the stage's Ray tasks each score one shard
+    against its own queries' qrels; the sums give the one-process means (which
+    tests/test_metrics.py holds to pytrec_eval)."""
+    cfg = _cfg("scifact", tiny_model, outputs, [])
+    got = pipeline.evaluate(cfg)["metrics"]
+    cand_dir, _ = pipeline.search(cfg, cfg.teacher, cfg.evaluate.split, cfg.evaluate.top_k)
+    assert len(candidate_shards(cand_dir)) > 5
+    data_dir, _ = pipeline.prepare(cfg)
+    want = metrics.evaluate(qrels_dict(data_dir, cfg.evaluate.split),
+                            run_from_candidates(f"{cand_dir}/candidates.parquet"),
+                            cfg.evaluate.k_values, cfg.evaluate.ignore_identical_ids)
+    assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-12, abs=1e-15)

@@ -1,7 +1,9 @@
 """Evaluation: embed + sharded search with the model under test, then BEIR metrics.
 
 Reads the data stage's queries/qrels and the embed stage's vectors (or makes them); writes
-`<out>/evaluate/<model-hash>/metrics.json` with the metrics, split and config.
+`<out>/evaluate/<model-hash>/metrics.json` with the metrics, split and config. Each candidate
+shard is scored by a Ray task holding only its own queries' run and qrels; the driver adds the
+shards' sums (`metrics.totals`), so a million queries are never held in one process.
 """
 
 from __future__ import annotations
@@ -9,8 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from posmine import data, metrics, storage
 from posmine.config import EvaluateConfig, config_hash, to_dict
+from posmine.index import candidate_shards
 
 
 def run_from_candidates(cand_url: str) -> dict[str, dict[str, float]]:
@@ -22,12 +28,40 @@ def run_from_candidates(cand_url: str) -> dict[str, dict[str, float]]:
 
 
 def qrels_dict(data_dir: str, split: str) -> dict[str, dict[str, int]]:
-    table = data.read_prepared_qrels(data_dir, split)
+    return qrels_of(data.read_prepared_qrels(data_dir, split))
+
+
+def qrels_of(table: pa.Table) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for q, d, s in zip(*(table.column(c).to_pylist() for c in ("query_id", "doc_id", "score")),
                        strict=True):
         out.setdefault(q, {})[d] = s
     return out
+
+
+def shard_totals(cfg: EvaluateConfig, data_dir: str, shard_url: str) -> tuple[dict[str, float], int]:
+    """`metrics.totals` of one candidate shard, against the qrels of its queries only."""
+    run = run_from_candidates(shard_url)
+    qrels = data.read_prepared_qrels(data_dir, cfg.split)
+    qrels = qrels.filter(pc.is_in(qrels.column("query_id"), value_set=pa.array(list(run), pa.string())))
+    return metrics.totals(qrels_of(qrels), run, cfg.k_values, cfg.ignore_identical_ids)
+
+
+def _sum_shards(cfg: EvaluateConfig, data_dir: str, cand_dir: str) -> tuple[dict[str, float], int]:
+    """The shards' sums, added in shard order (Ray tasks when Ray is up)."""
+    import ray
+
+    shards = candidate_shards(cand_dir)
+    if ray.is_initialized():
+        task: Any = ray.remote(num_cpus=1)(shard_totals)
+        parts = ray.get([task.remote(cfg, data_dir, u) for u in shards])
+    else:
+        parts = [shard_totals(cfg, data_dir, u) for u in shards]
+    sums: dict[str, float] = {}
+    for part, _ in parts:
+        for name, v in part.items():
+            sums[name] = sums.get(name, 0.0) + v
+    return sums, sum(n for _, n in parts)
 
 
 def score(cfg: EvaluateConfig, data_dir: str, cand_dir: str, out_dir: str,
@@ -39,13 +73,14 @@ def score(cfg: EvaluateConfig, data_dir: str, cand_dir: str, out_dir: str,
 
     def work() -> storage.Done:
         started = time.time()
-        qrels = qrels_dict(data_dir, cfg.split)
-        result = metrics.evaluate(qrels, run_from_candidates(storage.join(cand_dir, "candidates.parquet")),
-                                  cfg.k_values, cfg.ignore_identical_ids)
+        qrels = data.read_prepared_qrels(data_dir, cfg.split)  # Arrow: no dict per query here
+        sums, n = _sum_shards(cfg, data_dir, cand_dir)
+        result = {name: v / n for name, v in sorted(sums.items())} if n else {}
         storage.write_json(storage.join(target, "metrics.json"), {
             "model": model, "split": cfg.split, "metrics": result, "evaluate": to_dict(cfg),
             "seconds": round(time.time() - started, 3)})
-        return storage.Done({"queries": len(qrels)}, extra={"model": model, "split": cfg.split},
+        queries = pc.count_distinct(qrels.column("query_id")).as_py()
+        return storage.Done({"queries": queries}, extra={"model": model, "split": cfg.split},
                             outputs=["metrics.json"])
 
     storage.run_stage(target, "evaluate", key, work)

@@ -26,6 +26,8 @@ from posmine.data import parquet_rows
 from posmine.merge import merge_topk
 
 log = logging.getLogger(__name__)
+MAX_BLOCK_CANDIDATES = 1 << 21  # candidates per query shard: ~40 MB in the driver, ~0.3 GB as
+# Python lists in the mining worker that reads it
 
 
 def build_index(vectors: np.ndarray, cfg: IndexConfig) -> Any:
@@ -170,17 +172,29 @@ class ShardedSearch:
         shard_cls: Any = ray.remote(num_cpus=cpus)(IndexShard)
         self.actors: list[Any] = [shard_cls.remote(p, cfg, threads) for p in plans]
 
-    def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        """(nq, dim) -> scores (nq, k) float32 and each query's doc ids (fewer at the end of
-        a small corpus)."""
+    def topk_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, dim) -> scores (nq, k) float32 and global rows (nq, k), -1 past the end of a
+        small corpus."""
         import ray
 
         k = min(k, len(self.ids))
         block = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
         scores, rows = merge_topk(ray.get([a.search.remote(block, k) for a in self.actors]), k)
-        flat = self.ids.take(pa.array(np.where(rows < 0, 0, rows).ravel())).to_numpy(
-            zero_copy_only=False).reshape(rows.shape)
-        return scores.astype(np.float32), [list(r[m]) for r, m in zip(flat, rows >= 0, strict=True)]
+        return scores.astype(np.float32), rows
+
+    def lists(self, scores: np.ndarray, rows: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
+        """Each query's doc ids and scores as Arrow lists, built from the rows without a Python
+        string per candidate: (nq, k), (nq, k) -> list<string>, list<float32>."""
+        valid = rows >= 0  # (nq, k)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int32))
+        ids = self.ids.take(pa.array(rows[valid]))
+        return (pa.ListArray.from_arrays(offsets, ids),
+                pa.ListArray.from_arrays(offsets, pa.array(scores[valid], pa.float32())))
+
+    def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
+        """`topk_rows` with each query's doc ids as a Python list."""
+        scores, rows = self.topk_rows(queries, k)
+        return scores, self.lists(scores, rows)[0].to_pylist()
 
     def score_pairs(self, queries: np.ndarray, doc_ids: list[str]) -> np.ndarray:
         """`pair_scores` of (queries[i], doc_ids[i]): (n, dim), n -> (n,), from the shard that
@@ -218,17 +232,15 @@ def sharded_search(corpus_dir: str, queries: np.ndarray, k: int,
     return scores, [d for p in parts for d in p[1]]
 
 
-def candidates_table(query_ids: list[str], scores: np.ndarray, doc_ids: list[list[str]],
+def candidates_table(query_ids: pa.Array, doc_ids: pa.ListArray, scores: pa.ListArray,
                      listed: tuple[list[list[str]], list[np.ndarray], list[list[str]],
                                    list[np.ndarray]] | None = None) -> pa.Table:
     """One row per query (schema `schemas.CANDIDATES`); `listed`: each query's positives, their
     scores, its file negatives and theirs (empty lists without)."""
-    empty: list[list[Any]] = [[] for _ in query_ids]
+    empty: list[list[Any]] = [[] for _ in range(len(query_ids))]
     pos, pos_s, neg, neg_s = listed or (empty, empty, empty, empty)
     return pa.table({
-        "query_id": query_ids,
-        "doc_ids": doc_ids,
-        "scores": [s[:len(d)].tolist() for s, d in zip(scores, doc_ids, strict=True)],
+        "query_id": query_ids, "doc_ids": doc_ids, "scores": scores,
         "positive_ids": pos, "positive_scores": [list(map(float, s)) for s in pos_s],
         "file_negative_ids": neg, "file_negative_scores": [list(map(float, s)) for s in neg_s],
     }, schema=schemas.CANDIDATES)
@@ -274,9 +286,10 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
     """Write candidates for `query_ids` (skipped when current). Returns (folder, manifest).
 
     `candidates.parquet` is a folder of query shards (`part-NNNNN.parquet`, `index.query_batch_size`
-    queries each, in the query embeddings' order), written block by block: the driver holds one
-    block, whatever the number of queries. With `listed`, each row also carries its positives'
-    and file negatives' exact teacher scores (the mine stage's anchors).
+    queries each, fewer when `k` is deep, in the query embeddings' order), written block by
+    block: the driver holds one block, whatever the number of queries. With `listed`, each row
+    also carries its positives' and file negatives' exact teacher scores (the mine stage's
+    anchors).
     """
     from posmine.embed import embedding_dim
 
@@ -293,15 +306,17 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
         storage.remove(out)  # parts of an interrupted run are redone, not mixed in
         dim = embedding_dim(storage.join(corpus_dir, first))
         wanted = pc.unique(query_ids)
+        # deep lists make small shards: a block's candidates fit in memory however deep
+        block = max(1, min(cfg.query_batch_size, MAX_BLOCK_CANDIDATES // max(1, k)))
         search, done = ShardedSearch(corpus_dir, cfg), 0
         try:
             with tqdm(total=len(wanted), desc="search", unit="query",
                       disable=len(wanted) <= cfg.query_batch_size) as bar:
                 for part, (ids, qmat) in enumerate(query_blocks(
-                        storage.join(embed_dir, "queries"), wanted, cfg.query_batch_size, dim)):
-                    scores, doc_ids = search.topk(qmat, k)
+                        storage.join(embed_dir, "queries"), wanted, block, dim)):
+                    doc_ids, scores = search.lists(*search.topk_rows(qmat, k))
                     extra = _score_listed(search, listed, ids, qmat) if listed else None
-                    storage.write_parquet(candidates_table(ids.to_pylist(), scores, doc_ids, extra),
+                    storage.write_parquet(candidates_table(ids, doc_ids, scores, extra),
                                           storage.join(out, f"part-{part:05d}.parquet"))
                     done += len(ids)
                     bar.update(len(ids))
@@ -314,6 +329,12 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
                             outputs=["candidates.parquet"])
 
     return target, storage.run_stage(target, "search", key, work)
+
+
+def candidate_shards(cand_dir: str) -> list[str]:
+    """The URLs of a search stage's candidate shards, in order."""
+    folder = storage.join(cand_dir, "candidates.parquet")
+    return [storage.join(folder, n) for n in sorted(storage.listdir(folder)) if n.endswith(".parquet")]
 
 
 def _score_listed(search: ShardedSearch, listed: Listed, ids: pa.Array, qmat: np.ndarray

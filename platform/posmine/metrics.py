@@ -37,14 +37,12 @@ def _query_metrics(ranking: list[str], rels: Mapping[str, int], ks: Iterable[int
     return out
 
 
-def evaluate(qrels: Qrels, run: Run, ks: Iterable[int] = (1, 10, 100),
-             ignore_identical_ids: bool = True) -> dict[str, float]:
-    """Mean nDCG@k, Recall@k, MAP@k and MRR@k over the queries in both `qrels` and `run`.
-
-    `ignore_identical_ids` drops a hit whose doc id equals its query id (BEIR's default).
-    """
+def totals(qrels: Qrels, run: Run, ks: Iterable[int] = (1, 10, 100),
+           ignore_identical_ids: bool = True) -> tuple[dict[str, float], int]:
+    """The sums of every metric over the queries in both `qrels` and `run`, and their number:
+    shards of a run are scored apart and added (`evaluate` is their mean)."""
     ks = sorted(set(ks))
-    totals: dict[str, float] = {}
+    sums: dict[str, float] = {}
     n = 0
     for q, docs in run.items():
         if q not in qrels:
@@ -52,6 +50,16 @@ def evaluate(qrels: Qrels, run: Run, ks: Iterable[int] = (1, 10, 100),
         if ignore_identical_ids:
             docs = {d: s for d, s in docs.items() if d != q}
         for name, v in _query_metrics(ranked(docs), qrels[q], ks).items():
-            totals[name] = totals.get(name, 0.0) + v
+            sums[name] = sums.get(name, 0.0) + v
         n += 1
-    return {name: v / n for name, v in sorted(totals.items())} if n else {}
+    return sums, n
+
+
+def evaluate(qrels: Qrels, run: Run, ks: Iterable[int] = (1, 10, 100),
+             ignore_identical_ids: bool = True) -> dict[str, float]:
+    """Mean nDCG@k, Recall@k, MAP@k and MRR@k over the queries in both `qrels` and `run`.
+
+    `ignore_identical_ids` drops a hit whose doc id equals its query id (BEIR's default).
+    """
+    sums, n = totals(qrels, run, ks, ignore_identical_ids)
+    return {name: v / n for name, v in sorted(sums.items())} if n else {}

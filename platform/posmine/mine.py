@@ -28,7 +28,7 @@ from tqdm import tqdm
 from posmine import data, mining, schemas, storage
 from posmine.config import MiningConfig, config_hash, to_dict
 from posmine.embed import embedding_matrix, read_embeddings
-from posmine.index import pair_scores
+from posmine.index import candidate_shards, pair_scores
 from posmine.rescore import CrossEncoderScorer, rescore
 from posmine.textstore import TextStore
 
@@ -73,12 +73,6 @@ def run(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str], out_dir: str
     return storage.run_stage(target, "mine", config_hash(cfg, upstream, split), work)
 
 
-def candidate_shards(cand_dir: str) -> list[str]:
-    """The URLs of a search stage's candidate shards, in order."""
-    folder = storage.join(cand_dir, "candidates.parquet")
-    return [storage.join(folder, n) for n in sorted(storage.listdir(folder)) if n.endswith(".parquet")]
-
-
 def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
                 out: str) -> tuple[dict[str, Any], int]:
     """Map `MineShard` over every candidate shard on Ray Data; returns the summed stats and the
@@ -89,16 +83,22 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
     shards = [{"round": j, "url": u} for j, d in enumerate(cand_dirs) for u in candidate_shards(d)]
     # A query searched again deeper keeps only its deepest list: round j skips the queries of
     # the rounds after it (few: only those whose windows the shallower list could not fill).
-    later = [ray.put(_query_ids(cand_dirs[j + 1:])) for j in range(len(cand_dirs))]
+    later = [_query_ids(cand_dirs[j + 1:]) for j in range(len(cand_dirs))]
+    stats, examples = mining.MiningStats(), 0
+    if len(shards) <= 1:  # one shard (or none): no pool to start, the texts read here
+        result = MineShard(cfg, out, TextStore(data_dir, cfg.dedup_text, in_process=True), later)(
+            pa.table({"round": [s["round"] for s in shards], "url": [s["url"] for s in shards]},
+                     schema=pa.schema([("round", pa.int64()), ("url", pa.string())])))
+        for st in result.column("stats").to_pylist():
+            stats.add(json.loads(st))
+        return stats.to_dict(), sum(result.column("examples").to_pylist())
     store = TextStore(data_dir, cfg.dedup_text)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     DataContext.get_current().execution_options.preserve_order = True
     ds = ray.data.from_items(shards).map_batches(
-        MineShard, fn_constructor_kwargs={"cfg": cfg, "out": out, "store": store.handles,
-                                          "later": later},
+        MineShard, fn_constructor_kwargs={"cfg": cfg, "out": out, "store": store, "later": later},
         batch_size=1, batch_format="pyarrow", num_cpus=1,
         compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(len(shards), cpus))))
-    stats, examples = mining.MiningStats(), 0
     try:
         with tqdm(total=len(shards), desc="mine", unit="shard") as bar:
             for row in ds.iter_rows():
@@ -118,14 +118,12 @@ def _query_ids(cand_dirs: Sequence[str]) -> pa.Array:
 
 
 class MineShard:
-    """Ray Data actor: mines one candidate shard per call and writes its mined shard."""
+    """Ray Data actor: mines one candidate shard per call and writes its mined shard.
 
-    def __init__(self, cfg: MiningConfig, out: str, store: list[Any], later: list[Any]) -> None:
-        import ray
+    `later[j]`: the query ids that rounds after search round j searched deeper (skipped)."""
 
-        self.cfg, self.out = cfg, out
-        self.store = TextStore.attach(store)
-        self.later = [ray.get(r) for r in later]
+    def __init__(self, cfg: MiningConfig, out: str, store: TextStore, later: list[pa.Array]) -> None:
+        self.cfg, self.out, self.store, self.later = cfg, out, store, later
         self.scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:

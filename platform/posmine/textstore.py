@@ -71,7 +71,14 @@ def _parts(url: str) -> list[str]:
 class TextStore:
     """The client: routes each id to its shard and puts the answers back in request order."""
 
-    def __init__(self, data_dir: str, dedup: str, num_shards: int | None = None) -> None:
+    def __init__(self, data_dir: str, dedup: str, num_shards: int | None = None,
+                 in_process: bool = False) -> None:
+        """Start the shard actors (one per `DOCS_PER_SHARD` passages unless `num_shards`), or with
+        `in_process` hold every text in this process (small data: no actor to start)."""
+        self.local = TextShard(data_dir, 0, 1, dedup) if in_process else None
+        self.handles: list[Any] = []
+        if in_process:
+            return
         import ray
 
         docs = sum(data.parquet_rows(p) for p in _parts(storage.join(data_dir, "corpus")))
@@ -80,18 +87,18 @@ class TextStore:
         cls: Any = ray.remote(num_cpus=0)(TextShard)
         self.handles = [cls.remote(data_dir, i, n, dedup) for i in range(n)]
         ray.get([h.ready.remote() for h in self.handles])  # a load error surfaces here, named
-        self.owned = True
 
-    @classmethod
-    def attach(cls, handles: list[Any]) -> TextStore:
-        """A client of running shards (in a mining worker)."""
-        store = cls.__new__(cls)
-        store.handles, store.owned = handles, False
-        return store
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a copy sent to a mining worker is a client of the same actors (never of a local copy)
+        if self.local is not None:
+            raise TypeError("an in-process TextStore cannot be sent to another process")
+        return (_client, (self.handles,))
 
     def _lookup(self, side: str, what: str, ids: Sequence[str]) -> list[Any]:
         import ray
 
+        if self.local is not None:
+            return self.local.lookup(side, what, ids)
         n = len(self.handles)
         where = bucket(ids, n)  # (len(ids),)
         arr = np.asarray(ids, dtype=object)
@@ -115,8 +122,14 @@ class TextStore:
         return np.asarray(self._lookup(side, "hash", ids), dtype=np.int64)
 
     def close(self) -> None:
+        """Stop the actors (from the process that started them)."""
         import ray
 
-        if self.owned:
-            for h in self.handles:
-                ray.kill(h)
+        for h in self.handles:
+            ray.kill(h)
+
+
+def _client(handles: list[Any]) -> TextStore:
+    store = TextStore.__new__(TextStore)
+    store.local, store.handles = None, handles
+    return store
