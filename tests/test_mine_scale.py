@@ -38,6 +38,9 @@ def _cfg(dataset: str, model: str, out: Path, extra: list[str]) -> Config:
     return load_config(None, [f"data.path={default_beir_dir(dataset)}", f"teacher.model={model}",
                               "teacher.max_length=32", "teacher.cpus_per_actor=0.5",
                               "teacher.torch_threads=1", "index.query_batch_size=40",
+                              # a random teacher ranks positives anywhere: bound the deeper
+                              # searches, or the reference normalises the whole corpus per query
+                              "mining.max_depth=256",
                               f"output.dir={out / dataset}", *extra])
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -178,21 +179,20 @@ def iter_records(url: str, kind: str, warnings: Warnings,
     """Validated corpus (`kind="corpus"`) or queries records of `url`, in Arrow chunks.
 
     Raises DataError on malformed JSON, missing `_id`/`text`, duplicate ids, bad bytes
-    and empty files. Empty texts are warned about and counted, and kept.
+    and empty files. Empty texts are warned about and counted, and kept. Ids are checked for
+    repeats in Arrow once the file is read (a duplicate raises after the last chunk): no
+    Python set of every id.
     """
     schema = schemas.CORPUS if kind == "corpus" else schemas.QUERIES
     is_parquet = url.endswith(".parquet")
     rows = (_iter_parquet_rows(url, schema.names) if is_parquet else _iter_jsonl(url))
-    seen: set[str] = set()
+    ids: list[pa.ChunkedArray] = []
     buf: dict[str, list[str]] = {n: [] for n in schema.names}
     for lineno, obj in rows:
         where = f"{url}:{'row ' if is_parquet else ''}{lineno}"
         doc_id = _field_str(obj, "_id", where, required=True)
         if not doc_id.strip():
             raise DataError(f"{where}: empty '_id'")
-        if doc_id in seen:
-            raise DataError(f"{where}: duplicate id {doc_id!r}")
-        seen.add(doc_id)
         text = _field_str(obj, "text", f"{where} (id {doc_id!r})", required=True)
         title = _field_str(obj, "title", where, required=False) if kind == "corpus" else ""
         if not text.strip() and not title.strip():
@@ -202,46 +202,107 @@ def iter_records(url: str, kind: str, warnings: Warnings,
         if kind == "corpus":
             buf["title"].append(title)
         if len(buf["id"]) >= chunk_rows:
-            yield pa.table(buf, schema=schema)
+            chunk = pa.table(buf, schema=schema)
+            ids.append(chunk.column("id"))
+            yield chunk
             buf = {n: [] for n in schema.names}
     if buf["id"]:
-        yield pa.table(buf, schema=schema)
+        chunk = pa.table(buf, schema=schema)
+        ids.append(chunk.column("id"))
+        yield chunk
+    _check_unique(pa.chunked_array([c for a in ids for c in a.chunks], pa.string()), url, schema)
 
 
-def read_qrels(url: str, query_ids: set[str], doc_ids: set[str], warnings: Warnings) -> pa.Table:
-    """A validated qrels table; DataError on a bad header, row, score, or unknown id."""
+def _check_unique(ids: pa.ChunkedArray, url: str, schema: pa.Schema) -> None:
+    """DataError naming the line of the first repeated id; only that case reads the file again."""
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return
+    counts = pa.table({"id": ids}).group_by("id").aggregate([("id", "count")])
+    repeated = set(counts.filter(pc.greater(counts.column("id_count"), 1)).column("id").to_pylist())
+    is_parquet = url.endswith(".parquet")
+    seen: set[str] = set()
+    for lineno, obj in (_iter_parquet_rows(url, schema.names) if is_parquet else _iter_jsonl(url)):
+        doc_id = str(obj.get("_id"))
+        if doc_id in repeated:
+            if doc_id in seen:
+                raise DataError(f"{url}:{'row ' if is_parquet else ''}{lineno}: duplicate id {doc_id!r}")
+            seen.add(doc_id)
+
+
+def read_qrels(url: str, query_ids: pa.Array, doc_ids: pa.Array, warnings: Warnings) -> pa.Table:
+    """A validated qrels table; DataError on a bad header, row, score, or unknown id.
+
+    Rows are parsed line by line (a bad line is named) into Arrow chunks; unknown ids and
+    repeated pairs are found in Arrow over the whole file, not with Python sets."""
     if url.endswith(".parquet"):
         table = schemas.check(storage.read_parquet(url), schemas.QRELS, url)
-        rows = [(i + 2, r["query_id"], r["doc_id"], str(r["score"]))
-                for i, r in enumerate(table.to_pylist())]
+        rows: Iterator[tuple[int, str, str, str]] = (
+            (i + 2, r["query_id"], r["doc_id"], str(r["score"])) for i, r in enumerate(table.to_pylist()))
     else:
         rows = _read_qrels_tsv(url)
-    if not rows:
-        raise DataError(f"{url}: empty file (no qrels rows)")
-    out: dict[str, list[Any]] = {"query_id": [], "doc_id": [], "score": []}
-    seen: set[tuple[str, str]] = set()
+    chunks: list[pa.Table] = []
+    buf: dict[str, list[Any]] = {"query_id": [], "doc_id": [], "score": [], "line": []}
     for lineno, qid, did, score_text in rows:
-        where = f"{url}:{lineno}"
         try:
             score = int(score_text)
         except ValueError:
-            raise DataError(f"{where}: score {score_text!r} is not an integer") from None
-        if qid not in query_ids:
-            raise DataError(f"{where}: query id {qid!r} is not in the queries file")
-        if did not in doc_ids:
-            raise DataError(f"{where}: doc id {did!r} (query {qid!r}) is not in the corpus")
-        if (qid, did) in seen:
-            warnings.add("qrels_duplicate_pair", where)
-            continue
-        seen.add((qid, did))
-        out["query_id"].append(qid)
-        out["doc_id"].append(did)
-        out["score"].append(score)
-    return pa.table(out, schema=schemas.QRELS)
+            raise DataError(f"{url}:{lineno}: score {score_text!r} is not an integer") from None
+        for col, v in zip(buf, (qid, did, score, lineno), strict=True):
+            buf[col].append(v)
+        if len(buf["line"]) >= 65536:
+            chunks.append(_qrels_chunk(buf))
+            buf = {k: [] for k in buf}
+    if buf["line"]:
+        chunks.append(_qrels_chunk(buf))
+    if not chunks:
+        raise DataError(f"{url}: empty file (no qrels rows)")
+    table = pa.concat_tables(chunks).combine_chunks()
+    _check_known(table, url, query_ids, doc_ids)
+    return _drop_repeated_pairs(table, url, warnings).select(schemas.QRELS.names).cast(schemas.QRELS)
 
 
-def _read_qrels_tsv(url: str) -> list[tuple[int, str, str, str]]:
-    rows = []
+def _qrels_chunk(buf: dict[str, list[Any]]) -> pa.Table:
+    return pa.table({"query_id": pa.array(buf["query_id"], pa.string()),
+                     "doc_id": pa.array(buf["doc_id"], pa.string()),
+                     "score": pa.array(buf["score"], pa.int64()),
+                     "line": pa.array(buf["line"], pa.int64())})
+
+
+def _first(mask: pa.Array) -> int | None:
+    i = pc.index(mask, True).as_py()
+    return None if i < 0 else int(i)
+
+
+def _check_known(table: pa.Table, url: str, query_ids: pa.Array, doc_ids: pa.Array) -> None:
+    """DataError at the first row (in file order) whose query or document is unknown."""
+    bad_q = pc.invert(pc.is_in(table.column("query_id"), value_set=query_ids))
+    bad_d = pc.invert(pc.is_in(table.column("doc_id"), value_set=doc_ids))
+    found = [i for i in (_first(bad_q.combine_chunks()), _first(bad_d.combine_chunks())) if i is not None]
+    if not found:
+        return
+    i = min(found)
+    qid, did = table.column("query_id")[i].as_py(), table.column("doc_id")[i].as_py()
+    where = f"{url}:{table.column('line')[i].as_py()}"
+    if bad_q[i].as_py():
+        raise DataError(f"{where}: query id {qid!r} is not in the queries file")
+    raise DataError(f"{where}: doc id {did!r} (query {qid!r}) is not in the corpus")
+
+
+def _drop_repeated_pairs(table: pa.Table, url: str, warnings: Warnings) -> pa.Table:
+    """The first row of each (query, document) pair, in file order; each later one warned."""
+    keys = pa.table({"q": table.column("query_id"), "d": table.column("doc_id"),
+                     "i": pa.array(np.arange(table.num_rows))})
+    first = keys.group_by(["q", "d"], use_threads=False).aggregate([("i", "min")]).column("i_min")
+    if len(first) == table.num_rows:
+        return table
+    keep = np.sort(first.to_numpy())
+    repeated = np.setdiff1d(np.arange(table.num_rows), keep)
+    for line in table.column("line").take(pa.array(repeated)).to_pylist():
+        warnings.add("qrels_duplicate_pair", f"{url}:{line}")
+    return table.take(pa.array(keep))
+
+
+def _read_qrels_tsv(url: str) -> Iterator[tuple[int, str, str, str]]:
     for lineno, raw in _raw_lines(url):
         try:
             line = raw.decode("utf-8").rstrip("\r\n")
@@ -258,8 +319,7 @@ def _read_qrels_tsv(url: str) -> list[tuple[int, str, str, str]]:
         if len(parts) != 3:
             raise DataError(f"{url}:{lineno}: expected 3 tab-separated fields "
                             f"(query-id, corpus-id, score), got {len(parts)}")
-        rows.append((lineno, parts[0].strip(), parts[1].strip(), parts[2].strip()))
-    return rows
+        yield lineno, parts[0].strip(), parts[1].strip(), parts[2].strip()
 
 
 # ---------------------------------------------------------------- whole datasets
@@ -271,7 +331,7 @@ class Dataset:
 
     root: str
     corpus_url: str
-    corpus_ids: set[str]
+    corpus_ids: pa.Array
     queries: pa.Table
     qrels: dict[str, pa.Table]
     warnings: Warnings
@@ -285,7 +345,7 @@ class Dataset:
             "corpus": len(self.corpus_ids),
             "queries": self.queries.num_rows,
             "qrels": {s: t.num_rows for s, t in sorted(self.qrels.items())},
-            "qrels_queries": {s: len(set(t.column("query_id").to_pylist()))
+            "qrels_queries": {s: pc.count_distinct(t.column("query_id")).as_py()
                               for s, t in sorted(self.qrels.items())},
             "warnings": dict(self.warnings.counts),
         }
@@ -306,13 +366,14 @@ def load(path: str, sink: Callable[[int, pa.Table], None] | None = None,
         raise DataError(f"{storage.redact(root)}: dataset folder not found")
     warnings = Warnings()
     corpus_url = _find(root, "corpus")
-    corpus_ids: set[str] = set()
+    ids: list[pa.Array] = []  # Arrow: ~15 bytes an id, not a Python string each
     for i, chunk in enumerate(iter_records(corpus_url, "corpus", warnings, rows_per_part)):
-        corpus_ids.update(chunk.column("id").to_pylist())
+        ids.extend(chunk.column("id").chunks)
         if sink is not None:
             sink(i, chunk)
+    corpus_ids = pa.chunked_array(ids, pa.string()).combine_chunks()
     queries = pa.concat_tables(list(iter_records(_find(root, "queries"), "queries", warnings)))
-    query_ids = set(queries.column("id").to_pylist())
+    query_ids = queries.column("id").combine_chunks()
     splits = qrels_splits(root)
     if not splits:
         raise DataError(f"{root}/qrels: no qrels files (expected train.tsv, dev.tsv or test.tsv)")
@@ -324,25 +385,30 @@ def load(path: str, sink: Callable[[int, pa.Table], None] | None = None,
 
 def split_dev(qrels: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
     """Split train qrels by query into (train, dev), seeded; all rows of a query stay together."""
-    n = len(set(qrels.column("query_id").to_pylist()))
+    n = pc.count_distinct(qrels.column("query_id")).as_py()
     return split_queries(qrels, max(1, round(n * fraction)) if fraction > 0 else 0, seed)
+
+
+def _sample_queries(qrels: pa.Table, n: int, seed: int) -> pa.Array:
+    """`n` of the distinct query ids, drawn as `random.Random(seed).sample(sorted ids, n)` draws
+    them (the positions depend only on the count), without a Python list of every id."""
+    qids = pc.unique(qrels.column("query_id"))
+    qids = qids.take(pc.array_sort_indices(qids))
+    return qids.take(pa.array(random.Random(seed).sample(range(len(qids)), n), pa.int64()))
 
 
 def split_queries(qrels: pa.Table, n: int, seed: int) -> tuple[pa.Table, pa.Table]:
     """(rest, held out): `n` queries drawn seeded, with all their rows."""
-    qids = sorted(set(qrels.column("query_id").to_pylist()))
-    dev = set(random.Random(seed).sample(qids, n))
-    mask = pa.array([q in dev for q in qrels.column("query_id").to_pylist()])
+    mask = pc.is_in(qrels.column("query_id"), value_set=_sample_queries(qrels, n, seed))
     return qrels.filter(pc.invert(mask)), qrels.filter(mask)
 
 
 def subset_queries(qrels: pa.Table, max_queries: int | None, seed: int) -> pa.Table:
     """At most `max_queries` queries of `qrels` (seeded sample), all their rows kept."""
-    qids = sorted(set(qrels.column("query_id").to_pylist()))
-    if max_queries is None or len(qids) <= max_queries:
+    if max_queries is None or pc.count_distinct(qrels.column("query_id")).as_py() <= max_queries:
         return qrels
-    keep = set(random.Random(seed).sample(qids, max_queries))
-    return qrels.filter(pa.array([q in keep for q in qrels.column("query_id").to_pylist()]))
+    return qrels.filter(pc.is_in(qrels.column("query_id"),
+                                 value_set=_sample_queries(qrels, max_queries, seed)))
 
 
 def prepared_qrels(qrels: dict[str, pa.Table], cfg: DataConfig) -> dict[str, pa.Table]:

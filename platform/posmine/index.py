@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from posmine import schemas, storage
@@ -260,24 +261,43 @@ def ids_digest(ids: pa.Array) -> str:
 def query_blocks(queries_dir: str, wanted: pa.Array, size: int, dim: int
                  ) -> Iterator[tuple[pa.Array, np.ndarray]]:
     """The query vectors of `wanted`, in the embedding files' order, `size` at a time: (ids,
-    (n, dim) float32). One file and one block in memory, however many queries."""
-    from posmine.embed import check_vectors, embedding_matrix
-
+    (n, dim) float32). One block in memory, however many queries."""
     buf: list[pa.Table] = []
     have = 0
-    files = sorted(n for n in storage.listdir(queries_dir) if n.endswith(".parquet"))
-    for name in files:
-        table = storage.read_parquet(storage.join(queries_dir, name))
+    for table in _read_batches([storage.join(queries_dir, n) for n in storage.listdir(queries_dir)
+                                if n.endswith(".parquet")]):
         table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
         buf.append(table)
         have += table.num_rows
-        while have >= size or (name == files[-1] and have):
-            whole = pa.concat_tables(buf).combine_chunks()
-            block, rest = whole.slice(0, size), whole.slice(size)
-            mat = embedding_matrix(block)
-            check_vectors(block.column("id").to_pylist(), mat, storage.redact(queries_dir), dim)
-            yield block.column("id").combine_chunks(), mat
+        while have >= size:
+            block, rest = _split(pa.concat_tables(buf), size)
+            yield _block(block, queries_dir, dim)
             buf, have = [rest], rest.num_rows
+    if have:
+        yield _block(pa.concat_tables(buf), queries_dir, dim)
+
+
+def _read_batches(files: list[str], rows: int = 65536) -> Iterator[pa.Table]:
+    """The files' rows, `rows` at a time (a file of a million query vectors is never read
+    whole)."""
+    for url in files:
+        fs, path = storage.filesystem(url)
+        with fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
+                yield pa.Table.from_batches([batch])
+
+
+def _split(table: pa.Table, size: int) -> tuple[pa.Table, pa.Table]:
+    table = table.combine_chunks()
+    return table.slice(0, size), table.slice(size)
+
+
+def _block(block: pa.Table, where: str, dim: int) -> tuple[pa.Array, np.ndarray]:
+    from posmine.embed import check_vectors, embedding_matrix
+
+    mat = embedding_matrix(block)
+    check_vectors(block.column("id").to_pylist(), mat, storage.redact(where), dim)
+    return block.column("id").combine_chunks(), mat
 
 
 def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
