@@ -2,12 +2,15 @@
 
 Synthetic BEIR data (`--docs` short documents; queries with 1-3 positives each, the
 multi-positive case) and a tiny random 2-layer BERT (hidden 32, 16 tokens) as teacher and
-student. Each size runs in a fresh subprocess: data -> embed -> search -> mine -> train
+student. Each stage of each size runs in a fresh driver process: data -> embed -> search ->
+mine -> train
 (`train.max_steps`, default 3: training is bounded, the point is what it reads). A random
 teacher ranks the positives anywhere, so `mining.max_depth=128` bounds the deeper searches of
-the survivors windows (the default 4096 would make every list 4096 deep). After each
-stage the driver's peak RSS so far is read (`ru_maxrss`, this process only, not Ray's workers);
-the mine stage's candidates per second are its candidates over its wall time.
+the survivors windows (the default 4096 would make every list 4096 deep). Each stage's
+driver peak RSS is its process's `ru_maxrss` (this process only, not Ray's workers; the earlier
+stages are skipped by their manifests, so it is that stage's peak, imports and Ray start
+included); the mine stage's candidates per second are its candidates over its wall time (text
+store and actor pool start included).
 
     python benchmarks/scale.py --queries 10000 100000 1000000 --docs 100000 \
         --json benchmarks/results/scale.json
@@ -53,7 +56,12 @@ def make_dataset(nq: int, nd: int) -> Path:
     return root
 
 
-def child(data: str, model: str, out: str, steps: str) -> None:
+STAGES = ("data", "embed", "search", "mine", "train")
+
+
+def child(data: str, model: str, out: str, steps: str, stage: str) -> None:
+    """Run the pipeline up to `stage` (the earlier stages are done: skipped by their manifests)
+    and report this process's peak RSS: the driver's peak in that stage alone."""
     from posmine import pipeline
     from posmine.config import load_config
 
@@ -64,31 +72,26 @@ def child(data: str, model: str, out: str, steps: str) -> None:
         "mining.top_k=30", "mining.max_depth=128", f"train.model={model}", f"train.max_steps={steps}",
         "train.batch_size=32", f"output.dir={out}"])
     t0 = time.perf_counter()
-
-    def mark(stage: str, **extra: object) -> None:
-        nonlocal t0
-        now = time.perf_counter()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-        print("STAGE", json.dumps({"stage": stage, "seconds": round(now - t0, 1),
-                                   "driver_peak_rss_mib": peak, **extra}), flush=True)
-        t0 = now
-
-    pipeline.prepare(cfg)
-    mark("data")
-    pipeline.embed(cfg)
-    mark("embed")
-    pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
-    mark("search")
-    mined = pipeline.mine(cfg)
-    st = mined["stats"]
-    mark("mine", candidates=st["candidates"], examples=st["examples"])
-    pipeline.train(cfg)
-    mark("train")
+    extra: dict[str, object] = {}
+    if stage == "data":
+        pipeline.prepare(cfg)
+    elif stage == "embed":
+        pipeline.embed(cfg)
+    elif stage == "search":
+        pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
+    elif stage == "mine":
+        st = pipeline.mine(cfg)["stats"]
+        extra = {"candidates": st["candidates"], "examples": st["examples"]}
+    else:
+        pipeline.train(cfg)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    print("STAGE", json.dumps({"stage": stage, "seconds": round(time.perf_counter() - t0, 1),
+                               "driver_peak_rss_mib": peak, **extra}), flush=True)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:6])
+        child(*sys.argv[2:7])
         return
     p = argparse.ArgumentParser()
     p.add_argument("--queries", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -104,12 +107,14 @@ def main() -> None:
         out = ROOT / f"out-q{nq}-d{a.docs}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", str(data), str(model), str(out),
-                               str(a.steps)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr[-4000:])
-        stages = [json.loads(line.split("STAGE", 1)[1]) for line in proc.stdout.splitlines()
-                  if line.startswith("STAGE")]
+        stages = []
+        for stage in STAGES:  # each stage in a fresh driver process
+            proc = subprocess.run([sys.executable, __file__, "--child", str(data), str(model),
+                                   str(out), str(a.steps), stage], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr[-4000:])
+            stages += [json.loads(line.split("STAGE", 1)[1]) for line in proc.stdout.splitlines()
+                       if line.startswith("STAGE")]
         mine = next(s for s in stages if s["stage"] == "mine")
         runs.append({"queries": nq, "docs": a.docs, "stages": stages,
                      "driver_peak_rss_mib": max(s["driver_peak_rss_mib"] for s in stages),

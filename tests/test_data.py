@@ -179,6 +179,25 @@ def test_bad_input_names_file_and_line(case: str, tiny_beir: Path, tmp_path: Pat
     assert storage.read_manifest(str(tmp_path / "out" / "data")) is None  # nothing looks finished
 
 
+def test_repeated_qrels_pairs_are_dropped_and_warned_and_unknown_ids_named_in_file_order(
+        tiny_beir: Path) -> None:
+    """Checked in Arrow over the whole file: the first row of a pair is kept, each later one is
+    warned about by line; of an unknown query on line 5 and an unknown doc on line 4, line 4
+    is named."""
+    (tiny_beir / "qrels" / "train.tsv").write_bytes(
+        b"query-id\tcorpus-id\tscore\nq1\td1\t1\nq0\td0\t1\nq1\td1\t2\nq0\td2\t1\nq1\td1\t1\n")
+    ds = data.load(str(tiny_beir))
+    t = ds.qrels["train"]
+    assert list(zip(*(t.column(c).to_pylist() for c in ("query_id", "doc_id", "score")), strict=True)) == [
+        ("q1", "d1", 1), ("q0", "d0", 1), ("q0", "d2", 1)]
+    assert ds.warnings.counts["qrels_duplicate_pair"] == 2
+    assert ds.warnings.examples["qrels_duplicate_pair"].endswith("train.tsv:4")
+    (tiny_beir / "qrels" / "train.tsv").write_bytes(
+        b"query-id\tcorpus-id\tscore\nq1\td1\t1\nq0\td0\t1\nq1\tnope\t1\nq99\td0\t1\n")
+    with pytest.raises(data.DataError, match=r"train\.tsv:4: doc id 'nope' \(query 'q1'\)"):
+        data.load(str(tiny_beir))
+
+
 def test_bad_gzip_line_is_named(tiny_beir: Path) -> None:
     (tiny_beir / "corpus.jsonl").unlink()
     (tiny_beir / "corpus.jsonl.gz").write_bytes(gzip.compress(_lines([CORPUS[0], "{oops"])))

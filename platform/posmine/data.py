@@ -256,7 +256,7 @@ def read_qrels(url: str, query_ids: pa.Array, doc_ids: pa.Array, warnings: Warni
         chunks.append(_qrels_chunk(buf))
     if not chunks:
         raise DataError(f"{url}: empty file (no qrels rows)")
-    table = pa.concat_tables(chunks).combine_chunks()
+    table = pa.concat_tables(chunks)
     _check_known(table, url, query_ids, doc_ids)
     return _drop_repeated_pairs(table, url, warnings).select(schemas.QRELS.names).cast(schemas.QRELS)
 
@@ -290,12 +290,14 @@ def _check_known(table: pa.Table, url: str, query_ids: pa.Array, doc_ids: pa.Arr
 
 def _drop_repeated_pairs(table: pa.Table, url: str, warnings: Warnings) -> pa.Table:
     """The first row of each (query, document) pair, in file order; each later one warned."""
-    keys = pa.table({"q": table.column("query_id"), "d": table.column("doc_id"),
-                     "i": pa.array(np.arange(table.num_rows))})
-    first = keys.group_by(["q", "d"], use_threads=False).aggregate([("i", "min")]).column("i_min")
+    # each id as its code in a dictionary of the distinct ids, a pair as one int64: far less
+    # memory than hashing the pairs of strings (283 MB more for 2M pairs, measured)
+    q, d = (pc.dictionary_encode(table.column(c).combine_chunks()).indices.to_numpy().astype(np.int64)
+            for c in ("query_id", "doc_id"))
+    _, first = np.unique(q * (int(d.max(initial=0)) + 1) + d, return_index=True)
     if len(first) == table.num_rows:
         return table
-    keep = np.sort(first.to_numpy())
+    keep = np.sort(first)
     repeated = np.setdiff1d(np.arange(table.num_rows), keep)
     for line in table.column("line").take(pa.array(repeated)).to_pylist():
         warnings.add("qrels_duplicate_pair", f"{url}:{line}")
