@@ -71,6 +71,7 @@ def child(data: str, model: str, out: str, steps: str, stage: str) -> None:
         "teacher.torch_threads=1", "index.num_shards=2", "index.query_batch_size=8192",
         "mining.top_k=30", "mining.max_depth=128", f"train.model={model}", f"train.max_steps={steps}",
         "train.batch_size=32", f"output.dir={out}"])
+    sampler = MemorySampler()
     t0 = time.perf_counter()
     extra: dict[str, object] = {}
     if stage == "data":
@@ -84,9 +85,38 @@ def child(data: str, model: str, out: str, steps: str, stage: str) -> None:
         extra = {"candidates": st["candidates"], "examples": st["examples"]}
     else:
         pipeline.train(cfg)
+    seconds = round(time.perf_counter() - t0, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    print("STAGE", json.dumps({"stage": stage, "seconds": round(time.perf_counter() - t0, 1),
-                               "driver_peak_rss_mib": peak, **extra}), flush=True)
+    anon, shmem = sampler.stop()
+    print("STAGE", json.dumps({"stage": stage, "seconds": seconds, "driver_peak_rss_mib": peak,
+                               "driver_peak_private_mib": anon, "driver_peak_shared_mib": shmem,
+                               **extra}), flush=True)
+
+
+class MemorySampler:
+    """Peaks of the process's private (RssAnon) and shared-memory (RssShmem) resident pages,
+    sampled every 20 ms: RSS also counts the pages of Ray's object store that the driver has
+    read (`ray.get` maps them), which belong to the store, sized by Ray, not to the driver."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssShmem": 0}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.02):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in self.peak:
+                    self.peak[key] = max(self.peak[key], int(value.split()[0]))
+
+    def stop(self) -> tuple[int, int]:
+        self.done.set()
+        self.thread.join()
+        return self.peak["RssAnon"] // 1024, self.peak["RssShmem"] // 1024
 
 
 def main() -> None:
@@ -118,6 +148,7 @@ def main() -> None:
         mine = next(s for s in stages if s["stage"] == "mine")
         runs.append({"queries": nq, "docs": a.docs, "stages": stages,
                      "driver_peak_rss_mib": max(s["driver_peak_rss_mib"] for s in stages),
+                     "driver_peak_private_mib": max(s["driver_peak_private_mib"] for s in stages),
                      "mine_candidates_per_s": round(mine["candidates"] / mine["seconds"]),
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(runs[-1]), flush=True)
