@@ -311,6 +311,14 @@ def test_planned_batches_read_only_what_the_steps_use(tmp_path, positives: str) 
         used = {e["query_id"] for b in batches for e in b}
         assert rows_read == len(used)  # one mined row per query here
     assert planned_batches(url, cfg, 0, 2)[1] <= 8 < 40
-    # read_parquet_rows: any rows, in the order asked
-    for rows in ([5, 0, 39, 6], [], [38, 2]):
-        assert storage.read_parquet_rows(url, rows).equals(pa.table(cols).take(pa.array(rows, pa.int64())))
+    # read_parquet_rows: any rows, in the order asked, of one file or of a folder of shards
+    # (the mine stage's output: rows numbered across its files in name order)
+    folder = tmp_path / "shards.parquet"
+    for i, (a, b) in enumerate(((0, 7), (7, 22), (22, 40))):
+        storage.write_parquet(pa.table(cols).slice(a, b - a), str(folder / f"part-0-{i:05d}.parquet"),
+                              row_group_size=3)
+    for rows in ([5, 0, 39, 6], [], [38, 2], [21, 7, 6, 22]):
+        want = pa.table(cols).take(pa.array(rows, pa.int64()))
+        assert storage.read_parquet_rows(url, rows).equals(want)
+        assert storage.read_parquet_rows(str(folder), rows).equals(want)
+    assert planned_batches(str(folder), cfg, 0, 3) == planned_batches(url, cfg, 0, 3)

@@ -239,6 +239,11 @@ def _stall_hook(parts_written: int) -> None:
         time.sleep(600)
 
 
+# Vectors per Parquet row group: the search stage streams query vectors a group at a time, so
+# a part of a million queries is never decoded whole.
+ROW_GROUP = 65536
+
+
 def embeddings_table(ids: list[str], emb: np.ndarray) -> pa.Table:
     """(n,) ids + (n, dim) float32 -> Arrow table with a fixed-size list column."""
     dim = emb.shape[1]
@@ -360,7 +365,7 @@ def embed_local(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
     table = storage.read_parquet(src)
     out = embed_table(Encoder(cfg), table, _prefix(cfg, side))
     _check_table(out, f"{storage.redact(src)} embedded by {cfg.model}")
-    storage.write_parquet(out, storage.join(dst, "part-00000.parquet"))
+    storage.write_parquet(out, storage.join(dst, "part-00000.parquet"), row_group_size=ROW_GROUP)
     return table.num_rows
 
 
@@ -447,7 +452,7 @@ class PartCollector:
         if len(set(table.column("id").to_pylist())) != table.num_rows:
             raise RuntimeError(f"part {name}: duplicate ids in the embedded rows")
         _check_table(table, f"corpus part {name}")
-        storage.write_parquet(table, storage.join(self.dst, name))
+        storage.write_parquet(table, storage.join(self.dst, name), row_group_size=ROW_GROUP)
         self.written.add(name)
         _stall_hook(len(self.written))
 
