@@ -9,7 +9,7 @@ import pytest
 from posmine import storage
 from posmine.config import IndexConfig
 from posmine.embed import embeddings_table
-from posmine.index import build_index, sharded_search
+from posmine.index import IndexShard, build_index, pair_scores, plan_shards, sharded_search
 from posmine.merge import brute_force_topk, merge_topk
 
 
@@ -56,6 +56,24 @@ def test_index_kinds(kind: str) -> None:
         np.testing.assert_array_equal(got, want)
     else:  # approximate: most of the true top-5 found
         assert np.mean([len(set(g) & set(w)) / 5 for g, w in zip(got, want, strict=True)]) > 0.8
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_a_shard_scores_the_pairs_it_holds_exactly(kind: str, tmp_path: Path) -> None:
+    """`IndexShard.score_pairs` (the positives' teacher scores) reads each document's vector back
+    from the index, of every kind, and scores it as `pair_scores` does on the stored vectors;
+    documents of other shards are NaN."""
+    corpus, queries = _vectors(600, 16, 6), _vectors(40, 16, 7)
+    ids = [f"doc{i}" for i in range(len(corpus))]
+    storage.write_parquet(embeddings_table(ids, corpus), str(tmp_path / "corpus" / "part-0.parquet"))
+    plans, _ = plan_shards(str(tmp_path / "corpus"), 2)
+    shard = IndexShard(plans[1], IndexConfig(kind=kind, nlist=8, use_gpu="never"), threads=1)
+    rows = np.random.default_rng(8).integers(0, len(corpus), 40)
+    got = shard.score_pairs(queries, np.array([ids[r] for r in rows], dtype=object))
+    mine = rows >= plans[1].start
+    assert mine.any() and (~mine).any()
+    np.testing.assert_array_equal(got[mine], pair_scores(queries[mine], corpus[rows[mine]]))
+    assert np.isnan(got[~mine]).all()
 
 
 def test_sharded_ray_search_equals_single_index(ray_local: None, tmp_path: Path) -> None:

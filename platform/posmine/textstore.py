@@ -20,7 +20,7 @@ import numpy as np
 
 from posmine import data, mining, storage
 
-DOCS_PER_SHARD = 1_000_000  # texts per actor: ~0.3 GB of Python strings for 200-byte passages
+DOCS_PER_SHARD = 1_000_000  # texts per actor: ~0.5 GB (strings, keys, dicts) for 200-byte passages
 
 
 def bucket(ids: Sequence[str], n: int) -> np.ndarray:
