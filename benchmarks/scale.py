@@ -7,13 +7,20 @@ mine -> train
 (`train.max_steps`, default 3: training is bounded, the point is what it reads). A random
 teacher ranks the positives anywhere, so `mining.max_depth=128` bounds the deeper searches of
 the survivors windows (the default 4096 would make every list 4096 deep). Each stage's
-driver peak RSS is its process's `ru_maxrss` (this process only, not Ray's workers; the earlier
-stages are skipped by their manifests, so it is that stage's peak, imports and Ray start
-included); the mine stage's candidates per second are its candidates over its wall time (text
-store and actor pool start included).
+driver peak RSS is its process's `ru_maxrss` (this process only, not Ray's workers: the search
+stage's own process, a Ray task, reports its peak apart; the earlier stages are skipped by
+their manifests, so it is that stage's peak, imports and Ray start included); the mine
+stage's candidates per second are its candidates over its wall time (text store and actor
+pool start included).
 
     python benchmarks/scale.py --queries 10000 100000 1000000 --docs 100000 \
         --json benchmarks/results/scale.json
+    python benchmarks/scale.py --queries 10000 100000 --docs 1000000 --index ivf \
+        --json benchmarks/results/scale-ivf-1m.json
+
+With `--index ivf` (or hnsw) a `recall` step between search and mine measures the index's
+recall against exact search on 1,000 queries at the mine stage's search depth
+(not counted in the driver's peak: it is a measurement, not a stage).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import emit
 from driver_memory import WORDS, make_tiny_model
@@ -59,13 +67,13 @@ def make_dataset(nq: int, nd: int) -> Path:
 STAGES = ("data", "embed", "search", "mine", "train")
 
 
-def child(data: str, model: str, out: str, steps: str, stage: str) -> None:
+def child(data: str, model: str, out: str, steps: str, stage: str, kind: str) -> None:
     """Run the pipeline up to `stage` (the earlier stages are done: skipped by their manifests)
     and report this process's peak RSS: the driver's peak in that stage alone."""
     from posmine import pipeline
     from posmine.config import load_config
 
-    cfg = load_config(None, [
+    cfg = load_config(None, [f"index.kind={kind}",
         f"data.path={data}", "data.split=train", f"teacher.model={model}", "teacher.max_length=16",
         "teacher.batch_size=512", "teacher.num_actors=2", "teacher.cpus_per_actor=0.5",
         "teacher.torch_threads=1", "index.num_shards=2", "index.query_batch_size=8192",
@@ -79,7 +87,15 @@ def child(data: str, model: str, out: str, steps: str, stage: str) -> None:
     elif stage == "embed":
         pipeline.embed(cfg)
     elif stage == "search":
-        pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
+        from posmine import storage
+
+        dirs, _, rounds = pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
+        # the search itself runs in a Ray task (it holds the split's ids and positives)
+        extra = {"search_process_peak_rss_mib": max(
+            storage.read_manifest(d)["stats"]["search_process_peak_rss_mib"] for d in dirs),
+            **rounds}
+    elif stage == "recall":
+        extra = recall(cfg)
     elif stage == "mine":
         st = pipeline.mine(cfg)["stats"]
         extra = {"candidates": st["candidates"], "examples": st["examples"]}
@@ -91,6 +107,34 @@ def child(data: str, model: str, out: str, steps: str, stage: str) -> None:
     print("STAGE", json.dumps({"stage": stage, "seconds": seconds, "driver_peak_rss_mib": peak,
                                "driver_peak_private_mib": anon, "driver_peak_shared_mib": shmem,
                                **extra}), flush=True)
+
+
+def recall(cfg: Any, sample: int = 1000) -> dict[str, object]:
+    """The index's recall against exact (flat) search on the first `sample` queries, at the
+    search depth the mine stage uses: the share of the exact top-k that the index finds, and
+    each one's queries per second (index build apart)."""
+    import dataclasses
+
+    import numpy as np
+
+    from posmine import index, pipeline, storage
+    from posmine.embed import embedding_matrix
+
+    emb = pipeline.embed(cfg)["dir"]
+    data_dir, _ = pipeline.prepare(cfg)
+    k = pipeline.candidate_depth(data_dir, cfg.data.split, cfg.mining.top_k)
+    qmat = embedding_matrix(storage.read_parquet_rows(f"{emb}/queries", list(range(sample))))
+    rows, speed = {}, {}
+    for kind in ("flat", cfg.index.kind):
+        search = index.ShardedSearch(f"{emb}/corpus", dataclasses.replace(cfg.index, kind=kind))
+        search.topk_rows(qmat[:1], k)  # built
+        t0 = time.perf_counter()
+        rows[kind] = search.topk_rows(qmat, k)[1]  # (sample, k)
+        speed[kind] = round(sample / (time.perf_counter() - t0), 1)
+        search.close()
+    found = [len(set(a) & set(b)) / k for a, b in zip(rows["flat"], rows[cfg.index.kind], strict=True)]
+    return {"recall_at_depth": round(float(np.mean(found)), 4), "depth": k, "sample": sample,
+            "queries_per_s": speed}
 
 
 class MemorySampler:
@@ -121,11 +165,13 @@ class MemorySampler:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:7])
+        child(*sys.argv[2:8])
         return
     p = argparse.ArgumentParser()
     p.add_argument("--queries", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--docs", type=int, default=100_000)
+    p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"],
+                   help="the index kind; other than flat, its recall against flat is measured")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -134,21 +180,25 @@ def main() -> None:
     runs = []
     for nq in a.queries:
         data = make_dataset(nq, a.docs)
-        out = ROOT / f"out-q{nq}-d{a.docs}"
+        out = ROOT / f"out-q{nq}-d{a.docs}-{a.index}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         stages = []
-        for stage in STAGES:  # each stage in a fresh driver process
+        stages_here = [*STAGES[:3], "recall", *STAGES[3:]] if a.index != "flat" else STAGES
+        for stage in stages_here:  # each stage in a fresh driver process
             proc = subprocess.run([sys.executable, __file__, "--child", str(data), str(model),
-                                   str(out), str(a.steps), stage], capture_output=True, text=True)
+                                   str(out), str(a.steps), stage, a.index],
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-4000:])
             stages += [json.loads(line.split("STAGE", 1)[1]) for line in proc.stdout.splitlines()
                        if line.startswith("STAGE")]
         mine = next(s for s in stages if s["stage"] == "mine")
-        runs.append({"queries": nq, "docs": a.docs, "stages": stages,
-                     "driver_peak_rss_mib": max(s["driver_peak_rss_mib"] for s in stages),
-                     "driver_peak_private_mib": max(s["driver_peak_private_mib"] for s in stages),
+        runs.append({"queries": nq, "docs": a.docs, "index": a.index, "stages": stages,
+                     "driver_peak_rss_mib": max(s["driver_peak_rss_mib"] for s in stages
+                                                if s["stage"] in STAGES),
+                     "driver_peak_private_mib": max(s["driver_peak_private_mib"] for s in stages
+                                                    if s["stage"] in STAGES),
                      "mine_candidates_per_s": round(mine["candidates"] / mine["seconds"]),
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(runs[-1]), flush=True)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 import s3fs
@@ -30,8 +31,9 @@ def test_query_vectors_of_another_size(tmp_path: Path) -> None:
     emb = _write_embed_dir(tmp_path / "emb", rng.normal(size=(6, 32)).astype(np.float32),
                            rng.normal(size=(2, 16)).astype(np.float32))
     with pytest.raises(EmbeddingError, match=r"queries: vectors are 16-d, expected 32-d"):
-        index.run_search(IndexConfig(num_shards=1), emb, str(tmp_path / "out"), "test", ["q0"], 3,
-                         upstream="x")
+        index.run_search(IndexConfig(num_shards=1), emb, str(tmp_path / "out"), "test", 3,
+                         upstream="x", data_dir=str(tmp_path / "data"),
+                         query_ids=pa.array(["q0"]))
     assert not list((tmp_path / "out").rglob("_manifest.json"))
 
 

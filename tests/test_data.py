@@ -82,6 +82,26 @@ def test_prepare_resumes_by_manifest(tiny_beir: Path, tmp_path: Path) -> None:
     assert redone["rows"]["corpus"] == len(CORPUS)
 
 
+def test_queries_are_written_in_parts_and_the_most_positives_per_split_recorded(
+        tmp_path: Path) -> None:
+    """Cranfield (graded, 1-4; up to dozens of positives a query): the queries land in parts of
+    `rows_per_part`, together every query once, in file order; the manifest's most positives
+    per split equals a plain count over the prepared qrels."""
+    out = str(tmp_path / "out")
+    manifest = data.prepare(DataConfig(path=default_beir_dir("cranfield"), rows_per_part=100), out)
+    parts = storage.parquet_files(f"{out}/data/{data.QUERIES}")
+    assert len(parts) == 3  # 225 queries
+    whole = storage.read_parquet(f"{out}/data/{data.QUERIES}")
+    assert [storage.read_parquet(p).num_rows for p in parts] == [100, 100, 25]
+    assert whole.num_rows == manifest["rows"]["queries"] == len(set(whole.column("id").to_pylist()))
+    for split in ("train", "test", "dev"):
+        counts: dict[str, int] = {}
+        for row in data.read_prepared_qrels(f"{out}/data", split).to_pylist():
+            counts[row["query_id"]] = counts.get(row["query_id"], 0) + (row["score"] > 0)
+        assert manifest["stats"][data.MAX_POSITIVES][split] == max(counts.values()) > 7
+        assert data.split_max_positives(f"{out}/data", split) == max(counts.values())
+
+
 def test_another_dataset_leaves_no_qrels_of_the_first(tiny_beir: Path, tmp_path: Path) -> None:
     """Re-preparing into the same output with a dataset that has no test split: the first
     dataset's test qrels must not stay behind to be evaluated on."""

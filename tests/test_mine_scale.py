@@ -9,6 +9,7 @@ examples, bit for bit, and the same counts.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,15 +113,50 @@ def test_a_mine_stage_that_fails_midway_leaves_no_manifest_and_a_rerun_finishes(
     good = Path(shard).read_bytes()
     Path(shard).write_bytes(good[: len(good) // 2])
     out = outputs / "faulty"
-    with pytest.raises(Exception, match=r"part-00001\.parquet"):
+    with pytest.raises(Exception, match=r"part-00001\.parquet") as failed:
         mine_stage.run(cfg.mining, data_dir, dirs, str(out), "train", upstream)
     assert storage.read_manifest(str(out / "mine")) is None
+    # the error, still held here, does not hold the actor pool's CPUs (a search after it hung)
+    assert failed.value is not None and _all_cpus_free_within(60)
     Path(shard).write_bytes(good)
     manifest = mine_stage.run(cfg.mining, data_dir, dirs, str(out), "train", upstream)
     clean = mine_stage.run(cfg.mining, data_dir, dirs, str(outputs / "clean"), "train", upstream)
     assert manifest["rows"] == clean["rows"] and manifest["stats"] == clean["stats"]
     assert (storage.read_parquet(str(out / "mine" / "mined.parquet")).to_pylist()
             == storage.read_parquet(str(outputs / "clean" / "mine" / "mined.parquet")).to_pylist())
+
+
+def test_search_rounds_are_found_without_reading_a_candidate_and_a_lost_round_is_redone(
+        ray_local: None, tiny_model: str, outputs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cranfield with a random teacher needs deeper rounds. Once searched, the rounds are read
+    from their record: the queries to deepen are not listed again (that read a million queries'
+    candidates in the driver of every later stage); a round removed since is searched again."""
+    cfg = _cfg("cranfield", tiny_model, outputs, ["mining.num_negatives=3"])
+    first = pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
+    assert len(first[0]) > 1 and first[2]["search_rounds"][1][1] > 0
+
+    def never(*args: object) -> None:
+        raise AssertionError("the queries to deepen were listed again")
+
+    monkeypatch.setattr(mine_stage, "unfilled", never)
+    assert pipeline.candidates(cfg, cfg.teacher, [cfg.mining]) == first
+    with pytest.raises(AssertionError, match="listed again"):  # a lost round must be redone
+        storage.remove(first[0][-1])
+        pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
+    monkeypatch.undo()
+    assert pipeline.candidates(cfg, cfg.teacher, [cfg.mining]) == first
+    assert storage.read_manifest(first[0][-1]) is not None
+
+
+def _all_cpus_free_within(seconds: float) -> bool:
+    import ray
+
+    deadline = time.monotonic() + seconds
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def test_evaluation_summed_over_candidate_shards_equals_one_pass_over_the_whole_run(

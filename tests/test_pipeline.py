@@ -86,7 +86,8 @@ def test_cli_mine_and_evaluate_local(ray_local: None, tiny_beir: Path, tiny_mode
     assert doc["split"] == "test"
     # the stored metrics are pytrec_eval's on the candidates this evaluation ranked
     [test_cands] = [p.parent for p in Path(out, "candidates").rglob("_manifest.json")
-                    if storage.read_manifest(str(p.parent))["split"] == "test"]
+                    if storage.read_manifest(str(p.parent))["stage"] == "search"
+                    and storage.read_manifest(str(p.parent))["split"] == "test"]
     run = evaluate.run_from_candidates(str(test_cands / "candidates.parquet"))
     qrels = {q: {d: s} for q, d, s in QRELS["test"]}
     ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.10"}).evaluate(run)

@@ -147,7 +147,7 @@ def run(cfg: AuditConfig, grid: Sequence[tuple[str, MiningConfig]], data_dir: st
         cands = read_candidates(cand_dirs)
         need = {d for c in cands if c["query_id"] in split_pos for d in c["doc_ids"]}
         texts = data.read_texts(storage.join(data_dir, "corpus"), need | set().union(*positives.values()))
-        qtexts = data.read_texts(storage.join(data_dir, "queries.parquet"), set(split_pos))
+        qtexts = data.read_texts(storage.join(data_dir, data.QUERIES), set(split_pos))
         rows = audit_rows(grid, cands, split_pos, pos_score, texts, qtexts)
         summary = {"split": split, "hide_fraction": cfg.hide_fraction, "seed": cfg.seed,
                    "queries_audited": len(split_pos),

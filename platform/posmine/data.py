@@ -3,7 +3,9 @@
 Reads the BEIR layout from any fsspec URL (`corpus.jsonl[.gz]`, `queries.jsonl[.gz]`,
 `qrels/{train,dev,test}.tsv`, or `.parquet` equivalents with the columns of `schemas.py`),
 or `beir:<name>`, the public BEIR zip downloaded into a cache. Writes the `data` stage:
-`corpus/part-*.parquet`, `queries.parquet`, `qrels/<split>.parquet` and a manifest.
+`corpus/part-*.parquet`, `queries.parquet/part-*.parquet` (a folder of parts, so that no later
+stage holds every query at once), `qrels/<split>.parquet` and a manifest that records, per
+split, the most positives a query has (the search depth, read without reading the qrels).
 
 Every problem is reported as a `DataError` naming the file and the line (or row) and id.
 The corpus is streamed in chunks, so driver memory holds ids, not texts.
@@ -442,7 +444,7 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
     def work() -> storage.Done:
         from posmine import sources
 
-        for old in ("corpus", "qrels", NEGATIVES):  # an earlier dataset's files must not outlive it
+        for old in ("corpus", QUERIES, "qrels", NEGATIVES):  # an earlier dataset's files must not outlive it
             storage.remove(storage.join(target, old))
         fmt = sources.detect(cfg.path) if cfg.format == "auto" else cfg.format
         log.info("data: reading %s as %s", storage.redact(cfg.path), fmt)
@@ -451,7 +453,7 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
             storage.write_parquet(sort_by_length(chunk),
                                   storage.join(target, "corpus", f"part-{i:05d}.parquet"))
 
-        outputs = ["queries.parquet"]
+        outputs = [QUERIES]
         if fmt == "beir":
             ds = load(cfg.path, sink=write_chunk, rows_per_part=cfg.rows_per_part)
             queries, qrels, warnings = ds.queries, ds.qrels, ds.warnings
@@ -465,20 +467,41 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
             queries, qrels, warnings, source = t.queries, t.qrels, t.warnings, t.summary
             outputs.append(NEGATIVES)
             n_corpus = t.corpus.num_rows
-        storage.write_parquet(queries, storage.join(target, "queries.parquet"))
+        for i, start in enumerate(range(0, max(1, queries.num_rows), cfg.rows_per_part)):
+            storage.write_parquet(queries.slice(start, cfg.rows_per_part),
+                                  storage.join(target, QUERIES, f"part-{i:05d}.parquet"))
         prepared = prepared_qrels(qrels, cfg)
         for split, table in prepared.items():
             storage.write_parquet(table, storage.join(target, "qrels", f"{split}.parquet"))
         rows = {"corpus": n_corpus, "queries": queries.num_rows,
                 **{f"qrels_{s}": t.num_rows for s, t in prepared.items()}}
         return storage.Done(rows, stats={"warnings": warnings.counts, "source": source,
-                                         "dev_source": "file" if "dev" in qrels else "heldout"},
+                                         "dev_source": "file" if "dev" in qrels else "heldout",
+                                         MAX_POSITIVES: {s: max_positives(t)
+                                                         for s, t in prepared.items()}},
                             outputs=[*outputs, *(f"qrels/{s}.parquet" for s in prepared)])
 
     return storage.run_stage(target, "data", config_hash(cfg), work)
 
 
 NEGATIVES = "negatives.parquet"  # query_id, doc_ids: negatives the training file brought
+QUERIES = "queries.parquet"  # a folder of parts (one file in data stages written before)
+MAX_POSITIVES = "max_positives"  # manifest stats: split -> the most positives of one query
+
+
+def max_positives(qrels: pa.Table) -> int:
+    """The most positives (score > 0) any one query of `qrels` has; 0 when none has any."""
+    pos = qrels.filter(pc.greater(qrels.column("score"), 0)).column("query_id").combine_chunks()
+    codes = pc.dictionary_encode(pos).indices.to_numpy(zero_copy_only=False)
+    return int(np.bincount(codes).max()) if len(codes) else 0
+
+
+def split_max_positives(data_dir: str, split: str) -> int:
+    """`max_positives` of a prepared split, from the data manifest (its qrels read only for a
+    data stage written before the manifest kept it)."""
+    recorded = ((storage.read_manifest(data_dir) or {}).get("stats", {})
+                .get(MAX_POSITIVES, {}).get(split))
+    return int(recorded) if recorded is not None else max_positives(read_prepared_qrels(data_dir, split))
 
 
 def file_negatives_table(data_dir: str) -> pa.Table:
@@ -536,6 +559,10 @@ def read_texts(url: str, ids: set[str] | None = None) -> dict[str, str]:
 
 
 def parquet_rows(url: str) -> int:
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        return int(pq.ParquetFile(f).metadata.num_rows)
+    """Rows of a Parquet file or folder, from the footers."""
+    total = 0
+    for part in storage.parquet_files(url):
+        fs, path = storage.filesystem(part)
+        with fs.open(path, "rb") as f:
+            total += int(pq.ParquetFile(f).metadata.num_rows)
+    return total

@@ -1,6 +1,6 @@
 """Teacher embedding: an HF encoder, and the Ray Data stage that embeds corpus and queries.
 
-Reads the `data` stage's Parquet (`corpus/part-*.parquet`, `queries.parquet`); writes
+Reads the `data` stage's Parquet (`corpus/part-*.parquet`, `queries.parquet/part-*.parquet`); writes
 `<out>/embed/<teacher-hash>/{corpus,queries}/<part>.parquet` with `id, embedding`
 (fixed-size float32 lists), one output file per input part, and a manifest. The model loads
 once per actor; batches are sorted by length inside each actor call so sub-batches carry
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from posmine import backbone, faults, schemas, storage
 from posmine.config import MODEL_DEFAULT, TeacherConfig, config_hash
-from posmine.data import parquet_rows
+from posmine.data import QUERIES, parquet_rows
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[
         _claim(target, key)
         rows = {}
         for side, src in (("corpus", storage.join(data_dir, "corpus")),
-                          ("queries", storage.join(data_dir, "queries.parquet"))):
+                          ("queries", storage.join(data_dir, QUERIES))):
             dst = storage.join(target, side)
             if side == "queries" and parquet_rows(src) < cfg.local_queries_below:
                 rows[side] = embed_local(cfg, src, dst, side)
@@ -371,10 +371,7 @@ def embed_local(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
 
 def input_parts(src: str) -> dict[str, int]:
     """{part file name: rows} of a Parquet folder (or of a single file)."""
-    if src.endswith(".parquet"):
-        return {src.rsplit("/", 1)[-1]: parquet_rows(src)}
-    return {name: parquet_rows(storage.join(src, name))
-            for name in storage.listdir(src) if name.endswith(".parquet")}
+    return {url.rsplit("/", 1)[-1]: parquet_rows(url) for url in storage.parquet_files(src)}
 
 
 def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
@@ -387,7 +384,8 @@ def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
     from ray.data import ActorPoolStrategy, DataContext
 
     parts = input_parts(src)
-    src_dir = src.rsplit("/", 1)[0] if src.endswith(".parquet") else src
+    files = storage.parquet_files(src)
+    src_dir = files[0].rsplit("/", 1)[0] if files else src
     done = set(storage.listdir(dst))
     pending = [p for p in sorted(parts) if p not in done]
     total = sum(parts.values())

@@ -2,7 +2,9 @@
 
 Reads the embed stage's `corpus/*.parquet`; each shard actor loads one contiguous row range
 and holds its index; `merge.merge_topk` (pure, no Ray) merges the shards' lists exactly.
-Writes candidates (`query_id, doc_ids, scores`) per split.
+Writes candidates (`query_id, doc_ids, scores`, and for mining the positives' exact scores) per
+split, block by block from a one-shot Ray task (`remote.in_task`) that reads the split's qrels
+itself: the driver never reads them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import itertools
 import logging
 import os
+import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -264,8 +267,7 @@ def query_blocks(queries_dir: str, wanted: pa.Array, size: int, dim: int
     (n, dim) float32). One block in memory, however many queries."""
     buf: list[pa.Table] = []
     have = 0
-    for table in _read_batches([storage.join(queries_dir, n) for n in storage.listdir(queries_dir)
-                                if n.endswith(".parquet")]):
+    for table in _read_batches(storage.parquet_files(queries_dir)):
         table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
         buf.append(table)
         have += table.num_rows
@@ -300,55 +302,92 @@ def _block(block: pa.Table, where: str, dim: int) -> tuple[pa.Array, np.ndarray]
     return block.column("id").combine_chunks(), mat
 
 
-def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str,
-               query_ids: pa.Array, k: int, upstream: str,
-               listed: Listed | None = None) -> tuple[str, dict[str, Any]]:
-    """Write candidates for `query_ids` (skipped when current). Returns (folder, manifest).
+def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str, k: int,
+               upstream: str, data_dir: str, query_ids: pa.Array | None = None,
+               ids_key: str | None = None, for_mining: bool = False) -> tuple[str, dict[str, Any]]:
+    """Write candidates for the queries of `split` (skipped when current). Returns (folder,
+    manifest).
 
-    `candidates.parquet` is a folder of query shards (`part-NNNNN.parquet`, `index.query_batch_size`
-    queries each, fewer when `k` is deep, in the query embeddings' order), written block by
-    block: the driver holds one block, whatever the number of queries. With `listed`, each row
-    also carries its positives' and file negatives' exact teacher scores (the mine stage's
-    anchors).
+    `query_ids`: the queries to search, default every query of the split's qrels (read in the
+    search task, not here). `ids_key` names them in the stage key without reading them (a
+    deeper round's: the round before it and the settings that chose them); without it the key
+    holds their digest. `candidates.parquet` is a folder of query shards (`part-NNNNN.parquet`,
+    `index.query_batch_size` queries each, fewer when `k` is deep, in the query embeddings'
+    order), written block by block in a Ray task that holds one block at a time: the driver
+    holds none, whatever the number of queries. With `for_mining`, each row also carries its
+    positives' and file negatives' exact teacher scores (the mine stage's anchors).
     """
-    from posmine.embed import embedding_dim
+    from posmine import remote
 
-    query_ids = pa.array(query_ids, pa.string()) if not isinstance(query_ids, pa.Array) else query_ids
-    key = config_hash(cfg, upstream, split, k, ids_digest(query_ids), listed is not None)
+    if query_ids is not None and ids_key is None:
+        ids_key = ids_digest(query_ids)
+    key = config_hash(cfg, upstream, split, k, ids_key or "split", for_mining)
     target = storage.join(out_dir, "candidates", key)
 
     def work() -> storage.Done:
-        corpus_dir = storage.join(embed_dir, "corpus")
-        first = next((n for n in storage.listdir(corpus_dir) if n.endswith(".parquet")), None)
-        if first is None:
-            raise FileNotFoundError(f"{storage.redact(corpus_dir)}: no embedding files")
-        out = storage.join(target, "candidates.parquet")
-        storage.remove(out)  # parts of an interrupted run are redone, not mixed in
-        dim = embedding_dim(storage.join(corpus_dir, first))
-        wanted = pc.unique(query_ids)
-        # deep lists make small shards: a block's candidates fit in memory however deep
-        block = max(1, min(cfg.query_batch_size, MAX_BLOCK_CANDIDATES // max(1, k)))
-        search, done = ShardedSearch(corpus_dir, cfg), 0
-        try:
-            with tqdm(total=len(wanted), desc="search", unit="query",
-                      disable=len(wanted) <= cfg.query_batch_size) as bar:
-                for part, (ids, qmat) in enumerate(query_blocks(
-                        storage.join(embed_dir, "queries"), wanted, block, dim)):
-                    doc_ids, scores = search.lists(*search.topk_rows(qmat, k))
-                    extra = _score_listed(search, listed, ids, qmat) if listed else None
-                    storage.write_parquet(candidates_table(ids, doc_ids, scores, extra),
-                                          storage.join(out, f"part-{part:05d}.parquet"))
-                    done += len(ids)
-                    bar.update(len(ids))
-        finally:
-            search.close()
-        if done != len(wanted):  # queries of the split that the embed stage never embedded
-            raise ValueError(f"{len(wanted) - done} of {len(wanted)} queries have no embedding "
-                             f"in {storage.redact(embed_dir)}")
-        return storage.Done({"queries": done}, extra={"split": split, "k": k},
-                            outputs=["candidates.parquet"])
+        done, peak = remote.in_task(_search, SearchJob(cfg, embed_dir, target, split, k, data_dir,
+                                                        for_mining), query_ids)
+        # the search process holds the split's ids and positives: what it needs is on record
+        return storage.Done({"queries": done}, stats={"search_process_peak_rss_mib": peak},
+                            extra={"split": split, "k": k}, outputs=["candidates.parquet"])
 
     return target, storage.run_stage(target, "search", key, work)
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """What one search stage searches and where it writes."""
+
+    cfg: IndexConfig
+    embed_dir: str
+    target: str
+    split: str
+    k: int
+    data_dir: str
+    for_mining: bool
+
+
+def _search(job: SearchJob, query_ids: pa.Array | None) -> tuple[int, int]:
+    """The search stage's work: every wanted query's top-k, block by block; returns the count
+    and this process's peak RSS in MiB."""
+    from posmine.data import file_negatives_table, read_prepared_qrels
+    from posmine.embed import embedding_dim
+
+    cfg, k = job.cfg, job.k
+    corpus_dir = storage.join(job.embed_dir, "corpus")
+    first = next((n for n in storage.listdir(corpus_dir) if n.endswith(".parquet")), None)
+    if first is None:
+        raise FileNotFoundError(f"{storage.redact(corpus_dir)}: no embedding files")
+    qrels = read_prepared_qrels(job.data_dir, job.split) if query_ids is None or job.for_mining else None
+    wanted = pc.unique(query_ids if query_ids is not None
+                       else qrels.column("query_id").combine_chunks())  # type: ignore[union-attr]
+    listed = None if qrels is None or not job.for_mining else Listed(
+        qrels.filter(pc.greater(qrels.column("score"), 0)).select(["query_id", "doc_id"]),
+        file_negatives_table(job.data_dir))
+    del qrels
+    out = storage.join(job.target, "candidates.parquet")
+    storage.remove(out)  # parts of an interrupted run are redone, not mixed in
+    dim = embedding_dim(storage.join(corpus_dir, first))
+    # deep lists make small shards: a block's candidates fit in memory however deep
+    block = max(1, min(cfg.query_batch_size, MAX_BLOCK_CANDIDATES // max(1, k)))
+    search, done = ShardedSearch(corpus_dir, cfg), 0
+    try:
+        with tqdm(total=len(wanted), desc="search", unit="query",
+                  disable=len(wanted) <= cfg.query_batch_size) as bar:
+            for part, (ids, qmat) in enumerate(query_blocks(
+                    storage.join(job.embed_dir, "queries"), wanted, block, dim)):
+                doc_ids, scores = search.lists(*search.topk_rows(qmat, k))
+                extra = _score_listed(search, listed, ids, qmat) if listed else None
+                storage.write_parquet(candidates_table(ids, doc_ids, scores, extra),
+                                      storage.join(out, f"part-{part:05d}.parquet"))
+                done += len(ids)
+                bar.update(len(ids))
+    finally:
+        search.close()
+    if done != len(wanted):  # queries of the split that the embed stage never embedded
+        raise ValueError(f"{len(wanted) - done} of {len(wanted)} queries have no embedding "
+                         f"in {storage.redact(job.embed_dir)}")
+    return done, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def candidate_shards(cand_dir: str) -> list[str]:

@@ -2,7 +2,8 @@
 
 Reads the search stage's candidate shards (`candidates.parquet/part-*.parquet`: each query's
 top-K, its positives and its file negatives with their teacher scores) and maps the pure miner
-(`mining.py`) over them with `map_batches` on an actor pool, one candidate shard per call. The
+(`mining.py`) over them with `map_batches` on an actor pool, one candidate shard per call,
+the stream run from a one-shot Ray task (`remote.in_task`: the pool goes with the task). The
 texts and their duplicate keys come from `TextShard` actors that hold the corpus and queries
 split by id across the cluster (`textstore.py`): no process holds every text, and a text is
 normalised once, not once per candidate. Each call writes one mined shard,
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from posmine import data, mining, schemas, storage
+from posmine import data, mining, remote, schemas, storage
 from posmine.config import MiningConfig, config_hash, to_dict
 from posmine.embed import embedding_matrix, read_embeddings
 from posmine.index import candidate_shards, pair_scores
@@ -77,28 +78,38 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
                 out: str) -> tuple[dict[str, Any], int]:
     """Map `MineShard` over every candidate shard on Ray Data; returns the summed stats and the
     number of examples written. The driver sees one small row of stats per shard."""
+    shards = [{"round": j, "url": u} for j, d in enumerate(cand_dirs) for u in candidate_shards(d)]
+    if len(shards) > 1:
+        # The stream runs in a Ray task: its actor pool belongs to the task's worker and goes
+        # with it, also when a shard fails (an error kept in the driver, in a notebook or a
+        # test, would otherwise keep the pool's CPUs and the next stage would wait for them).
+        return remote.in_task(_mine_on_pool, cfg, data_dir, out, list(cand_dirs), shards)
+    stats = mining.MiningStats()  # one shard (or none): no pool to start, the texts read here
+    result = MineShard(cfg, out, TextStore(data_dir, cfg.dedup_text, in_process=True), list(cand_dirs))(
+        pa.table({"round": [s["round"] for s in shards], "url": [s["url"] for s in shards]},
+                 schema=pa.schema([("round", pa.int64()), ("url", pa.string())])))
+    for st in result.column("stats").to_pylist():
+        stats.add(json.loads(st))
+    return stats.to_dict(), sum(result.column("examples").to_pylist())
+
+
+def _mine_on_pool(cfg: MiningConfig, data_dir: str, out: str, cand_dirs: list[str],
+                  shards: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The actor pool's pass over the shards, the texts in a `TextStore`: the summed stats and
+    the examples written."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    shards = [{"round": j, "url": u} for j, d in enumerate(cand_dirs) for u in candidate_shards(d)]
-    # A query searched again deeper keeps only its deepest list: round j skips the queries of
-    # the rounds after it (few: only those whose windows the shallower list could not fill).
-    later = [_query_ids(cand_dirs[j + 1:]) for j in range(len(cand_dirs))]
-    stats, examples = mining.MiningStats(), 0
-    if len(shards) <= 1:  # one shard (or none): no pool to start, the texts read here
-        result = MineShard(cfg, out, TextStore(data_dir, cfg.dedup_text, in_process=True), later)(
-            pa.table({"round": [s["round"] for s in shards], "url": [s["url"] for s in shards]},
-                     schema=pa.schema([("round", pa.int64()), ("url", pa.string())])))
-        for st in result.column("stats").to_pylist():
-            stats.add(json.loads(st))
-        return stats.to_dict(), sum(result.column("examples").to_pylist())
     store = TextStore(data_dir, cfg.dedup_text)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    DataContext.get_current().execution_options.preserve_order = True
+    ctx = DataContext.get_current()  # this task's own context
+    ctx.execution_options.preserve_order = True
+    ctx.raise_original_map_exception = True  # the shard's own error, naming it
     ds = ray.data.from_items(shards).map_batches(
-        MineShard, fn_constructor_kwargs={"cfg": cfg, "out": out, "store": store, "later": later},
+        MineShard, fn_constructor_kwargs={"cfg": cfg, "out": out, "store": store, "cand_dirs": cand_dirs},
         batch_size=1, batch_format="pyarrow", num_cpus=1,
         compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(len(shards), cpus))))
+    stats, examples = mining.MiningStats(), 0
     try:
         with tqdm(total=len(shards), desc="mine", unit="shard") as bar:
             for row in ds.iter_rows():
@@ -114,17 +125,25 @@ def _query_ids(cand_dirs: Sequence[str]) -> pa.Array:
     """The distinct query ids of these search stages' candidates."""
     cols = [storage.read_parquet(u, ["query_id"]).column("query_id")
             for d in cand_dirs for u in candidate_shards(d)]
-    return pc.unique(pa.chunked_array(cols, pa.string()).combine_chunks())
+    return pc.unique(pa.chunked_array(cols, pa.string()).combine_chunks())  # empty: no later round
 
 
 class MineShard:
     """Ray Data actor: mines one candidate shard per call and writes its mined shard.
 
-    `later[j]`: the query ids that rounds after search round j searched deeper (skipped)."""
+    `cand_dirs`: every search round's stage, shallowest first. A query searched again deeper
+    keeps only its deepest list: round j skips the query ids of the rounds after it, read here
+    (not in the driver) the first time a shard of round j comes."""
 
-    def __init__(self, cfg: MiningConfig, out: str, store: TextStore, later: list[pa.Array]) -> None:
-        self.cfg, self.out, self.store, self.later = cfg, out, store, later
+    def __init__(self, cfg: MiningConfig, out: str, store: TextStore, cand_dirs: list[str]) -> None:
+        self.cfg, self.out, self.store, self.cand_dirs = cfg, out, store, cand_dirs
+        self.later: dict[int, pa.Array] = {}
         self.scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
+
+    def _later(self, j: int) -> pa.Array:
+        if j not in self.later:
+            self.later[j] = _query_ids(self.cand_dirs[j + 1:])
+        return self.later[j]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         names, counts, stats = [], [], []
@@ -134,7 +153,7 @@ class MineShard:
                 table = storage.read_parquet(url)
             except (OSError, pa.ArrowException) as e:
                 raise ValueError(f"{storage.redact(url)}: cannot read this candidate shard: {e}") from e
-            table = table.filter(pc.invert(pc.is_in(table.column("query_id"), value_set=self.later[j])))
+            table = table.filter(pc.invert(pc.is_in(table.column("query_id"), value_set=self._later(j))))
             rows, st = mine_table(self.cfg, table, self.store, self.scorer)
             name = f"part-{j}-{url.rsplit('/', 1)[-1].removeprefix('part-')}"
             storage.write_parquet(pa.Table.from_pylist(rows, schema=schemas.MINED),
@@ -229,17 +248,18 @@ def _query_candidates(c: Mapping[str, Any], positives: Mapping[str, list[str]],
                                   pos_scores.get(c["query_id"], np.zeros(0)))
 
 
-def unfilled(cfgs: Sequence[MiningConfig], cand_dir: str, depth: int) -> list[str]:
+def unfilled(cfgs: Sequence[MiningConfig], cand_dir: str, depth: int) -> pa.Array:
     """Queries of `cand_dir` (searched `depth` deep) whose `survivors` windows need a deeper
     list under some setting of `cfgs`: fewer than top_k candidates under the lowest bound, and
     the corpus not yet ended. Reads one candidate shard at a time."""
-    out = []
+    out: list[pa.Array] = []
     for url in candidate_shards(cand_dir):
-        for q in shard_queries(storage.read_parquet(url)):
-            if (len(q.pos_ids) and len(q.cand_ids) >= depth
-                    and any(mining.window_end(q, m) is None for m in cfgs)):
-                out.append(q.query_id)
-    return out
+        table = storage.read_parquet(url)
+        short = [bool(len(q.pos_ids) and len(q.cand_ids) >= depth
+                      and any(mining.window_end(q, m) is None for m in cfgs))
+                 for q in shard_queries(table)]
+        out.append(table.column("query_id").combine_chunks().filter(pa.array(short, pa.bool_())))
+    return pa.concat_arrays(out) if out else pa.array([], pa.string())
 
 
 def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Sequence[str],
@@ -261,7 +281,7 @@ def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Seque
     queries = [mining.cut_to_window(q, cfg) for q in queries]
     need = {d for q in queries for d in q.cand_ids} | {d for p in positives.values() for d in p}
     texts = data.read_texts(storage.join(data_dir, "corpus"), need)
-    qtexts = data.read_texts(storage.join(data_dir, "queries.parquet"), {q.query_id for q in queries})
+    qtexts = data.read_texts(storage.join(data_dir, data.QUERIES), {q.query_id for q in queries})
     scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
     rows: list[dict[str, Any]] = []
     for start in range(0, len(queries), BATCH):

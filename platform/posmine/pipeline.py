@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from posmine import data, index, storage
+from posmine import data, index, remote, storage
 from posmine import embed as embed_stage
 from posmine import evaluate as eval_stage
 from posmine import mine as mine_stage
@@ -30,6 +29,7 @@ from posmine.config import (
     config_hash,
     resolve_stages,
     resolve_teachers,
+    to_dict,
 )
 from posmine.mining import survivor_window
 
@@ -80,29 +80,21 @@ def embed(cfg: Config, teacher: TeacherConfig | None = None) -> dict[str, Any]:
 
 
 def search(cfg: Config, teacher: TeacherConfig, split: str, k: int,
-           query_ids: Sequence[str] | None = None,
-           for_mining: bool = False) -> tuple[str, dict[str, Any]]:
+           query_ids: Sequence[str] | pa.Array | None = None, for_mining: bool = False,
+           ids_key: str | None = None) -> tuple[str, dict[str, Any]]:
     """Candidates for `query_ids` (default: the queries of `split`), from `teacher`'s embeddings;
     `for_mining` adds each query's positives and file negatives with their teacher scores."""
     emb = embed(cfg, teacher)
     data_dir, _ = prepare(cfg)
-    qrels = data.read_prepared_qrels(data_dir, split)
-    ids = pa.array(query_ids, pa.string()) if query_ids is not None else qrels.column("query_id")
-    listed = index.Listed(
-        qrels.filter(pc.greater(qrels.column("score"), 0)).select(["query_id", "doc_id"]),
-        data.file_negatives_table(data_dir)) if for_mining else None
-    return index.run_search(cfg.index, emb["dir"], cfg.output.dir, split,
-                            pc.unique(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids),
-                            k, upstream=str(emb["config_hash"]), listed=listed)
+    ids = None if query_ids is None else pa.array(query_ids, pa.string())
+    return index.run_search(cfg.index, emb["dir"], cfg.output.dir, split, k,
+                            upstream=str(emb["config_hash"]), data_dir=data_dir, query_ids=ids,
+                            ids_key=ids_key, for_mining=for_mining)
 
 
 def candidate_depth(data_dir: str, split: str, top_k: int) -> int:
     """Candidates to fetch so that `top_k` remain after removing positives and self-hits."""
-    qrels = data.read_prepared_qrels(data_dir, split)
-    pos = qrels.filter(pc.greater(qrels.column("score"), 0))
-    counts = pos.group_by("query_id").aggregate([("doc_id", "count")]).column("doc_id_count")
-    most = pc.max(counts).as_py() if len(counts) else None
-    return top_k + (most or 0) + 1
+    return top_k + data.split_max_positives(data_dir, split) + 1
 
 
 def candidates(cfg: Config, teacher: TeacherConfig,
@@ -112,26 +104,48 @@ def candidates(cfg: Config, teacher: TeacherConfig,
     Returns the search stages' folders (shallowest first: a later one holds the deeper lists
     of the queries that needed them), their combined key and what the deepening did. With
     `window=survivors` the queries with fewer than top_k candidates under some setting's lowest
-    bound are searched again 4x deeper, up to `mining.max_depth`.
+    bound are searched again 4x deeper, up to `mining.max_depth`. The rounds are recorded in
+    `candidates/rounds-<key>/`, so a later stage finds them without reading any candidate.
     """
     data_dir, _ = prepare(cfg)
+    emb = embed(cfg, teacher)
     depth = candidate_depth(data_dir, cfg.data.split, max(m.top_k for m in minings))
-    cand_dir, cand = search(cfg, teacher, cfg.data.split, depth, for_mining=True)
-    dirs, keys, rounds = [cand_dir], [str(cand["config_hash"])], [[depth, cand["rows"]["queries"]]]
     deepen = [m for m in minings if survivor_window(m)]
     max_depth = max((m.max_depth for m in deepen), default=0)
-    while depth < max_depth:
-        todo = mine_stage.unfilled(deepen, dirs[-1], depth)
-        if not todo:
-            break
-        depth = min(max_depth, depth * 4)
-        log.info("searching %d queries %d deep: fewer than mining.top_k candidates pass the "
-                 "rule in the shallower list", len(todo), depth)
-        cand_dir, cand = search(cfg, teacher, cfg.data.split, depth, todo, for_mining=True)
-        dirs.append(cand_dir)
-        keys.append(str(cand["config_hash"]))
-        rounds.append([depth, len(todo)])
-    return dirs, config_hash(*keys), {"search_rounds": rounds}
+    windows = [to_dict(m) for m in deepen]
+    key = config_hash(cfg.index, emb["config_hash"], cfg.data.split, depth, max_depth, windows)
+    target = storage.join(cfg.output.dir, "candidates", f"rounds-{key}")
+    manifest = storage.read_manifest(target) or {}
+    if not all(storage.is_done(_cand_dir(cfg, k), k) for k in manifest.get("keys", [])):
+        storage.remove(target)  # a round's folder was removed since: search again
+
+    def work() -> storage.Done:
+        _, cand = search(cfg, teacher, cfg.data.split, depth, for_mining=True)
+        keys, rounds, at = [str(cand["config_hash"])], [[depth, cand["rows"]["queries"]]], depth
+        while at < max_depth:
+            todo = remote.in_task(mine_stage.unfilled, deepen, _cand_dir(cfg, keys[-1]), at)
+            if not len(todo):
+                break
+            at = min(max_depth, at * 4)
+            log.info("searching %d queries %d deep: fewer than mining.top_k candidates pass the "
+                     "rule in the shallower list", len(todo), at)
+            # named by the round before and the settings that chose them: a rerun finds the
+            # round without listing its queries again
+            _, cand = search(cfg, teacher, cfg.data.split, at, todo, for_mining=True,
+                             ids_key=config_hash(keys[-1], windows, "unfilled"))
+            keys.append(str(cand["config_hash"]))
+            rounds.append([at, len(todo)])
+        return storage.Done({"rounds": len(keys)}, extra={"split": cfg.data.split, "keys": keys,
+                                                          "search_rounds": rounds})
+
+    manifest = storage.run_stage(target, "search-rounds", key, work)
+    keys = [str(k) for k in manifest["keys"]]
+    return ([_cand_dir(cfg, k) for k in keys], config_hash(*keys),
+            {"search_rounds": manifest["search_rounds"]})
+
+
+def _cand_dir(cfg: Config, key: str) -> str:
+    return storage.join(cfg.output.dir, "candidates", key)
 
 
 def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig | None = None,

@@ -392,6 +392,14 @@ def _read_file_rows(url: str, rows: Sequence[int]) -> pa.Table:
     return table.take(pa.array(local, pa.int64()))
 
 
+def parquet_files(url: str) -> list[str]:
+    """The URLs of a Parquet dataset: the file itself, or a folder's `*.parquet` in name order."""
+    fs, path = filesystem(url)
+    if not fs.isdir(path):
+        return [url]
+    return [join(url, n) for n in sorted(listdir(url)) if n.endswith(".parquet")]
+
+
 @retrying
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet file, or every `*.parquet` file in a folder, in name order."""

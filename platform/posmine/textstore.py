@@ -5,7 +5,7 @@ The mine stage needs, per candidate shard, the duplicate key of every candidate
 (`mining.text_key`) and the texts of the examples it writes. Reading the corpus in every
 mining worker costs a full scan per shard; holding it in the driver does not scale. Here
 `TextShard` i of n holds the rows whose `bucket(id) == i` (crc32 of the id, mod n) of the
-data stage's `corpus/` and `queries.parquet`, so the texts live once across the cluster and a
+data stage's `corpus/` and `queries.parquet/`, so the texts live once across the cluster and a
 lookup goes to the one shard that holds each id.
 """
 
@@ -37,9 +37,9 @@ class TextShard:
         self.keys: dict[str, dict[str, int]] = {}
         self.hashes: dict[str, dict[str, int]] = {}
         for side, url in (("corpus", storage.join(data_dir, "corpus")),
-                          ("queries", storage.join(data_dir, "queries.parquet"))):
+                          ("queries", storage.join(data_dir, data.QUERIES))):
             texts: dict[str, str] = {}
-            for part in _parts(url):  # one part file in memory at a time
+            for part in storage.parquet_files(url):  # one part file in memory at a time
                 got = data.read_texts(part)
                 ids = list(got)
                 mine = bucket(ids, num_shards) == shard
@@ -62,12 +62,6 @@ class TextShard:
         return True
 
 
-def _parts(url: str) -> list[str]:
-    if url.endswith(".parquet"):
-        return [url]
-    return [storage.join(url, n) for n in sorted(storage.listdir(url)) if n.endswith(".parquet")]
-
-
 class TextStore:
     """The client: routes each id to its shard and puts the answers back in request order."""
 
@@ -81,7 +75,7 @@ class TextStore:
             return
         import ray
 
-        docs = sum(data.parquet_rows(p) for p in _parts(storage.join(data_dir, "corpus")))
+        docs = data.parquet_rows(storage.join(data_dir, "corpus"))
         n = num_shards or max(1, math.ceil(docs / DOCS_PER_SHARD))
         # num_cpus=0: the shards hold memory and answer lookups; the miners do the work
         cls: Any = ray.remote(num_cpus=0)(TextShard)

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from posmine import backbone, faults, storage, tracking
+from posmine import backbone, faults, remote, storage, tracking
 from posmine.config import TrainConfig, absolute_path, config_hash, to_dict
 from posmine.embed import model_fingerprint, resolve_model
 from posmine.losses import contrastive_loss
@@ -772,17 +772,6 @@ def _report(trainer: StudentTrainer, losses: list[float], steps: int, cfg: Train
         ray.train.report(metrics)
 
 
-def _remote_counts(cfg: TrainConfig, mined_url: str) -> tuple[int, int, int]:
-    """`plan_counts` in a Ray task when Ray is up (the driver stays flat), else here."""
-    import ray
-
-    if not ray.is_initialized():
-        return plan_counts(cfg, mined_url, cfg.num_workers)
-    task: Any = ray.remote(num_cpus=0)(plan_counts)
-    examples, queries, steps = ray.get(task.remote(cfg, mined_url, cfg.num_workers))
-    return examples, queries, steps
-
-
 def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         name: str = "train") -> dict[str, Any]:
     """Fine-tune on `<mined_dir>/mined.parquet` with a TorchTrainer (skipped when current)."""
@@ -797,7 +786,7 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         tracking.require(cfg.track)
         started = time.time()
         mined_url = storage.join(mined_dir, "mined.parquet")
-        n_examples, n_queries, steps = _remote_counts(cfg, mined_url)
+        n_examples, n_queries, steps = remote.in_task(plan_counts, cfg, mined_url, cfg.num_workers)
         metrics = _fit(cfg, key, target, {"cfg": cfg, "steps": steps, "mined_url": mined_url,
                                           "model_dir": storage.join(target, "model"),
                                           "target": target, "out_dir": out_dir, "key": key})

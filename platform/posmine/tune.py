@@ -233,7 +233,7 @@ def dev_set(cfg: Config, data_dir: str, pool_dir: str | None) -> DevSet:
         doc_filter = {d for ds in pool.column("doc_ids").to_pylist() for d in ds}
         doc_filter |= {d for rel in qrels.values() for d in rel}
     docs = data.read_texts(storage.join(data_dir, "corpus"), doc_filter)
-    qtexts = data.read_texts(storage.join(data_dir, "queries.parquet"), set(qrels))
+    qtexts = data.read_texts(storage.join(data_dir, data.QUERIES), set(qrels))
     qids = sorted(qrels)
     dids = sorted(docs)
     return DevSet(qids, [qtexts[q] for q in qids], dids, [docs[d] for d in dids], qrels)
