@@ -43,14 +43,17 @@ ROOT = Path("/tmp/posmine-bench-scale")
 
 
 def make_dataset(nq: int, nd: int) -> Path:
-    root = ROOT / f"q{nq}-d{nd}"
+    root = ROOT / f"v2-q{nq}-d{nd}"
     if (root / "qrels" / "train.tsv").exists():
         return root
     (root / "qrels").mkdir(parents=True, exist_ok=True)
     w = len(WORDS)
     with open(root / "corpus.jsonl", "w") as f:
         for i in range(nd):
-            text = " ".join(WORDS[(i * 7 + j * 3 + i // w) % w] for j in range(12))
+            # every document its own text (6 words spell i in base 25: 244M distinct), so that
+            # an index's recall is not decided by ties between copies
+            text = " ".join([*(WORDS[(i // w ** j) % w] for j in range(6)),
+                             *(WORDS[(i * 7 + j * 3 + i // w) % w] for j in range(6))])
             f.write(json.dumps({"_id": f"d{i}", "title": WORDS[i % w], "text": text}) + "\n")
     with open(root / "queries.jsonl", "w") as f:
         for i in range(nq):
@@ -180,7 +183,7 @@ def main() -> None:
     runs = []
     for nq in a.queries:
         data = make_dataset(nq, a.docs)
-        out = ROOT / f"out-q{nq}-d{a.docs}-{a.index}"
+        out = ROOT / f"out-v2-q{nq}-d{a.docs}-{a.index}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         stages = []

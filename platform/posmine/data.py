@@ -551,6 +551,11 @@ def read_texts(url: str, ids: set[str] | None = None) -> dict[str, str]:
     table = storage.read_parquet(url)
     if ids is not None:
         table = table.filter(pc.is_in(table.column("id"), pa.array(sorted(ids))))
+    return texts_of(table)
+
+
+def texts_of(table: pa.Table) -> dict[str, str]:
+    """id -> text ("title text" for corpus rows) of prepared corpus or queries rows."""
     texts = table.column("text").to_pylist()
     if "title" in table.column_names:
         texts = [f"{t} {x}".strip() for t, x in zip(table.column("title").to_pylist(), texts,

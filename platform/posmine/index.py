@@ -313,8 +313,9 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str, k: in
     deeper round's: the round before it and the settings that chose them); without it the key
     holds their digest. `candidates.parquet` is a folder of query shards (`part-NNNNN.parquet`,
     `index.query_batch_size` queries each, fewer when `k` is deep, in the query embeddings'
-    order), written block by block in a Ray task that holds one block at a time: the driver
-    holds none, whatever the number of queries. With `for_mining`, each row also carries its
+    order), written block by block in a one-shot Ray task that holds the split's query ids and
+    positives and one block of vectors (its peak is on the manifest): the driver holds none of
+    them, whatever the number of queries. With `for_mining`, each row also carries its
     positives' and file negatives' exact teacher scores (the mine stage's anchors).
     """
     from posmine import remote

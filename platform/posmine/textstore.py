@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from posmine import data, mining, storage
 
@@ -40,10 +41,9 @@ class TextShard:
                           ("queries", storage.join(data_dir, data.QUERIES))):
             texts: dict[str, str] = {}
             for part in storage.parquet_files(url):  # one part file in memory at a time
-                got = data.read_texts(part)
-                ids = list(got)
-                mine = bucket(ids, num_shards) == shard
-                texts.update((i, got[i]) for i, m in zip(ids, mine, strict=True) if m)
+                table = storage.read_parquet(part)
+                mine = bucket(table.column("id").to_pylist(), num_shards) == shard
+                texts.update(data.texts_of(table.filter(pa.array(mine))))  # only this shard's
             self.texts[side] = texts
             self.hashes[side] = {i: mining.text_hash(t) for i, t in texts.items()}
             self.keys[side] = (self.hashes[side] if dedup != "exact"
