@@ -94,6 +94,8 @@ def test_queries_are_written_in_parts_and_the_most_positives_per_split_recorded(
     whole = storage.read_parquet(f"{out}/data/{data.QUERIES}")
     assert [storage.read_parquet(p).num_rows for p in parts] == [100, 100, 25]
     assert whole.num_rows == manifest["rows"]["queries"] == len(set(whole.column("id").to_pylist()))
+    assert (whole.column("id").to_pylist()
+            == data.load(default_beir_dir("cranfield")).queries.column("id").to_pylist())
     for split in ("train", "test", "dev"):
         counts: dict[str, int] = {}
         for row in data.read_prepared_qrels(f"{out}/data", split).to_pylist():
