@@ -72,8 +72,7 @@ class ShardPlan:
 def plan_shards(corpus_dir: str, num_shards: int) -> tuple[list[ShardPlan], pa.Array]:
     """Split the embedding files' rows into contiguous ranges; also return every row's id (an
     Arrow array: ~15 bytes a document, not a Python string each)."""
-    files = [storage.join(corpus_dir, n) for n in storage.listdir(corpus_dir)
-             if n.endswith(".parquet")]
+    files = storage.parquet_files(corpus_dir)
     if not files:
         raise FileNotFoundError(f"{storage.redact(corpus_dir)}: no embedding files")
     counts = [parquet_rows(f) for f in files]
@@ -356,8 +355,8 @@ def _search(job: SearchJob, query_ids: pa.Array | None) -> tuple[int, int]:
 
     cfg, k = job.cfg, job.k
     corpus_dir = storage.join(job.embed_dir, "corpus")
-    first = next((n for n in storage.listdir(corpus_dir) if n.endswith(".parquet")), None)
-    if first is None:
+    files = storage.parquet_files(corpus_dir)
+    if not files:
         raise FileNotFoundError(f"{storage.redact(corpus_dir)}: no embedding files")
     qrels = read_prepared_qrels(job.data_dir, job.split) if query_ids is None or job.for_mining else None
     wanted = pc.unique(query_ids if query_ids is not None
@@ -368,7 +367,7 @@ def _search(job: SearchJob, query_ids: pa.Array | None) -> tuple[int, int]:
     del qrels
     out = storage.join(job.target, "candidates.parquet")
     storage.remove(out)  # parts of an interrupted run are redone, not mixed in
-    dim = embedding_dim(storage.join(corpus_dir, first))
+    dim = embedding_dim(files[0])
     # deep lists make small shards: a block's candidates fit in memory however deep
     block = max(1, min(cfg.query_batch_size, MAX_BLOCK_CANDIDATES // max(1, k)))
     search, done = ShardedSearch(corpus_dir, cfg), 0
@@ -393,8 +392,7 @@ def _search(job: SearchJob, query_ids: pa.Array | None) -> tuple[int, int]:
 
 def candidate_shards(cand_dir: str) -> list[str]:
     """The URLs of a search stage's candidate shards, in order."""
-    folder = storage.join(cand_dir, "candidates.parquet")
-    return [storage.join(folder, n) for n in sorted(storage.listdir(folder)) if n.endswith(".parquet")]
+    return storage.parquet_files(storage.join(cand_dir, "candidates.parquet"))
 
 
 def _score_listed(search: ShardedSearch, listed: Listed, ids: pa.Array, qmat: np.ndarray

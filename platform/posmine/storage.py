@@ -352,7 +352,7 @@ def read_parquet_rows(url: str, rows: Sequence[int]) -> pa.Table:
     fs, path = filesystem(url)
     if not fs.isdir(path):
         return _read_file_rows(url, rows)
-    files = [join(url, n) for n in listdir(url) if n.endswith(".parquet")]
+    files = parquet_files(url)
     starts = np.cumsum([0, *(_num_rows(f) for f in files)])  # (F + 1,)
     want = np.asarray(rows, np.int64)  # (n,)
     file_of = np.searchsorted(starts, want, side="right") - 1
@@ -393,11 +393,12 @@ def _read_file_rows(url: str, rows: Sequence[int]) -> pa.Table:
 
 
 def parquet_files(url: str) -> list[str]:
-    """The URLs of a Parquet dataset: the file itself, or a folder's `*.parquet` in name order."""
+    """The URLs of a Parquet dataset: the file itself, or a folder's `*.parquet` in name order
+    (none when nothing is there)."""
     fs, path = filesystem(url)
     if not fs.isdir(path):
-        return [url]
-    return [join(url, n) for n in sorted(listdir(url)) if n.endswith(".parquet")]
+        return [url] if fs.exists(path) else []
+    return [join(url, n) for n in listdir(url) if n.endswith(".parquet")]  # listdir sorts
 
 
 @retrying
