@@ -5,7 +5,8 @@ sharded FAISS + TopK-PercPos 0.95) and ST (`relative_margin=0.05`, `range_max=to
 `sampling_strategy="top"`, `use_faiss=True`). Reports wall times, their ratio, and the
 per-query overlap of the chosen negatives.
 
-    python benchmarks/mine_vs_st.py [--data PATH] [--out DIR] [--actors N] [--json results.json]
+    python benchmarks/mine_vs_st.py [--data PATH] [--out DIR] [--actors N] [--threads N]
+        [--backends torch openvino] [--where ray driver] [--json results.json]
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from posmine.config import default_beir_dir, load_config
 from posmine.embed import resolve_model
 
 
-def run_posmine(data: str, out: str, actors: int, threads: int,
-                backend: str = "torch") -> tuple[float, dict, dict]:
+def run_posmine(data: str, out: str, actors: int, threads: int, backend: str = "torch",
+                where: str = "ray") -> tuple[float, dict, dict]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config("jobs/configs/scifact.yaml", [
         f"data.path={data}", f"output.dir={out}", f"teacher.num_actors={actors}",
         f"teacher.backend={backend}",
+        # driver: the corpus embedded in this process, as a corpus under the bound is
+        f"teacher.local_corpus_below={10**9 if where == 'driver' else 1000}",
         f"teacher.cpus_per_actor={1.0 if actors == 1 else 0.5}", f"teacher.torch_threads={threads}",
         "mining.rule=topk_percpos", "mining.perc=0.95", "mining.num_negatives=4", "mining.top_k=30",
         "mining.dedup_text=exact", "mining.window=rank",  # ST's range_max: the teacher's top 30
@@ -93,19 +96,22 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "openvino"],
                    help="posmine's teacher.backend; each runs beside the one ST run")
+    p.add_argument("--where", nargs="+", default=["ray"], choices=["ray", "driver"],
+                   help="the corpus through the Ray Data actor pool, or embedded in the driver")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     t0 = time.perf_counter()
     pipeline.ensure_ray()  # a cluster is already up in production: timed apart
     ray_init_s = time.perf_counter() - t0
-    runs = {b: run_posmine(a.data, a.out, a.actors, a.threads, b) for b in a.backends}
+    runs = {(b, w): run_posmine(a.data, a.out, a.actors, a.threads, b, w)
+            for w in a.where for b in a.backends}
     st_s, st = run_st(a.data)
     result: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "st_seconds": round(st_s, 1), "ray_init_seconds": round(ray_init_s, 1)}
-    for b, (pm_s, pm, manifest) in runs.items():
-        tag = "" if b == "torch" else f"_{b}"
+    for (b, w), (pm_s, pm, manifest) in runs.items():
+        tag = ("" if b == "torch" else f"_{b}") + ("" if w == "ray" else f"_{w}")
         result.update({f"posmine{tag}_seconds": round(pm_s, 1),
                        f"speedup{tag}_posmine_over_st": round(st_s / pm_s, 3),
                        f"posmine{tag}_dropped_by_rule": manifest["stats"]["dropped_by_rule"],

@@ -60,9 +60,11 @@ def test_corpus_files_of_different_sizes(tmp_path: Path) -> None:
         index.load_rows(plans[0])
 
 
-def test_model_that_outputs_nan_fails_the_embed_stage(ray_local: None, tiny_beir: Path,
-                                                      tiny_model: str, tmp_path: Path) -> None:
-    """A real (tiny) model whose weights hold NaN: the stage stops and leaves no manifest."""
+@pytest.mark.parametrize("where", ["driver", "ray"])
+def test_model_that_outputs_nan_fails_the_embed_stage(ray_local: None, tiny_beir: Path, tiny_model: str,
+                                                      tmp_path: Path, where: str) -> None:
+    """A real (tiny) model whose weights hold NaN: the stage stops and leaves no manifest,
+    whether the small corpus is embedded in the driver or (forced) on Ray Data."""
     import torch
     from transformers import BertModel
 
@@ -73,7 +75,8 @@ def test_model_that_outputs_nan_fails_the_embed_stage(ray_local: None, tiny_beir
         model.embeddings.LayerNorm.weight[0] = float("nan")
     model.save_pretrained(broken, safe_serialization=True)
     cfg = load_config(None, [f"data.path={tiny_beir}", f"teacher.model={broken}",
-                             "teacher.cpus_per_actor=0.5", f"output.dir={tmp_path / 'out'}"])
+                             "teacher.cpus_per_actor=0.5", f"output.dir={tmp_path / 'out'}",
+                             f"teacher.local_corpus_below={1000 if where == 'driver' else 0}"])
     with pytest.raises(EmbeddingError, match=r"corpus part part-00000\.parquet: 40 vector\(s\) with NaN"):
         pipeline.embed(cfg)
     assert not list((tmp_path / "out" / "embed").rglob("_manifest.json"))

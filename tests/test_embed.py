@@ -14,7 +14,7 @@ from posmine import storage
 from posmine.backbone import pool
 from posmine.config import DataConfig, TeacherConfig
 from posmine.data import prepare
-from posmine.embed import Encoder, ModelError, read_embeddings, resolve_model, run, stage_dir
+from posmine.embed import Encoder, ModelError, read_embeddings, resolve_model, run, stage_dir, token_batches
 
 TEXTS = ["cell protein", "the brain and the heart of a mouse study with a long text here",
          "drug", "vitamin diet sleep stress immune"]
@@ -40,6 +40,42 @@ def test_batched_encoding_equals_one_by_one(tiny_model: str, pooling: str) -> No
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert together.shape == (4, 32)
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, rtol=1e-5)
+
+
+def _token_batches_reference(lengths: list[int], batch_size: int, cap: int) -> list[list[int]]:
+    """One text at a time, longest first: a batch closes when the next text would break a bound."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            b = batches[-1]
+            longest = lengths[b[0]]
+            if len(b) < batch_size and (cap <= 0 or (len(b) + 1) * longest <= cap):
+                b.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
+@pytest.mark.parametrize("batch_size, cap", [(32, 0), (32, 2048), (4, 2048), (8, 100), (3, 7)])
+def test_token_batches_equal_a_plain_loop(batch_size: int, cap: int) -> None:
+    lengths = np.random.default_rng(cap + batch_size).integers(1, 300, size=257)
+    got = [b.tolist() for b in token_batches(lengths, batch_size, cap)]
+    assert got == _token_batches_reference(lengths.tolist(), batch_size, cap)
+    assert sorted(i for b in got for i in b) == list(range(257))  # every text once
+
+
+def test_token_cap_keeps_the_vectors(tiny_model: str) -> None:
+    """The cap changes only how texts are grouped, not their vectors; on the CPU it binds by
+    default, and a batch never holds more padded tokens than it allows."""
+    texts = [" ".join(["word"] * n) for n in (3, 60, 7, 120, 1, 33, 90, 12)]
+    free = Encoder(TeacherConfig(model=tiny_model, batch_size=8, batch_tokens=10**9))
+    capped = Encoder(TeacherConfig(model=tiny_model, batch_size=8, batch_tokens=130))
+    np.testing.assert_allclose(capped.encode(texts), free.encode(texts), atol=1e-5)
+    assert Encoder(TeacherConfig(model=tiny_model)).batch_tokens == 2048
+    lengths = capped._token_lengths(texts, "")
+    for b in token_batches(lengths, 8, capped.batch_tokens):
+        assert len(b) == 1 or len(b) * lengths[b].max() <= 130
 
 
 def test_prefix_and_no_normalisation(tiny_model: str) -> None:
@@ -73,7 +109,7 @@ def test_ray_data_stage_equals_plain_encoder(ray_local: None, tiny_beir: Path, t
     out = str(tmp_path / "out")
     manifest = prepare(DataConfig(path=str(tiny_beir)), out)
     cfg = TeacherConfig(model=tiny_model, num_actors=1, cpus_per_actor=0.5, batch_size=4,
-                        query_prefix="query: ", torch_threads=1)
+                        query_prefix="query: ", torch_threads=1, local_corpus_below=0)
     emb = run(cfg, f"{out}/data", out, manifest["config_hash"])
     assert emb["rows"] == {"corpus": 40, "queries": 12}
     target = storage.join(out, "embed")
@@ -92,6 +128,35 @@ def test_ray_data_stage_equals_plain_encoder(ray_local: None, tiny_beir: Path, t
     assert run(cfg, f"{out}/data", out, manifest["config_hash"])["finished_at"] == emb["finished_at"]
     other = run(replace(cfg, pooling="cls"), f"{out}/data", out, manifest["config_hash"])
     assert other["config_hash"] != emb["config_hash"]
+
+
+def test_small_sides_embed_in_the_driver_by_part_and_resume(tiny_beir: Path, tiny_model: str,
+                                                            tmp_path: Path) -> None:
+    """Below `teacher.local_corpus_below` the corpus is embedded in this process, with the Ray
+    stage's layout (one output per input part) and resume (a lost part alone is redone)."""
+    out = str(tmp_path / "out")
+    manifest = prepare(DataConfig(path=str(tiny_beir), rows_per_part=10), out)
+    cfg = TeacherConfig(model=tiny_model, batch_size=4)
+    assert cfg.local_corpus_below > 40
+    emb = run(cfg, f"{out}/data", out, manifest["config_hash"])
+    assert emb["rows"] == {"corpus": 40, "queries": 12}
+    corpus_dir = Path(stage_dir(out, cfg), "corpus")
+    parts = sorted(p.name for p in corpus_dir.iterdir())
+    assert parts == sorted(p.name for p in Path(out, "data", "corpus").glob("part-*.parquet"))
+    assert len(parts) == 4
+    corpus = {r["id"]: f"{r['title']} {r['text']}".strip()
+              for r in storage.read_parquet(f"{out}/data/corpus").to_pylist()}
+    ids, mat = read_embeddings(str(corpus_dir))
+    np.testing.assert_allclose(mat, Encoder(cfg).encode([corpus[i] for i in ids]), atol=1e-5)
+    # a run that died after three parts: the rerun embeds the fourth only
+    kept = {p: (corpus_dir / p).stat().st_mtime_ns for p in parts[:3]}
+    (corpus_dir / parts[3]).unlink()
+    Path(stage_dir(out, cfg), "_manifest.json").unlink()
+    run(cfg, f"{out}/data", out, manifest["config_hash"])
+    assert {p: (corpus_dir / p).stat().st_mtime_ns for p in parts[:3]} == kept
+    ids2, mat2 = read_embeddings(str(corpus_dir))
+    assert ids2 == ids
+    np.testing.assert_allclose(mat2, mat, atol=1e-6)
 
 
 def _retrained(model_dir: str, dst: Path) -> str:

@@ -70,8 +70,10 @@ def test_s3_outage_too_long_fails_clearly_then_rerun_finishes(
 def _embed_overrides(tiny_beir: Path, tiny_model: str, out: Path) -> list[str]:
     # 4 corpus parts of 10 rows; Ray Data bundles 2 blocks of 5 rows per task: one task per
     # part, two actor calls (8 + 2 rows) each, on 2 actors
+    # (local_corpus_below=0: through Ray Data, whose actors these tests kill)
     return [f"data.path={tiny_beir}", "data.rows_per_part=10", f"teacher.model={tiny_model}",
-            "teacher.num_actors=2", "teacher.cpus_per_actor=0.5", "teacher.torch_threads=1",
+            "teacher.local_corpus_below=0", "teacher.num_actors=2", "teacher.cpus_per_actor=0.5",
+            "teacher.torch_threads=1",
             "teacher.batch_size=1", f"output.dir={out}"]
 
 

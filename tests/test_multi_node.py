@@ -155,6 +155,7 @@ def test_run_survives_losing_a_node_mid_embed_and_mid_train(
     cmd = [sys.executable, "-m", "posmine.cli", "run", str(ROOT / "jobs/configs/scifact.yaml"),
            f"data.path={beir}", f"output.dir={out}", f"teacher.model={tiny_model}",
            f"train.model={tiny_model}", "teacher.batch_size=4", "data.rows_per_part=10",
+           "teacher.local_corpus_below=0",  # the corpus through Ray Data on the nodes
            "train.batch_size=4", "train.epochs=10", "train.max_steps=8", "train.checkpoint_every=2",
            "train.log_every=1", "train.max_failures=2"]
     started = time.monotonic()

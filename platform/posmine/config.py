@@ -99,15 +99,22 @@ class TeacherConfig:
     passage_prefix: str = ""
     max_length: Annotated[int, Range(8, 32768)] = 256
     batch_size: Annotated[int, Range(1, 65536)] = 32
+    # A batch also holds at most this many padded tokens (rows x its longest text); 0: 2,048 on
+    # the CPU, no cap on a GPU. On the CPU 8 texts of 256 tokens ran 15-20% faster than 32
+    # (their activations stay in cache; BENCHMARKS.md); GPUs want the big batches.
+    batch_tokens: Annotated[int, Range(0, 10**9)] = 0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
     num_actors: Annotated[int, Range(1, 4096)] = 1
     # Fractional CPUs: a 2-CPU machine needs room left for Ray Data's own read tasks.
     cpus_per_actor: Annotated[float, Range(0.01, 256)] = 1.0
     torch_threads: Annotated[int, Range(0, 1024)] = 0  # per actor; 0 = all cores
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Query sets this small are embedded in the driver: a second actor pool would cost more
-    # to start (Ray Data + model load per actor) than the embedding itself.
+    # Sides this small are embedded in the driver, part by part (the same output and resume):
+    # an actor pool costs ~5 s to start (a worker importing Ray Data and torch, then loading
+    # the model: BENCHMARKS.md, "Embedding against the machine's limit"), more than the work.
+    # Queries are short, so far more of them fit under that cost than documents do.
     local_queries_below: Annotated[int, Range(0, 10**12)] = 20_000
+    local_corpus_below: Annotated[int, Range(0, 10**12)] = 1_000
     # `openvino`: the encoder's forward compiled by OpenVINO for the CPU, float32 (encoders
     # such as BERT/MiniLM; decoders do not convert yet; `pip install 'posmine[openvino]'`): the torch
     # vectors within 1e-6, faster on CPUs (BENCHMARKS.md, "Embedding against the machine's limit").

@@ -4,7 +4,8 @@ Reads the `data` stage's Parquet (`corpus/part-*.parquet`, `queries.parquet/part
 `<out>/embed/<teacher-hash>/{corpus,queries}/<part>.parquet` with `id, embedding`
 (fixed-size float32 lists), one output file per input part, and a manifest. The model loads
 once per actor; batches are sorted by length inside each actor call so sub-batches carry
-little padding.
+little padding. A side too small to pay for an actor pool's start (`teacher.local_*_below`)
+is embedded in the driver instead, part by part, into the same files.
 
 Resume: an output part is written (atomically) once all its rows are embedded, so a run
 that dies keeps its finished parts; the rerun embeds only the others. Ray Data restarts a
@@ -13,11 +14,14 @@ killed actor and retries its batches; a part's rows are checked to arrive exactl
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,14 +166,25 @@ class Encoder:
     def encode(self, texts: list[str], prefix: str = "") -> np.ndarray:
         """Embed `texts` (longest first, in sub-batches) -> (n, dim) float32 in input order."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        bs = self.cfg.batch_size
         spec = backbone.EmbedSpec(self.cfg.pooling, self.cfg.max_length, prefix,
                                   self.cfg.pool_prefix, self.bidirectional)
-        for start in range(0, len(texts), bs):
-            idx = order[start:start + bs]
+        for idx in token_batches(self._token_lengths(texts, prefix), self.cfg.batch_size,
+                                 self.batch_tokens):
             out[idx] = self._encode_batch([texts[i] for i in idx], spec)
         return out
+
+    @property
+    def batch_tokens(self) -> int:
+        """The cap on a batch's padded tokens: `teacher.batch_tokens`, or 2,048 on the CPU."""
+        if self.cfg.batch_tokens:
+            return self.cfg.batch_tokens
+        return CPU_BATCH_TOKENS if self.device.type == "cpu" else 0
+
+    def _token_lengths(self, texts: list[str], prefix: str) -> np.ndarray:
+        """(n,) tokens per text as embedded (truncated): what a batch's padding follows."""
+        ids = self.tokenizer([prefix + t for t in texts], truncation=True,
+                             max_length=self.cfg.max_length)["input_ids"]
+        return np.array([len(i) for i in ids], dtype=np.int64)
 
     @torch.inference_mode()
     def _encode_batch(self, texts: list[str], spec: backbone.EmbedSpec) -> np.ndarray:
@@ -177,6 +192,25 @@ class Encoder:
         if self.cfg.normalize:
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         return emb.float().cpu().numpy()
+
+
+# Padded tokens per batch on the CPU (`teacher.batch_tokens: 0`): 8 texts of 256 tokens.
+CPU_BATCH_TOKENS = 2048
+
+
+def token_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int) -> list[np.ndarray]:
+    """Text indices in batches, longest first: at most `batch_size` rows and, when
+    `batch_tokens` > 0, at most `batch_tokens` padded tokens (rows x the batch's longest, its
+    first); a text longer than the cap is a batch of its own."""
+    order = np.argsort(-lengths, kind="stable")  # (n,) longest first
+    batches, start = [], 0
+    while start < len(order):
+        rows = batch_size
+        if batch_tokens > 0:
+            rows = max(1, min(batch_size, batch_tokens // max(int(lengths[order[start]]), 1)))
+        batches.append(order[start:start + rows])
+        start += rows
+    return batches
 
 
 def passage_texts(batch: dict[str, Any]) -> list[str]:
@@ -334,11 +368,16 @@ def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[
         resolve_model(cfg.model)  # a missing model folder fails here, once, not in every actor
         _claim(target, key)
         rows = {}
+        # loaded once, if a side runs here; one encoder in this process: every core
+        encoder = functools.cache(lambda: Encoder(dataclasses.replace(cfg, torch_threads=0)))
         for side, src in (("corpus", storage.join(data_dir, "corpus")),
                           ("queries", storage.join(data_dir, QUERIES))):
             dst = storage.join(target, side)
-            if side == "queries" and parquet_rows(src) < cfg.local_queries_below:
-                rows[side] = embed_local(cfg, src, dst, side)
+            below = cfg.local_queries_below if side == "queries" else cfg.local_corpus_below
+            # a GPU teacher whose driver has no GPU embeds on the actors, whatever the size
+            here = cfg.device != "cuda" or torch.cuda.is_available()
+            if here and parquet_rows(src) < below:
+                rows[side] = embed_local(cfg, src, dst, side, encoder)
             else:
                 rows[side] = embed_ray(cfg, src, dst, side)
         return storage.Done(rows, extra={"model": cfg.model, "pooling": cfg.pooling},
@@ -360,18 +399,45 @@ def _claim(target: str, key: str) -> None:
         storage.write_json(marker, {"key": key})
 
 
-def embed_local(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
-    """Embed a small Parquet file in this process, with the same encoder and output format."""
-    table = storage.read_parquet(src)
-    out = embed_table(Encoder(cfg), table, _prefix(cfg, side))
-    _check_table(out, f"{storage.redact(src)} embedded by {cfg.model}")
-    storage.write_parquet(out, storage.join(dst, "part-00000.parquet"), row_group_size=ROW_GROUP)
-    return table.num_rows
+def embed_local(cfg: TeacherConfig, src: str, dst: str, side: str,
+                encoder: Callable[[], Encoder]) -> int:
+    """Embed the unfinished parts of a small `src` in this process, part by part: the output,
+    the atomic writes and the resume of `embed_ray`, without an actor pool to start."""
+    parts, pending = pending_parts(src, dst, side)
+    if not pending:
+        return sum(parts.values())
+    src_dir = _parts_dir(src)
+    with tqdm(total=sum(parts[p] for p in pending), desc=f"embed {side}", unit="doc") as bar:
+        for written, name in enumerate(pending, start=1):
+            table = storage.read_parquet(storage.join(src_dir, name))
+            out = embed_table(encoder(), table, _prefix(cfg, side))
+            _check_table(out, f"{side} part {name}")
+            storage.write_parquet(out, storage.join(dst, name), row_group_size=ROW_GROUP)
+            bar.update(table.num_rows)
+            _stall_hook(written)
+    return sum(parts.values())
 
 
 def input_parts(src: str) -> dict[str, int]:
     """{part file name: rows} of a Parquet folder (or of a single file)."""
     return {url.rsplit("/", 1)[-1]: parquet_rows(url) for url in storage.parquet_files(src)}
+
+
+def pending_parts(src: str, dst: str, side: str) -> tuple[dict[str, int], list[str]]:
+    """({part: rows} of `src`, the parts without an output in `dst` yet, in order)."""
+    parts = input_parts(src)
+    done = set(storage.listdir(dst))
+    pending = [p for p in sorted(parts) if p not in done]
+    if pending:
+        log.info("embedding %d of %d %s parts (%d kept from an earlier run)", len(pending),
+                 len(parts), side, len(parts) - len(pending))
+    return parts, pending
+
+
+def _parts_dir(src: str) -> str:
+    """The folder holding `src`'s parts (`src` itself, or a single file's folder)."""
+    files = storage.parquet_files(src)
+    return files[0].rsplit("/", 1)[0] if files else src
 
 
 def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
@@ -383,16 +449,11 @@ def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    parts = input_parts(src)
-    files = storage.parquet_files(src)
-    src_dir = files[0].rsplit("/", 1)[0] if files else src
-    done = set(storage.listdir(dst))
-    pending = [p for p in sorted(parts) if p not in done]
+    parts, pending = pending_parts(src, dst, side)
+    src_dir = _parts_dir(src)
     total = sum(parts.values())
     if not pending:
         return total
-    log.info("embedding %d of %d %s parts (%d kept from an earlier run)", len(pending),
-             len(parts), side, len(parts) - len(pending))
     use_gpu = pick_device(cfg.device).type == "cuda"
     fs, root = storage.arrow_filesystem(src_dir)
     todo = sum(parts[p] for p in pending)
@@ -409,7 +470,7 @@ def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
         num_gpus=1 if use_gpu else 0,
     )
     DataContext.get_current().execution_options.preserve_order = True
-    collector = PartCollector(parts, dst)
+    collector = PartCollector(parts, dst, side)
     with tqdm(total=todo, desc=f"embed {side}", unit="doc") as bar:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             bar.update(collector.add(batch))
@@ -426,8 +487,8 @@ def _check_table(table: pa.Table, where: str) -> None:
 class PartCollector:
     """Groups embedded rows by source part and writes each part once all its rows are in."""
 
-    def __init__(self, parts: dict[str, int], dst: str) -> None:
-        self.parts, self.dst = parts, dst
+    def __init__(self, parts: dict[str, int], dst: str, side: str = "corpus") -> None:
+        self.parts, self.dst, self.side = parts, dst, side
         self.buffers: dict[str, list[pa.Table]] = {}
         self.written: set[str] = set()
 
@@ -449,7 +510,7 @@ class PartCollector:
         table = pa.concat_tables(self.buffers.pop(name))
         if len(set(table.column("id").to_pylist())) != table.num_rows:
             raise RuntimeError(f"part {name}: duplicate ids in the embedded rows")
-        _check_table(table, f"corpus part {name}")
+        _check_table(table, f"{self.side} part {name}")
         storage.write_parquet(table, storage.join(self.dst, name), row_group_size=ROW_GROUP)
         self.written.add(name)
         _stall_hook(len(self.written))
