@@ -17,7 +17,7 @@ import torch
 from _common import emit
 from posmine import data, pipeline, storage
 from posmine.config import TeacherConfig, default_beir_dir
-from posmine.embed import Encoder, embed_ray, passage_texts, read_embeddings
+from posmine.embed import Encoder, embed_ray, list_parts, passage_texts, read_embeddings
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
 
     pipeline.ensure_ray()
     t0 = time.perf_counter()
-    embed_ray(cfg, src, dst, "corpus")
+    embed_ray(cfg, list_parts(src), dst, "corpus")
     ray_s = time.perf_counter() - t0
     ids, mat = read_embeddings(dst)
     row = {i: k for k, i in enumerate(chunk.column("id").to_pylist())}

@@ -35,7 +35,15 @@ import torch
 from _common import emit
 from posmine import data, pipeline, storage
 from posmine.config import TeacherConfig, default_beir_dir
-from posmine.embed import Encoder, embed_local, embed_ray, passage_texts, read_embeddings, resolve_model
+from posmine.embed import (
+    Encoder,
+    embed_local,
+    embed_ray,
+    list_parts,
+    passage_texts,
+    read_embeddings,
+    resolve_model,
+)
 
 
 def gemm_peak(d: int, ff: int, tokens: int, repeats: int = 5) -> dict[str, float]:
@@ -164,7 +172,7 @@ def main() -> None:
 
     def stage(cfg: TeacherConfig, name: str) -> dict[str, Any]:
         dst = f"{work}/{name}"
-        s = _timed(lambda: embed_ray(cfg, src, dst, "corpus"))
+        s = _timed(lambda: embed_ray(cfg, list_parts(src), dst, "corpus"))
         ids, mat = read_embeddings(dst)
         return {"seconds": round(s, 2), "docs_per_s": round(len(texts) / s, 1),
                 "gflops_useful": round(useful / s / 1e9, 1),
@@ -174,11 +182,11 @@ def main() -> None:
     # Fixed cost: a 4-text corpus, through Ray Data (an actor process to start: Ray Data and
     # torch to import, the model to load) and as the stage now runs a corpus that small, in
     # this process (`teacher.local_corpus_below`; the model to load).
-    fixed = {f"ray_data_{n}": round(_timed(lambda c=c, n=n: embed_ray(c, tiny_src, f"{work}/t{n}",
+    fixed = {f"ray_data_{n}": round(_timed(lambda c=c, n=n: embed_ray(c, list_parts(tiny_src), f"{work}/t{n}",
                                                                      "corpus")), 2)
              for n, c in layouts.items()}
     fixed["in_process"] = round(_timed(lambda: embed_local(
-        stage_cfg, tiny_src, f"{work}/tlocal", "corpus", lambda: Encoder(stage_cfg))), 2)
+        stage_cfg, list_parts(tiny_src), f"{work}/tlocal", "corpus", lambda: Encoder(stage_cfg))), 2)
     stages = {f"torch_{n}": stage(c, f"torch_{n}") for n, c in layouts.items()}
 
     levers: dict[str, Any] = {}

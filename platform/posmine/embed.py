@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -370,16 +370,16 @@ def run(cfg: TeacherConfig, data_dir: str, out_dir: str, upstream: str) -> dict[
         rows = {}
         # loaded once, if a side runs here; one encoder in this process: every core
         encoder = functools.cache(lambda: Encoder(dataclasses.replace(cfg, torch_threads=0)))
+        # a GPU teacher whose driver has no GPU embeds on the actors, whatever the size
+        here = cfg.device != "cuda" or torch.cuda.is_available()
         for side, src in (("corpus", storage.join(data_dir, "corpus")),
                           ("queries", storage.join(data_dir, QUERIES))):
-            dst = storage.join(target, side)
+            dst, listed = storage.join(target, side), list_parts(src)
             below = cfg.local_queries_below if side == "queries" else cfg.local_corpus_below
-            # a GPU teacher whose driver has no GPU embeds on the actors, whatever the size
-            here = cfg.device != "cuda" or torch.cuda.is_available()
-            if here and parquet_rows(src) < below:
-                rows[side] = embed_local(cfg, src, dst, side, encoder)
+            if here and sum(listed.rows.values()) < below:
+                rows[side] = embed_local(cfg, listed, dst, side, encoder)
             else:
-                rows[side] = embed_ray(cfg, src, dst, side)
+                rows[side] = embed_ray(cfg, listed, dst, side)
         return storage.Done(rows, extra={"model": cfg.model, "pooling": cfg.pooling},
                             outputs=["corpus", "queries"])
 
@@ -399,17 +399,16 @@ def _claim(target: str, key: str) -> None:
         storage.write_json(marker, {"key": key})
 
 
-def embed_local(cfg: TeacherConfig, src: str, dst: str, side: str,
+def embed_local(cfg: TeacherConfig, listed: Parts, dst: str, side: str,
                 encoder: Callable[[], Encoder]) -> int:
-    """Embed the unfinished parts of a small `src` in this process, part by part: the output,
+    """Embed the unfinished parts of a small input in this process, part by part: the output,
     the atomic writes and the resume of `embed_ray`, without an actor pool to start."""
-    parts, pending = pending_parts(src, dst, side)
+    parts, pending = listed.rows, pending_parts(listed, dst, side)
     if not pending:
         return sum(parts.values())
-    src_dir = _parts_dir(src)
     with tqdm(total=sum(parts[p] for p in pending), desc=f"embed {side}", unit="doc") as bar:
         for written, name in enumerate(pending, start=1):
-            table = storage.read_parquet(storage.join(src_dir, name))
+            table = storage.read_parquet(storage.join(listed.dir, name))
             out = embed_table(encoder(), table, _prefix(cfg, side))
             _check_table(out, f"{side} part {name}")
             storage.write_parquet(out, storage.join(dst, name), row_group_size=ROW_GROUP)
@@ -418,30 +417,32 @@ def embed_local(cfg: TeacherConfig, src: str, dst: str, side: str,
     return sum(parts.values())
 
 
-def input_parts(src: str) -> dict[str, int]:
-    """{part file name: rows} of a Parquet folder (or of a single file)."""
-    return {url.rsplit("/", 1)[-1]: parquet_rows(url) for url in storage.parquet_files(src)}
+class Parts(NamedTuple):
+    """An input's Parquet parts: the folder holding them, and {part file name: rows}."""
+
+    dir: str
+    rows: dict[str, int]
 
 
-def pending_parts(src: str, dst: str, side: str) -> tuple[dict[str, int], list[str]]:
-    """({part: rows} of `src`, the parts without an output in `dst` yet, in order)."""
-    parts = input_parts(src)
+def list_parts(src: str) -> Parts:
+    """The parts of a Parquet folder (or a single file), listed and counted once."""
+    files = storage.parquet_files(src)
+    return Parts(files[0].rsplit("/", 1)[0] if files else src,
+                 {url.rsplit("/", 1)[-1]: parquet_rows(url) for url in files})
+
+
+def pending_parts(listed: Parts, dst: str, side: str) -> list[str]:
+    """The parts without an output in `dst` yet, in order."""
     done = set(storage.listdir(dst))
-    pending = [p for p in sorted(parts) if p not in done]
+    pending = [p for p in sorted(listed.rows) if p not in done]
     if pending:
         log.info("embedding %d of %d %s parts (%d kept from an earlier run)", len(pending),
-                 len(parts), side, len(parts) - len(pending))
-    return parts, pending
+                 len(listed.rows), side, len(listed.rows) - len(pending))
+    return pending
 
 
-def _parts_dir(src: str) -> str:
-    """The folder holding `src`'s parts (`src` itself, or a single file's folder)."""
-    files = storage.parquet_files(src)
-    return files[0].rsplit("/", 1)[0] if files else src
-
-
-def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
-    """Stream the unfinished parts of `src` through an actor pool of encoders into `dst`.
+def embed_ray(cfg: TeacherConfig, listed: Parts, dst: str, side: str) -> int:
+    """Stream the unfinished parts of an input through an actor pool of encoders into `dst`.
 
     The driver collects each part's vectors (in input order, so about one part is held at a
     time) and writes `dst/<part>` when every row of it is in.
@@ -449,13 +450,12 @@ def embed_ray(cfg: TeacherConfig, src: str, dst: str, side: str) -> int:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    parts, pending = pending_parts(src, dst, side)
-    src_dir = _parts_dir(src)
+    parts, pending = listed.rows, pending_parts(listed, dst, side)
     total = sum(parts.values())
     if not pending:
         return total
     use_gpu = pick_device(cfg.device).type == "cuda"
-    fs, root = storage.arrow_filesystem(src_dir)
+    fs, root = storage.arrow_filesystem(listed.dir)
     todo = sum(parts[p] for p in pending)
     ds = ray.data.read_parquet([f"{root}/{p}" for p in pending], filesystem=fs, include_paths=True)
     # Blocks of about 4k rows keep every actor busy and a part's vectors streaming out.
@@ -487,7 +487,7 @@ def _check_table(table: pa.Table, where: str) -> None:
 class PartCollector:
     """Groups embedded rows by source part and writes each part once all its rows are in."""
 
-    def __init__(self, parts: dict[str, int], dst: str, side: str = "corpus") -> None:
+    def __init__(self, parts: dict[str, int], dst: str, side: str) -> None:
         self.parts, self.dst, self.side = parts, dst, side
         self.buffers: dict[str, list[pa.Table]] = {}
         self.written: set[str] = set()
