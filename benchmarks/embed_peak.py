@@ -12,7 +12,9 @@
 4. Levers, each with its largest difference to the torch encoder's vectors: the batches
    before `teacher.batch_tokens` (32 rows whatever their length), OpenVINO fp32
    (`teacher.backend=openvino`, in the plain encoder and in the embed stage), ONNX Runtime fp32
-   (when `onnxruntime` is installed), and `torch.compile`.
+   (when `onnxruntime` is installed), `torch.compile`, and `torch.compile` with Inductor's
+   freezing (`teacher.backend=compile`, in the plain encoder and in the embed stage, whose
+   time includes each actor's compile).
 
     python benchmarks/embed_peak.py [--docs 1000] [--json benchmarks/results/embed_peak.json]
 """
@@ -189,52 +191,43 @@ def main() -> None:
         stage_cfg, list_parts(tiny_src), f"{work}/tlocal", "corpus", lambda: Encoder(stage_cfg))), 2)
     stages = {f"torch_{n}": stage(c, f"torch_{n}") for n, c in layouts.items()}
 
+    def lever(encode: Any) -> dict[str, Any]:
+        """`encode(texts)` timed after a warm-up batch (a compile, for the compiled ones)."""
+        warm = _timed(lambda: encode(texts[:a.batch]))
+        t0 = time.perf_counter()
+        got = encode(texts)
+        s = time.perf_counter() - t0
+        return {"seconds": round(s, 2), "warm_up_seconds": round(warm, 2),
+                "speedup_vs_torch": round(plain_s / s, 3), "gflops_useful": round(useful / s / 1e9, 1),
+                "share_of_peak": round(useful / s / 1e9 / peak["peak"], 3),
+                "max_cosine_diff": float(np.abs((got * ref).sum(1) - 1).max()),
+                "max_abs_diff": float(np.abs(got - ref).max())}
+
+    def stages_with(backend: str) -> None:
+        for n, c in layouts.items():
+            got_stage = stage(dataclasses.replace(c, backend=backend), f"{backend}_{n}")
+            torch_s = stages[f"torch_{n}"]["seconds"]
+            got_stage["speedup_vs_torch_stage"] = round(torch_s / got_stage["seconds"], 3)
+            stages[f"{backend}_{n}"] = got_stage
+
     levers: dict[str, Any] = {}
     # the batching before `teacher.batch_tokens`: 32 rows, whatever their length
-    rows_only = Encoder(dataclasses.replace(cfg, batch_tokens=10**9))
-    rows_only.encode(texts[:a.batch])
-    t0 = time.perf_counter()
-    got = rows_only.encode(texts)
-    s = time.perf_counter() - t0
-    levers["rows_only_batches"] = {"seconds": round(s, 2), "speedup_vs_torch": round(plain_s / s, 3),
-                                   "share_of_peak": round(useful / s / 1e9 / peak["peak"], 3),
-                                   "max_abs_diff": float(np.abs(got - ref).max())}
+    levers["rows_only_batches"] = lever(Encoder(dataclasses.replace(cfg, batch_tokens=10**9)).encode)
     session = onnx_encoder(enc, work, threads)
     if session is not None:
-        onnx_encode(session, enc, texts[:a.batch], a.batch)  # warm-up
-        t0 = time.perf_counter()
-        got = onnx_encode(session, enc, texts, a.batch)
-        s = time.perf_counter() - t0
-        levers["onnxruntime_fp32"] = {"seconds": round(s, 2), "speedup_vs_torch": round(plain_s / s, 3),
-                                      "gflops_useful": round(useful / s / 1e9, 1),
-                                      "max_cosine_diff": float(np.abs((got * ref).sum(1) - 1).max()),
-                                      "max_abs_diff": float(np.abs(got - ref).max())}
+        levers["onnxruntime_fp32"] = lever(lambda t: onnx_encode(session, enc, t, a.batch))
     try:
         ov = Encoder(dataclasses.replace(cfg, backend="openvino"))
     except ImportError:
         ov = None
     if ov is not None:
-        ov.encode(texts[:a.batch])
-        t0 = time.perf_counter()
-        got = ov.encode(texts)
-        s = time.perf_counter() - t0
-        levers["openvino_fp32"] = {"seconds": round(s, 2), "speedup_vs_torch": round(plain_s / s, 3),
-                                   "gflops_useful": round(useful / s / 1e9, 1),
-                                   "share_of_peak": round(useful / s / 1e9 / peak["peak"], 3),
-                                   "max_abs_diff": float(np.abs(got - ref).max())}
-        for n, c in layouts.items():
-            got_stage = stage(dataclasses.replace(c, backend="openvino"), f"openvino_{n}")
-            torch_s = stages[f"torch_{n}"]["seconds"]
-            got_stage["speedup_vs_torch_stage"] = round(torch_s / got_stage["seconds"], 3)
-            stages[f"openvino_{n}"] = got_stage
-    compiled = Encoder.wrap(cfg, torch.compile(copy.deepcopy(enc.model), dynamic=True),
-                            enc.tokenizer, enc.device)
-    compiled.encode(texts[:a.batch])
-    t0 = time.perf_counter()
-    got = compiled.encode(texts)
-    s = time.perf_counter() - t0
-    levers["torch_compile"] = {"seconds": round(s, 2), "speedup_vs_torch": round(plain_s / s, 3),
-                               "max_abs_diff": float(np.abs(got - ref).max())}
+        levers["openvino_fp32"] = lever(ov.encode)
+        stages_with("openvino")
+    # torch.compile as it comes, and with Inductor's freezing (`teacher.backend=compile`)
+    levers["torch_compile"] = lever(Encoder.wrap(cfg, torch.compile(copy.deepcopy(enc.model), dynamic=True),
+                                                 enc.tokenizer, enc.device).encode)
+    levers["compile_freezing"] = lever(Encoder(dataclasses.replace(cfg, backend="compile")).encode)
+    stages_with("compile")
     shutil.rmtree(work, ignore_errors=True)
     # the levers left the encoder as it was: the same vectors as at the start
     unchanged = float(np.abs(enc.encode(texts[:a.batch]) - ref[:a.batch]).max())
