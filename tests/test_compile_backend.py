@@ -50,6 +50,7 @@ def test_vectors_are_kept_apart_from_eager() -> None:
     assert output_key(TeacherConfig(backend="compile")) != output_key(TeacherConfig())
 
 
+@pytest.mark.slow  # ~80 s: a Ray actor and the driver each compile (`-m slow` runs it)
 def test_ray_data_actors_compile_and_give_the_eager_vectors(ray_local: None, tiny_beir: Path,
                                                              tiny_model: str, tmp_path: Path) -> None:
     """Each actor compiles its own model (Inductor in a Ray worker process)."""

@@ -54,8 +54,8 @@ def _one_graph() -> Iterator[None]:
     """Compile settings that keep one graph for every batch, and compile it once.
 
     Duck shaping would give a first batch whose row count equals its length (32 queries of 32
-    tokens) one symbol for both, and every other batch a second graph; a symbolic float (the
-    attention's scale) made Dynamo trace the model twice (15 s against 9 s, measured).
+    tokens) one symbol for both, and every other batch a second graph; a float traced as a
+    symbol made Dynamo restart and trace the model twice (15 s against 9 s, measured).
     """
     # (the fx config module gets its `patch` when torch installs it: mypy cannot see it)
     with torch._dynamo.config.patch(specialize_float=True), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
