@@ -6,7 +6,7 @@ sharded FAISS + TopK-PercPos 0.95) and ST (`relative_margin=0.05`, `range_max=to
 per-query overlap of the chosen negatives.
 
     python benchmarks/mine_vs_st.py [--data PATH] [--out DIR] [--actors N] [--threads N]
-        [--backends torch openvino compile] [--where ray driver] [--st-batch-sizes 32 8]
+        [--backends torch openvino] [--where ray driver] [--st-batch-sizes 32 8]
         [--json results.json]
 """
 
@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/posmine-bench-mine")
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "openvino", "compile"],
+    p.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "openvino"],
                    help="posmine's teacher.backend; each runs beside the one ST run")
     p.add_argument("--where", nargs="+", default=["ray"], choices=["ray", "driver"],
                    help="the corpus through the Ray Data actor pool, or embedded in the driver")

@@ -118,10 +118,7 @@ class TeacherConfig:
     # `openvino`: the encoder's forward compiled by OpenVINO for the CPU, float32 (encoders
     # such as BERT/MiniLM; decoders do not convert yet; `pip install 'posmine[openvino]'`): the torch
     # vectors within 1e-6, faster on CPUs (BENCHMARKS.md, "Embedding against the machine's limit").
-    # `compile`: torch.compile with Inductor's freezing (weights prepacked, bias and GELU fused):
-    # the torch vectors within 1e-6, 1.2-1.3x the eager encoder on the CPU after a ~15 s
-    # compile per process (BENCHMARKS.md): for corpora that take minutes. Any model and device.
-    backend: Literal["torch", "openvino", "compile"] = "torch"
+    backend: Literal["torch", "openvino"] = "torch"
 
     def __post_init__(self) -> None:
         check_ranges(self, "teacher")

@@ -127,11 +127,6 @@ class Encoder:
         self._setup()
         self.model.to(self.device).eval()
         self.forward_model = self.model
-        if cfg.backend == "compile":
-            from posmine.compile_backend import CompiledForward
-
-            self.forward_model = CompiledForward(self.model)
-            log.info("teacher.backend=compile: the first batch compiles the model (~15 s on 2 cores)")
         if cfg.backend == "openvino":
             from posmine.openvino_backend import OpenVinoForward
 
