@@ -96,7 +96,7 @@ def main() -> None:
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--backends", nargs="+", default=["torch"], choices=["torch", "openvino"],
-                   help="posmine's teacher.backend; each runs beside the one ST run")
+                   help="posmine's teacher.backend; each runs beside the same ST runs")
     p.add_argument("--where", nargs="+", default=["ray"], choices=["ray", "driver"],
                    help="the corpus through the Ray Data actor pool, or embedded in the driver")
     p.add_argument("--st-batch-sizes", nargs="+", type=int, default=[32],
