@@ -202,13 +202,6 @@ def main() -> None:
                 "max_cosine_diff": float(np.abs((got * ref).sum(1) - 1).max()),
                 "max_abs_diff": float(np.abs(got - ref).max())}
 
-    def stages_with(backend: str) -> None:
-        for n, c in layouts.items():
-            got_stage = stage(dataclasses.replace(c, backend=backend), f"{backend}_{n}")
-            torch_s = stages[f"torch_{n}"]["seconds"]
-            got_stage["speedup_vs_torch_stage"] = round(torch_s / got_stage["seconds"], 3)
-            stages[f"{backend}_{n}"] = got_stage
-
     levers: dict[str, Any] = {}
     # the batching before `teacher.batch_tokens`: 32 rows, whatever their length
     levers["rows_only_batches"] = lever(Encoder(dataclasses.replace(cfg, batch_tokens=10**9)).encode)
@@ -221,7 +214,11 @@ def main() -> None:
         ov = None
     if ov is not None:
         levers["openvino_fp32"] = lever(ov.encode)
-        stages_with("openvino")
+        for n, c in layouts.items():
+            got_stage = stage(dataclasses.replace(c, backend="openvino"), f"openvino_{n}")
+            torch_s = stages[f"torch_{n}"]["seconds"]
+            got_stage["speedup_vs_torch_stage"] = round(torch_s / got_stage["seconds"], 3)
+            stages[f"openvino_{n}"] = got_stage
     # torch.compile as it comes, and with Inductor's freezing
     levers["torch_compile"] = lever(Encoder.wrap(cfg, torch.compile(copy.deepcopy(enc.model), dynamic=True),
                                                  enc.tokenizer, enc.device).encode)

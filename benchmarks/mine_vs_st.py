@@ -112,6 +112,7 @@ def main() -> None:
             for w in a.where for b in a.backends}
     st_runs = {b: run_st(a.data, b) for b in a.st_batch_sizes}
     st_s, st = st_runs[a.st_batch_sizes[0]]
+    other_st = list(st_runs.items())[1:]  # ST at its other batch sizes
     result: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "st_seconds": round(st_s, 1), "ray_init_seconds": round(ray_init_s, 1)}
@@ -121,9 +122,9 @@ def main() -> None:
                        f"speedup{tag}_posmine_over_st": round(st_s / pm_s, 3),
                        f"posmine{tag}_dropped_by_rule": manifest["stats"]["dropped_by_rule"],
                        **{f"{k}{tag}": v for k, v in compare(pm, st).items()}})
-        for b, (s, _) in list(st_runs.items())[1:]:
+        for b, (s, _) in other_st:
             result[f"speedup{tag}_posmine_over_st_batch{b}"] = round(s / pm_s, 3)
-    for b, (s, lists) in list(st_runs.items())[1:]:
+    for b, (s, lists) in other_st:
         # the same negatives whatever ST's batch (its vectors move by ~1e-7)
         result.update({f"st_batch{b}_seconds": round(s, 1),
                        f"st_batch{b}_identical_to_batch{a.st_batch_sizes[0]}":
