@@ -9,7 +9,9 @@
    with one actor x every core and 2 actors x 1 thread (the configs' layout; Ray's share), the
    fixed cost of a 4-text corpus through Ray Data and in this process (as the stage now embeds
    a corpus that small), and the ceiling: the linear layers alone at their GEMM rates.
-4. Levers, each with its largest difference to the torch encoder's vectors: the batches
+4. Levers, each with its largest difference to the torch encoder's vectors: glibc's malloc
+   as it comes (`teacher.reuse_memory=false`: the plain encoder is timed with it first, as this
+   process's malloc can be changed but not restored; and the stage), the batches
    before `teacher.batch_tokens` (32 rows whatever their length), OpenVINO fp32
    (`teacher.backend=openvino`, in the plain encoder and in the embed stage), ONNX Runtime fp32
    (when `onnxruntime` is installed), `torch.compile`, and `torch.compile` with Inductor's
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from _common import emit
-from posmine import data, pipeline, storage
+from posmine import allocator, data, pipeline, storage
 from posmine.config import TeacherConfig, default_beir_dir
 from posmine.embed import (
     Encoder,
@@ -145,7 +147,7 @@ def main() -> None:
     chunk = data.sort_by_length(next(data.load(a.data).corpus_chunks(chunk_rows=a.docs)))
     texts = passage_texts(chunk.to_pydict())
     cfg = TeacherConfig(batch_size=a.batch, torch_threads=threads)
-    enc = Encoder(cfg)
+    enc = Encoder(dataclasses.replace(cfg, reuse_memory=False))  # glibc's malloc untouched yet
     mc = enc.model.config
     layers, d, ff = mc.num_hidden_layers, mc.hidden_size, mc.intermediate_size
     lengths = np.array([len(x) for x in enc.tokenizer(texts, truncation=True,
@@ -157,6 +159,11 @@ def main() -> None:
     enc.encode(texts[:a.batch])  # warm-up
     t0 = time.perf_counter()
     ref = enc.encode(texts)
+    system_malloc_s = time.perf_counter() - t0
+    allocator.reuse_freed_memory()  # what Encoder(cfg) does: the default from here on
+    enc.encode(texts[:a.batch])
+    t0 = time.perf_counter()
+    reused = enc.encode(texts)
     plain_s = time.perf_counter() - t0
 
     # The embed stage through Ray Data: one actor with every core, and 2 actors x 1 thread (the
@@ -189,6 +196,11 @@ def main() -> None:
     fixed["in_process"] = round(_timed(lambda: embed_local(
         stage_cfg, list_parts(tiny_src), f"{work}/tlocal", "corpus", lambda: Encoder(stage_cfg))), 2)
     stages = {f"torch_{n}": stage(c, f"torch_{n}") for n, c in layouts.items()}
+    for n, c in layouts.items():
+        got_stage = stage(dataclasses.replace(c, reuse_memory=False), f"system_malloc_{n}")
+        reused_s = stages[f"torch_{n}"]["seconds"]
+        got_stage["speedup_of_reuse_memory"] = round(got_stage["seconds"] / reused_s, 3)
+        stages[f"torch_system_malloc_{n}"] = got_stage
 
     def lever(encode: Any) -> dict[str, Any]:
         """`encode(texts)` timed after a warm-up batch (a compile, for the compiled ones)."""
@@ -202,7 +214,10 @@ def main() -> None:
                 "max_cosine_diff": float(np.abs((got * ref).sum(1) - 1).max()),
                 "max_abs_diff": float(np.abs(got - ref).max())}
 
-    levers: dict[str, Any] = {}
+    levers: dict[str, Any] = {"system_malloc": {
+        "seconds": round(system_malloc_s, 2), "speedup_vs_torch": round(plain_s / system_malloc_s, 3),
+        "share_of_peak": round(useful / system_malloc_s / 1e9 / peak["peak"], 3),
+        "max_abs_diff": float(np.abs(reused - ref).max())}}
     # the batching before `teacher.batch_tokens`: 32 rows, whatever their length
     levers["rows_only_batches"] = lever(Encoder(dataclasses.replace(cfg, batch_tokens=10**9)).encode)
     session = onnx_encoder(enc, work, threads)

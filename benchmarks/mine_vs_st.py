@@ -5,33 +5,46 @@ sharded FAISS + TopK-PercPos 0.95) and ST (`relative_margin=0.05`, `range_max=to
 `sampling_strategy="top"`, `use_faiss=True`). Reports wall times, their ratio, and the
 per-query overlap of the chosen negatives.
 
+Each run has a fresh interpreter to itself (and posmine's runs a local Ray of their own, its
+start timed apart): glibc's malloc raises its own thresholds as a process frees large blocks,
+so runs sharing a process would each be timed with the history of the ones before. posmine's
+CPU encoder sets those thresholds itself (`teacher.reuse_memory`); ST runs both as it comes
+and given the same lever (`st_reuse_memory_*`), and `--system-malloc` adds posmine runs with
+`teacher.reuse_memory=false`.
+
     python benchmarks/mine_vs_st.py [--data PATH] [--out DIR] [--actors N] [--threads N]
         [--backends torch openvino] [--where ray driver] [--st-batch-sizes 32 8]
-        [--json results.json]
+        [--system-malloc] [--json results.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from _common import emit
-from posmine import pipeline, storage
+from posmine import allocator, pipeline, storage
 from posmine.config import default_beir_dir, load_config
 from posmine.embed import resolve_model
 
 
 def run_posmine(data: str, out: str, actors: int, threads: int, backend: str = "torch",
-                where: str = "ray") -> tuple[float, dict, dict]:
+                where: str = "ray", reuse: bool = True) -> tuple[float, dict, dict]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config("jobs/configs/scifact.yaml", [
         f"data.path={data}", f"output.dir={out}", f"teacher.num_actors={actors}",
-        f"teacher.backend={backend}",
+        f"teacher.backend={backend}", f"teacher.reuse_memory={str(reuse).lower()}",
         # driver: the corpus embedded in this process, as a corpus under the bound is
         f"teacher.local_corpus_below={10**9 if where == 'driver' else 1000}",
         f"teacher.cpus_per_actor={1.0 if actors == 1 else 0.5}", f"teacher.torch_threads={threads}",
@@ -89,6 +102,33 @@ def compare(ours: dict, theirs: dict) -> dict:
             "only_posmine": len(set(ours) - set(theirs)), "only_st": len(set(theirs) - set(ours))}
 
 
+def one_run(spec: dict[str, Any]) -> dict[str, Any]:
+    """The run `spec` names, in this process: seconds, negative lists and what the rule dropped."""
+    if spec["kind"] == "st":
+        if spec["reuse"]:
+            allocator.reuse_freed_memory()  # the lever posmine's encoder pulls, given to ST
+        seconds, lists = run_st(spec["data"], spec["batch"])
+        extra: dict[str, Any] = {}
+    else:
+        t0 = time.perf_counter()
+        pipeline.ensure_ray()  # a cluster is already up in production: timed apart
+        extra = {"ray_init_seconds": time.perf_counter() - t0}
+        seconds, lists, manifest = run_posmine(*(spec[k] for k in (
+            "data", "out", "actors", "threads", "backend", "where", "reuse")))
+        extra["dropped_by_rule"] = manifest["stats"]["dropped_by_rule"]
+    return {"seconds": seconds, "lists": [[q, p, n] for (q, p), n in lists.items()], **extra}
+
+
+def isolated(spec: dict[str, Any]) -> tuple[float, dict, dict[str, Any]]:
+    """`one_run(spec)` in a fresh interpreter -> (seconds, {(query, positive): negatives}, rest)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "run.json")
+        subprocess.run([sys.executable, __file__, "--one", json.dumps(spec), "--json", str(path)],
+                       check=True)
+        got = json.loads(path.read_text())
+    return got.pop("seconds"), {(q, p): n for q, p, n in got.pop("lists")}, got
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--data", default=default_beir_dir("scifact"))
@@ -102,33 +142,42 @@ def main() -> None:
     p.add_argument("--st-batch-sizes", nargs="+", type=int, default=[32],
                    help="ST's encode batch; the first (its default, 32) is the ratios' reference, "
                         "the others (8: as few long texts as posmine's 2,048-token batches) its own rows")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="also posmine with teacher.reuse_memory=false (glibc's defaults)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's run
     p.add_argument("--json", default=None)
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    t0 = time.perf_counter()
-    pipeline.ensure_ray()  # a cluster is already up in production: timed apart
-    ray_init_s = time.perf_counter() - t0
-    runs = {(b, w): run_posmine(a.data, a.out, a.actors, a.threads, b, w)
-            for w in a.where for b in a.backends}
-    st_runs = {b: run_st(a.data, b) for b in a.st_batch_sizes}
-    st_s, st = st_runs[a.st_batch_sizes[0]]
-    other_st = list(st_runs.items())[1:]  # ST at its other batch sizes
+    if a.one:
+        Path(a.json).write_text(json.dumps(one_run(json.loads(a.one))))
+        return
+    st_runs = {(b, r): isolated({"kind": "st", "data": a.data, "batch": b, "reuse": r})
+               for r in (False, True) for b in a.st_batch_sizes}
+    runs = {(b, w, r): isolated({"kind": "posmine", "data": a.data, "out": a.out, "actors": a.actors,
+                                 "threads": a.threads, "backend": b, "where": w, "reuse": r})
+            for r in ([False, True] if a.system_malloc else [True]) for w in a.where for b in a.backends}
+    ref_batch = a.st_batch_sizes[0]
+    st_s, st, _ = st_runs[ref_batch, False]
     result: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "st_seconds": round(st_s, 1), "ray_init_seconds": round(ray_init_s, 1)}
-    for (b, w), (pm_s, pm, manifest) in runs.items():
-        tag = ("" if b == "torch" else f"_{b}") + ("" if w == "ray" else f"_{w}")
+        "st_seconds": round(st_s, 1),
+        "ray_init_seconds": round(next(iter(runs.values()))[2]["ray_init_seconds"], 1)}
+    # ST's other runs: its other batch sizes, and each batch size given posmine's malloc lever
+    others = {f"st{'_reuse_memory' if r else ''}_batch{b}": (s, lists)
+              for (b, r), (s, lists, _) in st_runs.items() if (b, r) != (ref_batch, False)}
+    for tag, (s, lists) in others.items():
+        # the same negatives whatever ST's batch (its vectors move by ~1e-7)
+        result.update({f"{tag}_seconds": round(s, 1),
+                       f"{tag}_identical_to_batch{ref_batch}": sum(lists.get(k) == v for k, v in st.items())})
+    for (b, w, r), (pm_s, pm, rest) in runs.items():
+        tag = ("" if b == "torch" else f"_{b}") + ("" if w == "ray" else f"_{w}") + (
+            "" if r else "_system_malloc")
         result.update({f"posmine{tag}_seconds": round(pm_s, 1),
                        f"speedup{tag}_posmine_over_st": round(st_s / pm_s, 3),
-                       f"posmine{tag}_dropped_by_rule": manifest["stats"]["dropped_by_rule"],
+                       f"posmine{tag}_dropped_by_rule": rest["dropped_by_rule"],
                        **{f"{k}{tag}": v for k, v in compare(pm, st).items()}})
-        for b, (s, _) in other_st:
-            result[f"speedup{tag}_posmine_over_st_batch{b}"] = round(s / pm_s, 3)
-    for b, (s, lists) in other_st:
-        # the same negatives whatever ST's batch (its vectors move by ~1e-7)
-        result.update({f"st_batch{b}_seconds": round(s, 1),
-                       f"st_batch{b}_identical_to_batch{a.st_batch_sizes[0]}":
-                           sum(lists.get(k) == v for k, v in st.items())})
+        for other, (s, _) in others.items():
+            result[f"speedup{tag}_posmine_over_{other}"] = round(s / pm_s, 3)
     emit(result, a.json)
 
 

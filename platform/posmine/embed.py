@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from posmine import backbone, faults, schemas, storage
+from posmine import allocator, backbone, faults, schemas, storage
 from posmine.config import MODEL_DEFAULT, TeacherConfig, config_hash
 from posmine.data import QUERIES, parquet_rows
 
@@ -116,6 +116,8 @@ class Encoder:
         self.cfg = cfg
         path = resolve_model(model or cfg.model)
         self.device = pick_device(cfg.device)
+        if self.device.type == "cpu" and cfg.reuse_memory:
+            allocator.reuse_freed_memory()
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32}[cfg.dtype]
         try:

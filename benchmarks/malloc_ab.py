@@ -1,0 +1,73 @@
+"""The plain encoder with glibc's malloc as it comes and with `teacher.reuse_memory`, each run
+in a fresh process (the setting cannot be undone, and glibc adapts its thresholds to what a
+process has freed before), alternating; wall time, minor page faults and system time per run.
+
+    python benchmarks/malloc_ab.py [--docs 1000] [--pairs 3] [--json results.json]
+
+`--docs N`: the first N SciFact abstracts, longest first (as `embed_peak.py`); 6000 takes the
+whole corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from _common import emit
+
+
+def child(data: str, docs: int, reuse: bool) -> None:
+    """Embed the abstracts once after a warm-up batch; print the seconds."""
+    from posmine import data as pdata
+    from posmine.config import TeacherConfig
+    from posmine.embed import Encoder, passage_texts
+
+    chunk = pdata.sort_by_length(next(pdata.load(data).corpus_chunks(chunk_rows=docs)))
+    texts = passage_texts(chunk.to_pydict())
+    enc = Encoder(TeacherConfig(batch_size=32, reuse_memory=reuse))
+    enc.encode(texts[:32])
+    t0 = time.perf_counter()
+    enc.encode(texts)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "docs": len(texts)}))
+
+
+def measured(args: list[str]) -> dict[str, float]:
+    """One child run: its own seconds, and the minor faults and system time the OS counted."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True,
+                         text=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    got = json.loads(out.strip().splitlines()[-1])
+    return {"seconds": round(got["seconds"], 2), "docs": got["docs"],
+            "minor_page_faults": after.ru_minflt - before.ru_minflt,
+            "system_seconds": round(after.ru_stime - before.ru_stime, 2)}
+
+
+def main() -> None:
+    from posmine.config import default_beir_dir
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default=default_beir_dir("scifact"))
+    p.add_argument("--docs", type=int, default=1000)
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--child", choices=["system", "reuse"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if a.child:
+        child(a.data, a.docs, a.child == "reuse")
+        return
+    runs: dict[str, list[dict[str, float]]] = {"system": [], "reuse": []}
+    for _ in range(a.pairs):
+        for kind in runs:
+            runs[kind].append(measured(["--child", kind, "--docs", str(a.docs), "--data", a.data]))
+    mean = {k: sum(r["seconds"] for r in v) / len(v) for k, v in runs.items()}
+    emit({"docs": runs["system"][0]["docs"], "runs": runs,
+          "speedup_of_reuse_memory": round(mean["system"] / mean["reuse"], 3)}, a.json)
+
+
+if __name__ == "__main__":
+    main()
