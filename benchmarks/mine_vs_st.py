@@ -1,9 +1,10 @@
 """posmine mining vs sentence-transformers' `mine_hard_negatives`, same model/data/settings.
 
-Both run end to end in this one process, one after the other: posmine (data + Ray Data embed +
-sharded FAISS + TopK-PercPos 0.95) and ST (`relative_margin=0.05`, `range_max=top_k`,
-`sampling_strategy="top"`, `use_faiss=True`). Reports wall times, their ratio, and the
-per-query overlap of the chosen negatives.
+Both run end to end, one after the other: posmine (data + Ray Data embed + sharded FAISS +
+TopK-PercPos 0.95) and ST (`relative_margin=0.05`, `range_max=top_k`, `sampling_strategy="top"`,
+`use_faiss=True`), with the same rule: posmine is told ST's window (the teacher's top 30) and
+ST's anchor (a query's lowest positive score, one list for all its positives). Reports wall
+times, their ratio, and per (query, positive) example the identical lists and the overlap.
 
 Each run has a fresh interpreter to itself (and posmine's runs a local Ray of their own, its
 start timed apart): glibc's malloc raises its own thresholds as a process frees large blocks,
@@ -50,13 +51,15 @@ def run_posmine(data: str, out: str, actors: int, threads: int, backend: str = "
         f"teacher.cpus_per_actor={1.0 if actors == 1 else 0.5}", f"teacher.torch_threads={threads}",
         "mining.rule=topk_percpos", "mining.perc=0.95", "mining.num_negatives=4", "mining.top_k=30",
         "mining.dedup_text=exact", "mining.window=rank",  # ST's range_max: the teacher's top 30
+        # ST anchors all of a query's examples on its lowest positive's score (`torch.min` over
+        # them in `mine_hard_negatives`) and repeats that one list for each positive
+        "mining.anchor=min",
     ])
     t0 = time.perf_counter()
     manifest = pipeline.mine(cfg)
     seconds = time.perf_counter() - t0
     mined = storage.read_parquet(f"{out}/mine/mined.parquet").to_pylist()
-    # keyed by (query, positive): with anchor=pair each positive has negatives of its own, as
-    # each (query, positive) row of ST's n-tuples does
+    # keyed by (query, positive), as ST's n-tuples are: one row for each positive
     return seconds, {(r["query"], p): r["negatives"] for r in mined for p in r["positives"]}, manifest
 
 

@@ -443,25 +443,29 @@ def pending_parts(listed: Parts, dst: str, side: str) -> list[str]:
     return pending
 
 
-def embed_ray(cfg: TeacherConfig, listed: Parts, dst: str, side: str) -> int:
-    """Stream the unfinished parts of an input through an actor pool of encoders into `dst`.
+BLOCK_ROWS = 4096  # the most rows one block carries to an actor
+BLOCKS_PER_ACTOR = 4
 
-    The driver collects each part's vectors (in input order, so about one part is held at a
-    time) and writes `dst/<part>` when every row of it is in.
-    """
+
+def block_rows(todo: int, num_actors: int) -> int:
+    """Rows per block: at most BLOCK_ROWS, and at least BLOCKS_PER_ACTOR blocks per actor, so
+    every actor has work and the last blocks, which set the stage's tail, are small."""
+    return max(1, min(BLOCK_ROWS, math.ceil(todo / (num_actors * BLOCKS_PER_ACTOR))))
+
+
+def embed_dataset(cfg: TeacherConfig, listed: Parts, pending: list[str], side: str) -> Any:
+    """The Ray Data pipeline of the stage: `pending` parts -> encoder actors -> `id, embedding,
+    path` rows, in input order. Built, not run."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    parts, pending = listed.rows, pending_parts(listed, dst, side)
-    total = sum(parts.values())
-    if not pending:
-        return total
     use_gpu = pick_device(cfg.device).type == "cuda"
     fs, root = storage.arrow_filesystem(listed.dir)
-    todo = sum(parts[p] for p in pending)
+    todo = sum(listed.rows[p] for p in pending)
     ds = ray.data.read_parquet([f"{root}/{p}" for p in pending], filesystem=fs, include_paths=True)
-    # Blocks of about 4k rows keep every actor busy and a part's vectors streaming out.
-    ds = ds.repartition(max(cfg.num_actors * 4, math.ceil(todo / 4096)))
+    # Streaming repartition: a block goes to an actor as soon as it is read. (`repartition(n)`
+    # is an all-to-all barrier: the whole input read and split before the first actor starts.)
+    ds = ds.repartition(target_num_rows_per_block=block_rows(todo, cfg.num_actors))
     ds = ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={"cfg": cfg, "side": side},
@@ -472,9 +476,24 @@ def embed_ray(cfg: TeacherConfig, listed: Parts, dst: str, side: str) -> int:
         num_gpus=1 if use_gpu else 0,
     )
     DataContext.get_current().execution_options.preserve_order = True
+    return ds
+
+
+def embed_ray(cfg: TeacherConfig, listed: Parts, dst: str, side: str) -> int:
+    """Stream the unfinished parts of an input through an actor pool of encoders into `dst`.
+
+    The driver collects each part's vectors (in input order, so about one part is held at a
+    time) and writes `dst/<part>` when every row of it is in.
+    """
+    parts, pending = listed.rows, pending_parts(listed, dst, side)
+    total = sum(parts.values())
+    if not pending:
+        return total
+    todo = sum(parts[p] for p in pending)
     collector = PartCollector(parts, dst, side)
     with tqdm(total=todo, desc=f"embed {side}", unit="doc") as bar:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in embed_dataset(cfg, listed, pending, side).iter_batches(batch_format="pyarrow",
+                                                                            batch_size=None):
             bar.update(collector.add(batch))
     collector.check_complete(pending)
     log.info("embedded %d %s rows into %s", todo, side, storage.redact(dst))
