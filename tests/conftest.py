@@ -37,6 +37,9 @@ QRELS = {
     "train": [(f"q{i}", f"d{(i * 3) % 40}", 1) for i in range(8)] + [("q0", "d5", 1), ("q1", "d9", 1)],
     "test": [(f"q{i}", f"d{(i * 3 + 1) % 40}", 1) for i in range(8, 12)],
 }
+# Train queries q0 and q7 have one text: the data stage gives each the other's positives
+# (`data.share_positives_by_text`), so the 10 train qrels become 13 (q0 +d21, q7 +d0 +d5).
+TRAIN_QRELS_SHARED = 13
 
 
 def write_beir(root: Path, corpus: list[dict] | None = None, queries: list[dict] | None = None,

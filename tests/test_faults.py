@@ -16,7 +16,7 @@ import pytest
 from posmine import data, pipeline, storage
 from posmine.config import TeacherConfig, load_config
 from posmine.embed import Encoder, read_embeddings
-from tests.conftest import CORPUS, ray_with_env
+from tests.conftest import CORPUS, TRAIN_QRELS_SHARED, ray_with_env
 from tests.proxy import FlakyProxy
 
 ROOT = Path(__file__).parents[1]
@@ -47,7 +47,7 @@ def test_s3_outage_mid_stage_is_retried(s3_via, s3_bucket: str, tiny_beir: Path)
     assert proxy.triggered.is_set()  # the endpoint really went down halfway through ...
     assert time.monotonic() - started >= 3.0  # ... and the stage waited it out
     assert manifest["rows"]["corpus"] == 40
-    assert storage.read_parquet(f"{out}/data/qrels/train.parquet").num_rows == 10
+    assert storage.read_parquet(f"{out}/data/qrels/train.parquet").num_rows == TRAIN_QRELS_SHARED
     assert storage.read_manifest(f"{out}/data")["config_hash"] == manifest["config_hash"]
 
 

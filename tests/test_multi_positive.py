@@ -14,7 +14,7 @@ import torch
 
 from posmine import data, pipeline, storage
 from posmine import mine as mine_stage
-from posmine.config import MiningConfig, TrainConfig, default_beir_dir, load_config
+from posmine.config import DataConfig, MiningConfig, TrainConfig, default_beir_dir, load_config
 from posmine.losses import contrastive_loss
 from posmine.mining import (
     QueryCandidates,
@@ -24,6 +24,7 @@ from posmine.mining import (
     starvation_warning,
 )
 from posmine.train import epoch_batches, epoch_plan, expand, known_positive_mask, masked_counts
+from tests.conftest import CORPUS, write_beir
 
 # One query, three positives of different strength among its candidates (best first).
 CANDS = ["p1", "a", "b", "p2", "c", "d", "p3", "e", "f", "g"]
@@ -224,6 +225,36 @@ def test_masked_loss_equals_the_per_query_loop(in_batch: bool) -> None:
                                 temperature=0.05, in_batch_negatives=True)
     if in_batch:
         assert not torch.allclose(loss, unmasked)  # the mask changed the loss
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_queries_of_the_same_text_share_their_positives(tmp_path: Path, share: bool) -> None:
+    """Two train queries with one text (case and punctuation apart) and different ids, each
+    with its own positive: the data stage gives each the other's (with its grade), so mining
+    never makes one's positive the other's hard negative. The test split is left as it is."""
+    queries = [{"_id": "q1", "text": "Cell growth, in mice?"}, {"_id": "q2", "text": "cell GROWTH in mice"},
+               {"_id": "q3", "text": "liver kidney"}]
+    qrels = {"train": [("q1", "d1", 1), ("q2", "d2", 2), ("q3", "d3", 1)],
+             "test": [("q1", "d4", 1), ("q2", "d5", 1)]}
+    root = write_beir(tmp_path / "twins", CORPUS, queries, qrels)
+    manifest = data.prepare(DataConfig(path=str(root), share_positives_by_text=share), str(tmp_path / "out"))
+    prepared = f"{tmp_path}/out/data"
+    train = data.read_prepared_qrels(prepared, "train")
+    cols = [train.column(c).to_pylist() for c in ("query_id", "doc_id", "score")]
+    got = {(q, d): s for q, d, s in zip(*cols, strict=True)}
+    own = {("q1", "d1"): 1, ("q2", "d2"): 2, ("q3", "d3"): 1}
+    assert got == ({**own, ("q1", "d2"): 2, ("q2", "d1"): 1} if share else own)
+    assert manifest["stats"]["queries_given_same_text_positives"] == (2 if share else 0)
+    test = data.read_prepared_qrels(prepared, "test")
+    assert sorted(zip(test.column("query_id").to_pylist(), test.column("doc_id").to_pylist(),
+                      strict=True)) == [("q1", "d4"), ("q2", "d5")]
+    # q1's teacher ranks q2's positive first: a hard negative unless it is known as q1's positive
+    positives = data.positives_by_query(train)
+    q1 = QueryCandidates("q1", ["d2", "d7", "d1", "d8", "d9"], np.array([0.9, 0.5, 0.45, 0.3, 0.2]),
+                         positives["q1"], np.array([0.45, 0.9][:len(positives["q1"])]))
+    rows, _ = mine([q1], MiningConfig(rule="naive_topk", num_negatives=2))
+    assert ("d2" in rows[0]["negative_ids"]) is not share
+    assert all("d2" in r["query_positive_ids"] for r in rows) is share
 
 
 # ---------------------------------------------------------------- real data

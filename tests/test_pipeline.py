@@ -14,7 +14,7 @@ from posmine.cli import main
 from posmine.config import load_config
 from posmine.embed import Encoder
 from posmine.mining import example_key
-from tests.conftest import CORPUS, QRELS, QUERIES
+from tests.conftest import CORPUS, QRELS, QUERIES, TRAIN_QRELS_SHARED
 
 
 def _overrides(tiny_beir: Path, tiny_model: str, out: str) -> list[str]:
@@ -33,9 +33,9 @@ def test_mine_to_s3_and_report(ray_local: None, tiny_beir: Path, tiny_model: str
     manifest = pipeline.mine(cfg)
     assert manifest["rule"] == "topk_percpos"
     stats = manifest["stats"]
-    assert stats["queries_in"] == 8 and stats["positives"] == len(QRELS["train"])
+    assert stats["queries_in"] == 8 and stats["positives"] == TRAIN_QRELS_SHARED
     mined = storage.read_parquet(f"{out}/mine/mined.parquet")
-    assert mined.num_rows == stats["examples_out"] == len(QRELS["train"])  # anchor=pair: per positive
+    assert mined.num_rows == stats["examples_out"] == TRAIN_QRELS_SHARED  # anchor=pair: per positive
     assert stats["queries_out"] == 8
     # every kept negative obeys the rule against the recomputed teacher scores
     enc = Encoder(cfg.teacher)

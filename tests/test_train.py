@@ -11,7 +11,7 @@ from posmine import pipeline, storage
 from posmine.config import TeacherConfig, TrainConfig, load_config
 from posmine.embed import Encoder
 from posmine.train import StudentTrainer, expand, train_plain
-from tests.conftest import ray_with_env
+from tests.conftest import TRAIN_QRELS_SHARED, ray_with_env
 
 WORDS6 = ("virus", "cancer", "mouse", "human", "sleep", "diet")
 ROWS = expand({"query_id": list(WORDS6), "query": [f"cell protein {w}" for w in WORDS6],
@@ -79,8 +79,8 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
     out = str(tmp_path / "out")
     summary = pipeline.run(_cfg(tiny_beir, tiny_model, out, "train.track=mlflow"))
     manifest = storage.read_manifest(f"{out}/train")
-    # 10 (query, positive) examples of 8 queries; positives=sample trains 8 a epoch: 4 batches of 2
-    assert manifest is not None and manifest["rows"]["examples"] == 10
+    # 13 (query, positive) examples of 8 queries; positives=sample trains 8 a epoch: 4 batches of 2
+    assert manifest is not None and manifest["rows"]["examples"] == TRAIN_QRELS_SHARED
     assert manifest["rows"]["steps"] == manifest["rows"]["steps_planned"] == 4
     model_dir = summary["model_dir"]
     AutoModel.from_pretrained(model_dir)

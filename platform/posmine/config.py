@@ -70,6 +70,10 @@ class DataConfig:
     # SciFact has no dev split: hold out this fraction of train queries (seeded) as dev.
     dev_fraction: Annotated[float, Range(0.0, 0.9)] = 0.1
     holdout_dev: bool = False  # when True, `train` excludes the held-out dev queries
+    # Queries of the mined split whose texts are equal after normalisation but whose ids differ
+    # (a log's repeated queries, SciFact's train queries 89 and 90) share their positives, as
+    # sentence-transformers' miner does; else one's positive is the other's hard negative.
+    share_positives_by_text: bool = True
     max_queries: Annotated[int | None, Range(1, 10**12)] = None  # a seeded subset of queries, for quick runs
     # Corpus rows per Parquet part: the unit the embed stage resumes from after a crash.
     rows_per_part: Annotated[int, Range(1, 100_000_000)] = 50_000

@@ -426,6 +426,33 @@ def prepared_qrels(qrels: dict[str, pa.Table], cfg: DataConfig) -> dict[str, pa.
     return {s: subset_queries(t, cfg.max_queries, cfg.seed) for s, t in qrels.items()}
 
 
+def share_positives_by_text(qrels: pa.Table, queries: pa.Table) -> tuple[pa.Table, int]:
+    """Queries of `qrels` with the same text after `mining.normalize_text` (and different ids)
+    share their positives: each gains the others' relevant rows it lacks, with their scores.
+    Returns the qrels and how many queries gained a positive."""
+    from posmine.mining import normalize_text
+
+    ids = pc.unique(qrels.column("query_id").combine_chunks())
+    mine = queries.filter(pc.is_in(queries.column("id"), ids))
+    groups: dict[str, list[str]] = {}
+    for q, t in zip(mine.column("id").to_pylist(), mine.column("text").to_pylist(), strict=True):
+        groups.setdefault(normalize_text(t), []).append(q)
+    same = {q: g for g in groups.values() if len(g) > 1 for q in g}  # query -> its text's queries
+    if not same:
+        return qrels, 0
+    sub = qrels.filter(pc.is_in(qrels.column("query_id"), pa.array(sorted(same))))
+    rows = sub.to_pylist()
+    have = {(r["query_id"], r["doc_id"]) for r in rows}
+    extra: list[dict[str, Any]] = []
+    for r in rows:
+        for q in same[r["query_id"]] if r["score"] > 0 else ():
+            if (q, r["doc_id"]) not in have:
+                have.add((q, r["doc_id"]))
+                extra.append({**r, "query_id": q})
+    gained = len({r["query_id"] for r in extra})
+    return pa.concat_tables([qrels, pa.Table.from_pylist(extra, schema=qrels.schema)]), gained
+
+
 # ---------------------------------------------------------------- the data stage
 
 
@@ -471,12 +498,19 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
             storage.write_parquet(queries.slice(start, cfg.rows_per_part),
                                   storage.join(target, QUERIES, f"part-{i:05d}.parquet"))
         prepared = prepared_qrels(qrels, cfg)
+        shared = 0
+        if cfg.share_positives_by_text and cfg.split in prepared:
+            prepared[cfg.split], shared = share_positives_by_text(prepared[cfg.split], queries)
+            if shared:
+                log.info("data: %d %s queries share positives with queries of the same text",
+                         shared, cfg.split)
         for split, table in prepared.items():
             storage.write_parquet(table, storage.join(target, "qrels", f"{split}.parquet"))
         rows = {"corpus": n_corpus, "queries": queries.num_rows,
                 **{f"qrels_{s}": t.num_rows for s, t in prepared.items()}}
         return storage.Done(rows, stats={"warnings": warnings.counts, "source": source,
                                          "dev_source": "file" if "dev" in qrels else "heldout",
+                                         "queries_given_same_text_positives": shared,
                                          MAX_POSITIVES: {s: max_positives(t)
                                                          for s, t in prepared.items()}},
                             outputs=[*outputs, *(f"qrels/{s}.parquet" for s in prepared)])
