@@ -502,7 +502,7 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
         if cfg.share_positives_by_text and cfg.split in prepared:
             prepared[cfg.split], shared = share_positives_by_text(prepared[cfg.split], queries)
             if shared:
-                log.info("data: %d %s queries share positives with queries of the same text",
+                log.info("data: %d %s queries gained the positives of queries of the same text",
                          shared, cfg.split)
         for split, table in prepared.items():
             storage.write_parquet(table, storage.join(target, "qrels", f"{split}.parquet"))

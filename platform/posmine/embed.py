@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,9 @@ from tqdm import tqdm
 from posmine import allocator, backbone, faults, schemas, storage
 from posmine.config import MODEL_DEFAULT, TeacherConfig, config_hash
 from posmine.data import QUERIES, parquet_rows
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +456,7 @@ def block_rows(todo: int, num_actors: int) -> int:
     return max(1, min(BLOCK_ROWS, math.ceil(todo / (num_actors * BLOCKS_PER_ACTOR))))
 
 
-def embed_dataset(cfg: TeacherConfig, listed: Parts, pending: list[str], side: str) -> Any:
+def embed_dataset(cfg: TeacherConfig, listed: Parts, pending: list[str], side: str) -> Dataset:
     """The Ray Data pipeline of the stage: `pending` parts -> encoder actors -> `id, embedding,
     path` rows, in input order. Built, not run."""
     import ray
