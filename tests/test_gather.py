@@ -45,6 +45,9 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) -> Non
         grads = _grads(trainer.unwrapped())  # a collective under FSDP
         if rank == 0:
             torch.save({"loss": loss, "grads": grads, "masked": trainer.masked}, out)
+        # Tear down together: a rank that destroys its gloo group while its peer still holds a
+        # connection sometimes dies in gloo's threads at exit ("terminate called", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -102,6 +105,7 @@ def _fsdp_state_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: 
         trainer.export(str(export) if rank == 0 else None)
         if rank == 0:
             torch.save({"saved": saved, "restored": restored, "step": fresh.step_no}, f"{out}/state.pt")
+        dist.barrier()  # tear down together (above)
     finally:
         dist.destroy_process_group()
 
