@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from posmine import schemas, storage
 from posmine.config import DataConfig, config_hash
+from posmine.mining import normalize_text
 
 log = logging.getLogger(__name__)
 
@@ -430,8 +431,6 @@ def share_positives_by_text(qrels: pa.Table, queries: pa.Table) -> tuple[pa.Tabl
     """Queries of `qrels` with the same text after `mining.normalize_text` (and different ids)
     share their positives: each gains the others' relevant rows it lacks, with their scores.
     Returns the qrels and how many queries gained a positive."""
-    from posmine.mining import normalize_text
-
     ids = pc.unique(qrels.column("query_id").combine_chunks())
     mine = queries.filter(pc.is_in(queries.column("id"), ids))
     groups: dict[str, list[str]] = {}
