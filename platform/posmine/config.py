@@ -104,10 +104,15 @@ class TeacherConfig:
     max_length: Annotated[int, Range(8, 32768)] = 256
     batch_size: Annotated[int, Range(1, 65536)] = 32
     # A batch also holds at most this many padded tokens (rows x its longest text); 0: 2,048 on
-    # the CPU, no cap on a GPU. On the CPU 8 texts of 256 tokens ran 15-20% faster than 32
-    # (their activations stay in cache; BENCHMARKS.md); GPUs want the big batches.
+    # the CPU in fp32, no cap on a GPU or in bf16. On the CPU 8 texts of 256 tokens ran 15-20%
+    # faster than 32 in fp32 (their activations stay in cache; BENCHMARKS.md); GPUs, and AMX's
+    # bf16 tiles (SciFact's corpus: 2,048 tokens 42.3 s, 8,192 38.0 s), want big batches.
     batch_tokens: Annotated[int, Range(0, 10**9)] = 0
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU
+    # auto: bf16 on GPU, fp32 on the CPU. `bfloat16` on the CPU is an opt-in speed-up: 2.5-3x on
+    # CPUs with AMX (Intel Sapphire Rapids and later), vectors at cosine >= 0.9999 to fp32's,
+    # but some negative lists change (BENCHMARKS.md, "The teacher in bfloat16 on the CPU");
+    # without AMX it is slower than fp32 and posmine says so. The student is scored at `auto`.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_actors: Annotated[int, Range(1, 4096)] = 1
     # Fractional CPUs: a 2-CPU machine needs room left for Ray Data's own read tasks.
     cpus_per_actor: Annotated[float, Range(0.01, 256)] = 1.0

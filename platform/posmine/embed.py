@@ -109,6 +109,24 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), which oneDNN uses for
+    bf16 matrix multiplies; torch's check is private, so its absence reads as no."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
+def cpu_half_precision_note(dtype: torch.dtype, has_amx: bool) -> str | None:
+    """A warning for a CPU encoder in 16 bits where that is slower than fp32, else None."""
+    if dtype == torch.float16:
+        return ("teacher.dtype=float16 on the CPU: few CPUs multiply fp16 natively, so expect it "
+                "slower than float32; teacher.dtype=bfloat16 is the CPU's fast 16-bit type (with AMX)")
+    if dtype == torch.bfloat16 and not has_amx:
+        return ("teacher.dtype=bfloat16 on a CPU without AMX: its bf16 matrix multiplies are slower "
+                "than fp32 ones here; use teacher.dtype=float32 (the CPU's default)")
+    return None
+
+
 class Encoder:
     """Text -> L2-normalised (optional) embeddings with mean / CLS / last-token pooling, from an
     encoder or a decoder (`backbone`)."""
@@ -123,6 +141,8 @@ class Encoder:
             allocator.reuse_freed_memory()
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32}[cfg.dtype]
+        if self.device.type == "cpu" and (note := cpu_half_precision_note(dtype, cpu_has_amx())):
+            log.warning(note)
         try:
             self.tokenizer = backbone.prepare_tokenizer(AutoTokenizer.from_pretrained(path))
             # safetensors only: never unpickle weights from an untrusted checkpoint.
@@ -180,10 +200,12 @@ class Encoder:
 
     @property
     def batch_tokens(self) -> int:
-        """The cap on a batch's padded tokens: `teacher.batch_tokens`, or 2,048 on the CPU."""
+        """The cap on a batch's padded tokens: `teacher.batch_tokens`, or 2,048 on the CPU in
+        fp32 (none on a GPU, nor in bf16 on the CPU, where AMX runs larger batches faster)."""
         if self.cfg.batch_tokens:
             return self.cfg.batch_tokens
-        return CPU_BATCH_TOKENS if self.device.type == "cpu" else 0
+        fp32 = next(self.model.parameters()).dtype == torch.float32
+        return CPU_BATCH_TOKENS if self.device.type == "cpu" and fp32 else 0
 
     def _token_lengths(self, texts: list[str], prefix: str) -> np.ndarray:
         """(n,) tokens per text as embedded (truncated): what a batch's padding follows."""

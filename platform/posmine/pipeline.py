@@ -250,9 +250,15 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def evaluation_view(cfg: Config, model: str) -> TeacherConfig:
+    """The student as it is scored: its view at the device's own precision (`auto`), so a
+    teacher opted into bf16 on the CPU changes the negatives, not how the result is measured."""
+    return dataclasses.replace(student_view(cfg, model), dtype="auto")
+
+
 def evaluate_student(cfg: Config, model: str) -> dict[str, Any]:
     """Metrics of a student `model` (a fine-tuned directory) as the student embeds."""
-    return _evaluate_with(cfg, student_view(cfg, model))
+    return _evaluate_with(cfg, evaluation_view(cfg, model))
 
 
 def _evaluate_with(cfg: Config, teacher: TeacherConfig) -> dict[str, Any]:

@@ -131,9 +131,9 @@ def dev_metrics(encoder: Encoder, dev: DevSet, cfg: Config) -> dict[str, float]:
 
 def student_encoder_config(cfg: Config) -> TeacherConfig:
     """How the student embeds at evaluation: `posmine run`'s view, on whatever device a trial has."""
-    from posmine.pipeline import student_view
+    from posmine.pipeline import evaluation_view
 
-    return dataclasses.replace(student_view(cfg, cfg.train.model), device="auto")
+    return dataclasses.replace(evaluation_view(cfg, cfg.train.model), device="auto")
 
 
 # ---------------------------------------------------------------- one trial
