@@ -16,10 +16,15 @@
    (`teacher.backend=openvino`, in the plain encoder and in the embed stage), ONNX Runtime fp32
    (when `onnxruntime` is installed), `torch.compile`, and `torch.compile` with Inductor's
    freezing (weights prepacked for oneDNN, bias and GELU fused).
+5. `--bf16`: the teacher in bfloat16, the opt-in `teacher.dtype=bfloat16` (its vectors change a
+   little, and with them some negatives): torch's bf16 matrix multiply at the same shapes (AMX
+   where the CPU has it), the plain encoder and the stage (2 x 1) in bf16, each against both
+   peaks, with the smallest cosine of its vectors to the fp32 ones.
 
     python benchmarks/embed_peak.py [--docs 1000] [--json benchmarks/results/embed_peak.json]
     python benchmarks/embed_peak.py --docs 6000 --no-levers    # the whole SciFact corpus: limit,
                                                                # plain encoder, stage, fixed cost
+    python benchmarks/embed_peak.py --docs 6000 --no-levers --bf16   # and the bf16 teacher
 """
 
 from __future__ import annotations
@@ -51,11 +56,12 @@ from posmine.embed import (
 )
 
 
-def gemm_peak(d: int, ff: int, tokens: int, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of torch.mm fp32 at the encoder's linear-layer shapes; best of `repeats`."""
+def gemm_peak(d: int, ff: int, tokens: int, repeats: int = 5,
+              dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """GFLOP/s of torch.mm at the encoder's linear-layer shapes; best of `repeats`."""
     out = {}
     for name, (k, n) in {"qkvo": (d, d), "ffn_up": (d, ff), "ffn_down": (ff, d)}.items():
-        a, b = torch.randn(tokens, k), torch.randn(k, n)
+        a, b = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         torch.mm(a, b)  # warm-up
         best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
         out[name] = 2 * tokens * k * n / best / 1e9
@@ -145,6 +151,8 @@ def main() -> None:
     p.add_argument("--no-levers", action="store_true",
                    help="only the limit, the plain encoder, the stage and its fixed cost (item 4 "
                         "skipped: the whole corpus in minutes, not an hour)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also the teacher in bfloat16 (item 5): its GEMM peak, encoder and stage")
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     threads = os.cpu_count() or 1
@@ -194,7 +202,8 @@ def main() -> None:
         return {"seconds": round(s, 2), "docs_per_s": round(len(texts) / s, 1),
                 "gflops_useful": round(useful / s / 1e9, 1),
                 "share_of_peak": round(useful / s / 1e9 / peak["peak"], 3),
-                "max_abs_diff_vs_plain": float(np.abs(mat - ref[[row[i] for i in ids]]).max())}
+                "max_abs_diff_vs_plain": float(np.abs(mat - ref[[row[i] for i in ids]]).max()),
+                "min_cosine_vs_plain": float((mat * ref[[row[i] for i in ids]]).sum(1).min())}
 
     # Fixed cost: a 4-text corpus, through Ray Data (an actor process to start: Ray Data and
     # torch to import, the model to load) and as the stage now runs a corpus that small, in
@@ -252,6 +261,25 @@ def main() -> None:
             enc.tokenizer, enc.device).encode)
         return levers
 
+    def run_bf16() -> dict[str, Any]:
+        """Item 5: the bf16 teacher against both peaks, and its vectors against fp32's."""
+        peak16 = gemm_peak(d, ff, a.batch * cfg.max_length, dtype=torch.bfloat16)
+        enc16 = Encoder(dataclasses.replace(cfg, dtype="bfloat16"))
+        enc16.encode(texts[:a.batch])
+        t0 = time.perf_counter()
+        got = enc16.encode(texts)
+        s = time.perf_counter() - t0
+        row16 = stage(dataclasses.replace(layouts["2x1"], dtype="bfloat16"), "bf16_2x1")
+        row16["speedup_vs_fp32"] = round(stages["torch_2x1"]["seconds"] / row16["seconds"], 3)
+        row16["share_of_bf16_peak"] = round(useful / row16["seconds"] / 1e9 / peak16["peak"], 3)
+        return {"gemm_gflops": {k: round(v, 1) for k, v in peak16.items()},
+                "plain_encoder": {"seconds": round(s, 2), "speedup_vs_fp32": round(plain_s / s, 3),
+                                  "share_of_peak": round(useful / s / 1e9 / peak["peak"], 3),
+                                  "share_of_bf16_peak": round(useful / s / 1e9 / peak16["peak"], 3),
+                                  "min_cosine_vs_plain": float((got * ref).sum(1).min())},
+                "embed_stage_2x1": row16}
+
+    bf16 = run_bf16() if a.bf16 else {}
     levers: dict[str, Any] = {}
     if not a.no_levers:
         stage_variant("torch_system_malloc", reuse_memory=False)
@@ -270,7 +298,7 @@ def main() -> None:
                           "share_of_peak": round(useful / plain_s / 1e9 / peak["peak"], 3)},
         "linear_layers_only": linear_bound(lengths, layers, d, ff, peak),
         "embed_stage": stages, "fixed_cost_seconds_4_docs": fixed,
-        "levers": levers, "reference_unchanged_max_diff": unchanged,
+        "levers": levers, "bf16": bf16, "reference_unchanged_max_diff": unchanged,
     }
     emit(result, a.json)
 

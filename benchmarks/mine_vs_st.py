@@ -11,11 +11,13 @@ start timed apart): glibc's malloc raises its own thresholds as a process frees 
 so runs sharing a process would each be timed with the history of the ones before. posmine's
 CPU encoder sets those thresholds itself (`teacher.reuse_memory`); ST runs both as it comes
 and given the same lever (`st_reuse_memory_*`), and `--system-malloc` adds posmine runs with
-`teacher.reuse_memory=false`.
+`teacher.reuse_memory=false`. `--dtypes float32 bfloat16` adds both tools with the teacher in
+bfloat16 (posmine's opt-in `teacher.dtype`, ST's `torch_dtype`): their times, and their lists
+against ST's float32 ones, each other's and posmine's float32 ones.
 
     python benchmarks/mine_vs_st.py [--data PATH] [--out DIR] [--actors N] [--threads N]
         [--backends torch openvino] [--where ray driver] [--st-batch-sizes 32 8]
-        [--system-malloc] [--json results.json]
+        [--system-malloc] [--dtypes float32 bfloat16] [--json results.json]
 """
 
 from __future__ import annotations
@@ -34,18 +36,19 @@ from typing import Any
 
 import torch
 
-from _common import emit
+from _common import emit, list_agreement
 from posmine import allocator, pipeline, storage
 from posmine.config import default_beir_dir, load_config
 from posmine.embed import resolve_model
 
 
 def run_posmine(data: str, out: str, actors: int, threads: int, backend: str = "torch",
-                where: str = "ray", reuse: bool = True) -> tuple[float, dict, dict]:
+                where: str = "ray", reuse: bool = True, dtype: str = "float32") -> tuple[float, dict, dict]:
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config("jobs/configs/scifact.yaml", [
         f"data.path={data}", f"output.dir={out}", f"teacher.num_actors={actors}",
         f"teacher.backend={backend}", f"teacher.reuse_memory={str(reuse).lower()}",
+        f"teacher.dtype={dtype}",
         # driver: the corpus embedded in this process, as a corpus under the bound is
         f"teacher.local_corpus_below={10**9 if where == 'driver' else 1000}",
         f"teacher.cpus_per_actor={1.0 if actors == 1 else 0.5}", f"teacher.torch_threads={threads}",
@@ -63,7 +66,7 @@ def run_posmine(data: str, out: str, actors: int, threads: int, backend: str = "
     return seconds, {(r["query"], p): r["negatives"] for r in mined for p in r["positives"]}, manifest
 
 
-def run_st(data: str, batch_size: int = 32) -> tuple[float, dict]:
+def run_st(data: str, batch_size: int = 32, dtype: str = "float32") -> tuple[float, dict]:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
@@ -81,7 +84,8 @@ def run_st(data: str, batch_size: int = 32) -> tuple[float, dict]:
     pairs = [(qtext[q], corpus[d]) for q, d, s in zip(
         *(ds.qrels["train"].column(c).to_pylist() for c in ("query_id", "doc_id", "score")),
         strict=True) if s > 0]
-    model = SentenceTransformer(resolve_model("default"), device="cpu")
+    model = SentenceTransformer(resolve_model("default"), device="cpu",
+                                model_kwargs={"torch_dtype": getattr(torch, dtype)})
     model.max_seq_length = 256
     mined = mine_hard_negatives(
         Dataset.from_dict({"query": [p[0] for p in pairs], "positive": [p[1] for p in pairs]}),
@@ -95,29 +99,19 @@ def run_st(data: str, batch_size: int = 32) -> tuple[float, dict]:
     return seconds, out
 
 
-def compare(ours: dict, theirs: dict) -> dict:
-    """Per (query, positive) example: identical negative lists and the overlap of the sets."""
-    common = sorted(set(ours) & set(theirs))
-    overlaps = [len(set(ours[q]) & set(theirs[q])) / max(len(theirs[q]), 1) for q in common]
-    identical = sum(ours[q] == theirs[q] for q in common)
-    return {"examples_posmine": len(ours), "examples_st": len(theirs), "examples_both": len(common),
-            "identical_lists": identical, "mean_overlap": sum(overlaps) / max(len(overlaps), 1),
-            "only_posmine": len(set(ours) - set(theirs)), "only_st": len(set(theirs) - set(ours))}
-
-
 def one_run(spec: dict[str, Any]) -> dict[str, Any]:
     """The run `spec` names, in this process: seconds, negative lists and what the rule dropped."""
     if spec["kind"] == "st":
         if spec["reuse"]:
             allocator.reuse_freed_memory()  # the lever posmine's encoder pulls, given to ST
-        seconds, lists = run_st(spec["data"], spec["batch"])
+        seconds, lists = run_st(spec["data"], spec["batch"], spec["dtype"])
         extra: dict[str, Any] = {}
     else:
         t0 = time.perf_counter()
         pipeline.ensure_ray()  # a cluster is already up in production: timed apart
         extra = {"ray_init_seconds": time.perf_counter() - t0}
         seconds, lists, manifest = run_posmine(*(spec[k] for k in (
-            "data", "out", "actors", "threads", "backend", "where", "reuse")))
+            "data", "out", "actors", "threads", "backend", "where", "reuse", "dtype")))
         extra["dropped_by_rule"] = manifest["stats"]["dropped_by_rule"]
     return {"seconds": seconds, "lists": [[q, p, n] for (q, p), n in lists.items()], **extra}
 
@@ -147,6 +141,9 @@ def main() -> None:
                         "the others (8: as few long texts as posmine's 2,048-token batches) its own rows")
     p.add_argument("--system-malloc", action="store_true",
                    help="also posmine with teacher.reuse_memory=false (glibc's defaults)")
+    p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                   help="the teacher's precision (posmine's teacher.dtype, ST's torch_dtype); "
+                        "float32 is the reference: bfloat16 (opt-in) changes some negatives")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child's run
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -154,11 +151,16 @@ def main() -> None:
     if a.one:
         Path(a.json).write_text(json.dumps(one_run(json.loads(a.one))))
         return
-    st_runs = {(b, r): isolated({"kind": "st", "data": a.data, "batch": b, "reuse": r})
+    st_runs = {(b, r): isolated({"kind": "st", "data": a.data, "batch": b, "reuse": r, "dtype": "float32"})
                for r in (False, True) for b in a.st_batch_sizes}
-    runs = {(b, w, r): isolated({"kind": "posmine", "data": a.data, "out": a.out, "actors": a.actors,
-                                 "threads": a.threads, "backend": b, "where": w, "reuse": r})
-            for r in ([False, True] if a.system_malloc else [True]) for w in a.where for b in a.backends}
+    runs = {(b, w, r, t): isolated({"kind": "posmine", "data": a.data, "out": a.out, "actors": a.actors,
+                                    "threads": a.threads, "backend": b, "where": w, "reuse": r, "dtype": t})
+            for t in a.dtypes for r in ([False, True] if a.system_malloc else [True])
+            for w in a.where for b in a.backends}
+    # ST at each lower precision too, as it comes (batch 32, glibc's malloc): the like-for-like
+    # speed of a bf16 posmine, and the lists each precision gives
+    st_low = {t: isolated({"kind": "st", "data": a.data, "batch": 32, "reuse": False, "dtype": t})
+              for t in a.dtypes if t != "float32"}
     ref_batch = a.st_batch_sizes[0]
     st_s, st, _ = st_runs[ref_batch, False]
     result: dict = {
@@ -172,15 +174,25 @@ def main() -> None:
         # the same negatives whatever ST's batch (its vectors move by ~1e-7)
         result.update({f"{tag}_seconds": round(s, 1),
                        f"{tag}_identical_to_batch{ref_batch}": sum(lists.get(k) == v for k, v in st.items())})
-    for (b, w, r), (pm_s, pm, rest) in runs.items():
+    for t, (s, lists, _) in st_low.items():
+        result.update({f"st_{t}_seconds": round(s, 1),
+                       **{f"st_{t}_{k}_vs_st": v for k, v in list_agreement(lists, st).items()}})
+        others[f"st_{t}"] = (s, lists)
+    for (b, w, r, t), (pm_s, pm, rest) in runs.items():
         tag = ("" if b == "torch" else f"_{b}") + ("" if w == "ray" else f"_{w}") + (
-            "" if r else "_system_malloc")
+            "" if r else "_system_malloc") + ("" if t == "float32" else f"_{t}")
         result.update({f"posmine{tag}_seconds": round(pm_s, 1),
                        f"speedup{tag}_posmine_over_st": round(st_s / pm_s, 3),
                        f"posmine{tag}_dropped_by_rule": rest["dropped_by_rule"],
-                       **{f"{k}{tag}": v for k, v in compare(pm, st).items()}})
+                       **{f"{k}{tag}": v for k, v in list_agreement(pm, st).items()}})
         for other, (s, _) in others.items():
             result[f"speedup{tag}_posmine_over_{other}"] = round(s / pm_s, 3)
+        if t != "float32":  # against ST at the same precision, and posmine's own fp32 lists
+            result.update({f"{k}{tag}_vs_st_{t}": v for k, v in list_agreement(pm, st_low[t][1]).items()})
+            same = runs.get((b, w, r, "float32"))
+            if same is not None:
+                result.update({f"{k}{tag}_vs_posmine_float32": v
+                               for k, v in list_agreement(pm, same[1]).items()})
     emit(result, a.json)
 
 
