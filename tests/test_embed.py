@@ -21,6 +21,7 @@ from posmine.embed import (
     ModelError,
     block_rows,
     cpu_half_precision_note,
+    default_batch_tokens,
     embed_dataset,
     list_parts,
     read_embeddings,
@@ -81,17 +82,27 @@ def test_token_batches_equal_a_plain_loop(batch_size: int, cap: int) -> None:
 
 
 def test_token_cap_keeps_the_vectors(tiny_model: str) -> None:
-    """The cap changes only how texts are grouped, not their vectors; on the CPU it binds by
-    default, and a batch never holds more padded tokens than it allows."""
+    """The cap changes only how texts are grouped, not their vectors; its default is the CPU's
+    (below), and a batch never holds more padded tokens than it allows."""
     texts = [" ".join(["word"] * n) for n in (3, 60, 7, 120, 1, 33, 90, 12)]
     free = Encoder(TeacherConfig(model=tiny_model, batch_size=8, batch_tokens=10**9))
     capped = Encoder(TeacherConfig(model=tiny_model, batch_size=8, batch_tokens=130))
     np.testing.assert_allclose(capped.encode(texts), free.encode(texts), atol=1e-5)
-    assert Encoder(TeacherConfig(model=tiny_model)).batch_tokens == 2048
+    here = default_batch_tokens("cpu", torch.float32, torch.backends.cpu.get_cpu_capability())
+    assert Encoder(TeacherConfig(model=tiny_model)).batch_tokens == here
     assert Encoder(TeacherConfig(model=tiny_model, dtype="bfloat16")).batch_tokens == 0  # AMX: big tiles
     lengths = capped._token_lengths(texts, "")
     for b in token_batches(lengths, 8, capped.batch_tokens):
         assert len(b) == 1 or len(b) * lengths[b].max() <= 130
+
+
+def test_the_default_token_cap_follows_the_cpu() -> None:
+    """The cap helped only where it was measured to (AVX-512 Xeons, fp32 on the CPU)."""
+    assert default_batch_tokens("cpu", torch.float32, "AVX512") == 2048
+    assert default_batch_tokens("cpu", torch.float32, "AVX2") == 0
+    assert default_batch_tokens("cpu", torch.float32, "DEFAULT") == 0
+    assert default_batch_tokens("cpu", torch.bfloat16, "AVX512") == 0
+    assert default_batch_tokens("cuda", torch.float32, "AVX512") == 0
 
 
 def test_prefix_and_no_normalisation(tiny_model: str) -> None:

@@ -200,12 +200,11 @@ class Encoder:
 
     @property
     def batch_tokens(self) -> int:
-        """The cap on a batch's padded tokens: `teacher.batch_tokens`, or 2,048 on the CPU in
-        fp32 (none on a GPU, nor in bf16 on the CPU, where AMX runs larger batches faster)."""
+        """The cap on a batch's padded tokens: `teacher.batch_tokens`, else `default_batch_tokens`."""
         if self.cfg.batch_tokens:
             return self.cfg.batch_tokens
-        fp32 = next(self.model.parameters()).dtype == torch.float32
-        return CPU_BATCH_TOKENS if self.device.type == "cpu" and fp32 else 0
+        return default_batch_tokens(self.device.type, next(self.model.parameters()).dtype,
+                                    torch.backends.cpu.get_cpu_capability())
 
     def _token_lengths(self, texts: list[str], prefix: str) -> np.ndarray:
         """(n,) tokens per text as embedded (truncated): what a batch's padding follows."""
@@ -221,8 +220,19 @@ class Encoder:
         return emb.float().cpu().numpy()
 
 
-# Padded tokens per batch on the CPU (`teacher.batch_tokens: 0`): 8 texts of 256 tokens.
+# Padded tokens per batch on an AVX-512 CPU in fp32 (`teacher.batch_tokens: 0`): 8 texts of 256.
 CPU_BATCH_TOKENS = 2048
+
+
+def default_batch_tokens(device_type: str, dtype: torch.dtype, cpu_capability: str) -> int:
+    """The token cap `teacher.batch_tokens: 0` means: 2,048 for fp32 on a CPU whose kernels
+    torch dispatches at AVX-512 (`torch.backends.cpu.get_cpu_capability()`), else none (the
+    batch's rows alone). Measured, not derived (BENCHMARKS.md, "Embedding against the
+    machine's limit"): on Intel Xeons with AVX-512, 8 texts of 256 tokens ran 1.2-1.3x faster
+    than 32; on an AMD EPYC at AVX2 the cap gained nothing (1.02-1.11x slower); GPUs and
+    AMX's bf16 tiles want big batches."""
+    avx512 = cpu_capability.startswith("AVX512")
+    return CPU_BATCH_TOKENS if device_type == "cpu" and dtype == torch.float32 and avx512 else 0
 
 
 def token_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int) -> list[np.ndarray]:
