@@ -106,7 +106,7 @@ class TeacherConfig:
     # A batch also holds at most this many padded tokens (rows x its longest text); 0: 2,048
     # on an AVX-512 CPU in fp32, else no cap (`embed.default_batch_tokens`). On Intel Xeons
     # with AVX-512, 8 texts of 256 tokens ran 1.2-1.3x faster than 32 in fp32; on an AMD EPYC
-    # (AVX2) 1.1x slower (BENCHMARKS.md); GPUs, and AMX's bf16 tiles, want big batches.
+    # (AVX2) the cap gained nothing (BENCHMARKS.md); GPUs, and AMX's bf16 tiles, want big batches.
     batch_tokens: Annotated[int, Range(0, 10**9)] = 0
     # auto: bf16 on GPU, fp32 on the CPU. `bfloat16` on the CPU is an opt-in speed-up: 2.5-3x on
     # CPUs with AMX (Intel Sapphire Rapids and later), vectors at cosine >= 0.9999 to fp32's,
