@@ -7,9 +7,17 @@ import numpy as np
 import pytest
 
 from posmine import storage
-from posmine.config import IndexConfig
+from posmine.config import IndexConfig, config_hash
 from posmine.embed import embeddings_table
-from posmine.index import IndexShard, build_index, pair_scores, plan_shards, sharded_search
+from posmine.index import (
+    IndexShard,
+    ShardedSearch,
+    build_index,
+    pair_scores,
+    plan_shards,
+    search_key,
+    sharded_search,
+)
 from posmine.merge import brute_force_topk, merge_topk
 
 
@@ -84,9 +92,41 @@ def test_sharded_ray_search_equals_single_index(ray_local: None, tmp_path: Path)
         storage.write_parquet(embeddings_table(ids[a:b], corpus[a:b]),
                               str(tmp_path / "corpus" / f"part-{n}.parquet"))
     want_s, want_i = brute_force_topk(corpus, queries, 20)
-    # the default CPU split, and an explicit reservation per shard (cluster setting)
-    for shards, cpus in ((1, 0.0), (3, 0.0), (4, 0.0), (2, 1.0)):
-        cfg = IndexConfig(num_shards=shards, query_batch_size=16, cpus_per_shard=cpus)
+    # the default CPU split, and an explicit reservation per shard (cluster setting); shard
+    # actors (local_below=0), and the same shards held in this process (the default here)
+    for shards, cpus, local_below in ((1, 0.0, 0), (3, 0.0, 0), (4, 0.0, 0), (2, 1.0, 0),
+                                      (1, 0.0, 10**5), (3, 0.0, 10**5)):
+        cfg = IndexConfig(num_shards=shards, query_batch_size=16, cpus_per_shard=cpus,
+                          local_below=local_below)
         got_s, got_ids = sharded_search(str(tmp_path / "corpus"), queries, 20, cfg)
         assert got_ids == [[ids[j] for j in row] for row in want_i]
         np.testing.assert_allclose(got_s, want_s, rtol=1e-5)
+
+
+def test_pairs_scored_on_actors_and_in_process_are_the_stored_vectors_scores(
+        ray_local: None, tmp_path: Path) -> None:
+    """`ShardedSearch.score_pairs` gathers each pair's score from the shard that holds the
+    document: with shard actors and with the shards held in this process, bit for bit."""
+    corpus, queries = _vectors(700, 16, 9), _vectors(50, 16, 10)
+    ids = [f"doc{i}" for i in range(len(corpus))]
+    storage.write_parquet(embeddings_table(ids, corpus), str(tmp_path / "corpus" / "part-0.parquet"))
+    rows = np.random.default_rng(11).integers(0, len(corpus), len(queries))
+    want = pair_scores(queries, corpus[rows])
+    for local_below, local in ((0, False), (701, True)):
+        search = ShardedSearch(str(tmp_path / "corpus"), IndexConfig(num_shards=2, local_below=local_below))
+        try:
+            assert search.local is local
+            np.testing.assert_array_equal(search.score_pairs(queries, [ids[r] for r in rows]), want)
+            with pytest.raises(ValueError, match="no embedding in the corpus"):
+                search.score_pairs(queries[:1], ["nope"])
+        finally:
+            search.close()
+
+
+def test_where_the_shards_are_searched_is_not_in_the_search_key() -> None:
+    """`index.local_below` moves the search, not its lists: a search stage (and the mining and
+    training keyed on it) made with other values or before the setting existed stays current."""
+    base = IndexConfig()
+    assert "local_below" not in search_key(base)
+    assert config_hash(search_key(IndexConfig(local_below=0))) == config_hash(search_key(base))
+    assert config_hash(search_key(IndexConfig(num_shards=3))) != config_hash(search_key(base))

@@ -46,16 +46,21 @@ def _cfg(dataset: str, model: str, out: Path, extra: list[str]) -> Config:
 
 
 @pytest.mark.parametrize(("dataset", "extra"), [
-    ("scifact", []),
+    # SciFact on Ray actors (search shards, the mining pool); Cranfield's few candidates are
+    # searched and mined in the process, as the defaults place them
+    ("scifact", ["index.local_below=0"]),
     ("cranfield", []),
     ("cranfield", ["mining.dedup_text=exact", "mining.anchor=max", "mining.window=rank"]),
 ])
 def test_mine_stage_on_shards_equals_the_one_process_reference(
-        ray_local: None, tiny_model: str, outputs: Path, dataset: str, extra: list[str]) -> None:
+        ray_local: None, tiny_model: str, outputs: Path, dataset: str, extra: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _cfg(dataset, tiny_model, outputs, extra)
+    if dataset == "scifact":
+        monkeypatch.setattr(mine_stage, "LOCAL_CANDIDATES", 0)  # the pool, however few
     manifest = pipeline.mine(cfg)
     shards = storage.listdir(f"{manifest['dir']}/mined.parquet")
-    assert len(shards) > 2  # several query shards, mined by the actor pool
+    assert len(shards) > 2  # several query shards, one mined shard each
     data_dir, _ = pipeline.prepare(cfg)
     ref_rows, ref_stats = mine_stage.mine_rows(cfg.mining, data_dir, pipeline.embed(cfg)["dir"],
                                                manifest["candidate_dirs"], cfg.data.split)
@@ -101,24 +106,30 @@ def test_text_store_answers_in_request_order_from_the_shard_that_holds_each_id(
         store.close()
 
 
+@pytest.mark.parametrize("where", ["pool", "here"])
 def test_a_mine_stage_that_fails_midway_leaves_no_manifest_and_a_rerun_finishes(
-        ray_local: None, tiny_model: str, outputs: Path) -> None:
+        ray_local: None, tiny_model: str, outputs: Path, where: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """One unreadable candidate shard: the other shards may be mined, but the stage has no
     manifest and the error names the shard; mended, a rerun writes the same examples as a
-    clean run."""
+    clean run. On the actor pool, and in this process (Cranfield's few candidates)."""
+    if where == "pool":
+        monkeypatch.setattr(mine_stage, "LOCAL_CANDIDATES", 0)
     cfg = _cfg("cranfield", tiny_model, outputs, ["mining.num_negatives=3"])
     dirs, upstream, _ = pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
     data_dir, _ = pipeline.prepare(cfg)
     shard = candidate_shards(dirs[0])[1]
     good = Path(shard).read_bytes()
     Path(shard).write_bytes(good[: len(good) // 2])
-    out = outputs / "faulty"
-    with pytest.raises(Exception, match=r"part-00001\.parquet") as failed:
-        mine_stage.run(cfg.mining, data_dir, dirs, str(out), "train", upstream)
-    assert storage.read_manifest(str(out / "mine")) is None
-    # the error, still held here, does not hold the actor pool's CPUs (a search after it hung)
-    assert failed.value is not None and _all_cpus_free_within(60)
-    Path(shard).write_bytes(good)
+    out = outputs / f"faulty-{where}"
+    try:
+        with pytest.raises(Exception, match=r"part-00001\.parquet") as failed:
+            mine_stage.run(cfg.mining, data_dir, dirs, str(out), "train", upstream)
+        assert storage.read_manifest(str(out / "mine")) is None
+        # the error, still held here, does not hold the actor pool's CPUs (a search after it hung)
+        assert failed.value is not None and _all_cpus_free_within(60)
+    finally:  # the module's later tests read this shard
+        Path(shard).write_bytes(good)
     manifest = mine_stage.run(cfg.mining, data_dir, dirs, str(out), "train", upstream)
     clean = mine_stage.run(cfg.mining, data_dir, dirs, str(outputs / "clean"), "train", upstream)
     assert manifest["rows"] == clean["rows"] and manifest["stats"] == clean["stats"]

@@ -1,7 +1,8 @@
 """FAISS shards over corpus embeddings, searched in parallel by Ray actors, merged exactly.
 
 Reads the embed stage's `corpus/*.parquet`; each shard actor loads one contiguous row range
-and holds its index; `merge.merge_topk` (pure, no Ray) merges the shards' lists exactly.
+and holds its index (a corpus under `index.local_below` vectors: the searching process holds
+the shards itself); `merge.merge_topk` (pure, no Ray) merges the shards' lists exactly.
 Writes candidates (`query_id, doc_ids, scores`, and for mining the positives' exact scores) per
 split, block by block from a one-shot Ray task (`remote.in_task`) that reads the split's qrels
 itself: the driver never reads them.
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from posmine import schemas, storage
-from posmine.config import IndexConfig, config_hash
+from posmine.config import IndexConfig, config_hash, to_dict
 from posmine.data import parquet_rows
 from posmine.merge import merge_topk
 
@@ -162,27 +163,38 @@ class Listed:
 
 
 class ShardedSearch:
-    """The shard actors of one corpus, searched block by block from the driver."""
+    """The shards of one corpus, searched block by block: one Ray actor per shard, or, for a
+    corpus under `index.local_below` vectors, held in this process (the same shards and merge)."""
 
     def __init__(self, corpus_dir: str, cfg: IndexConfig) -> None:
+        plans, self.ids = plan_shards(corpus_dir, cfg.num_shards)
+        self.local = len(self.ids) < cfg.local_below
+        if self.local:  # this process's cores, one shard at a time
+            self.shards: list[Any] = [IndexShard(p, cfg) for p in plans]
+            return
         import ray
 
-        plans, self.ids = plan_shards(corpus_dir, cfg.num_shards)
         if cfg.cpus_per_shard:  # reserve N CPUs, run N FAISS threads
             cpus, threads = cfg.cpus_per_shard, max(1, round(cfg.cpus_per_shard))
         else:  # the shards share the machine's cores; Ray's reservation stays small
             cpus, threads = min(1.0, 2.0 / len(plans)), max(1, (os.cpu_count() or 1) // len(plans))
         shard_cls: Any = ray.remote(num_cpus=cpus)(IndexShard)
-        self.actors: list[Any] = [shard_cls.remote(p, cfg, threads) for p in plans]
+        self.shards = [shard_cls.remote(p, cfg, threads) for p in plans]
+
+    def _each(self, method: str, *args: Any) -> list[Any]:
+        """`method(*args)` of every shard, in shard order: on the actors in parallel, or here."""
+        import ray
+
+        if self.local:
+            return [getattr(s, method)(*args) for s in self.shards]
+        refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]  # shipped once
+        return ray.get([getattr(s, method).remote(*refs) for s in self.shards])
 
     def topk_rows(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(nq, dim) -> scores (nq, k) float32 and global rows (nq, k), -1 past the end of a
         small corpus."""
-        import ray
-
         k = min(k, len(self.ids))
-        block = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
-        scores, rows = merge_topk(ray.get([a.search.remote(block, k) for a in self.actors]), k)
+        scores, rows = merge_topk(self._each("search", np.ascontiguousarray(queries, np.float32), k), k)
         return scores.astype(np.float32), rows
 
     def lists(self, scores: np.ndarray, rows: np.ndarray) -> tuple[pa.ListArray, pa.ListArray]:
@@ -202,12 +214,10 @@ class ShardedSearch:
     def score_pairs(self, queries: np.ndarray, doc_ids: list[str]) -> np.ndarray:
         """`pair_scores` of (queries[i], doc_ids[i]): (n, dim), n -> (n,), from the shard that
         holds each document."""
-        import ray
-
         if not doc_ids:
             return np.zeros(0, np.float32)
         docs = np.asarray(doc_ids, dtype=object)
-        parts = ray.get([a.score_pairs.remote(queries, docs) for a in self.actors])
+        parts = self._each("score_pairs", queries, docs)
         out = np.fmax.reduce(np.stack(parts), axis=0)  # NaN from the shards without the doc
         if np.isnan(out).any():
             missing = docs[np.isnan(out)][:3].tolist()
@@ -217,13 +227,15 @@ class ShardedSearch:
     def close(self) -> None:
         import ray
 
-        for a in self.actors:
-            ray.kill(a)
+        if not self.local:
+            for a in self.shards:
+                ray.kill(a)
+        self.shards = []
 
 
 def sharded_search(corpus_dir: str, queries: np.ndarray, k: int,
                    cfg: IndexConfig) -> tuple[np.ndarray, list[list[str]]]:
-    """Top-k over all shards, one Ray actor per shard. Returns scores (nq, k), doc ids."""
+    """Top-k over all shards (`ShardedSearch`). Returns scores (nq, k), doc ids."""
     search = ShardedSearch(corpus_dir, cfg)
     try:
         parts = [search.topk(queries[s:s + cfg.query_batch_size], k)
@@ -301,6 +313,16 @@ def _block(block: pa.Table, where: str, dim: int) -> tuple[pa.Array, np.ndarray]
     return block.column("id").combine_chunks(), mat
 
 
+# Fields that decide where the shards are searched, not what they return: out of the stage key,
+# so candidates (and the mining and training keyed on them) made before these existed stay current.
+PLACEMENT_FIELDS = ("local_below",)
+
+
+def search_key(cfg: IndexConfig) -> dict[str, Any]:
+    """The index settings a search stage's key holds."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in PLACEMENT_FIELDS}
+
+
 def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str, k: int,
                upstream: str, data_dir: str, query_ids: pa.Array | None = None,
                ids_key: str | None = None, for_mining: bool = False) -> tuple[str, dict[str, Any]]:
@@ -321,7 +343,7 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str, k: in
 
     if query_ids is not None and ids_key is None:
         ids_key = ids_digest(query_ids)
-    key = config_hash(cfg, upstream, split, k, ids_key or "split", for_mining)
+    key = config_hash(search_key(cfg), upstream, split, k, ids_key or "split", for_mining)
     target = storage.join(out_dir, "candidates", key)
 
     def work() -> storage.Done:
@@ -393,6 +415,19 @@ def _search(job: SearchJob, query_ids: pa.Array | None) -> tuple[int, int]:
 def candidate_shards(cand_dir: str) -> list[str]:
     """The URLs of a search stage's candidate shards, in order."""
     return storage.parquet_files(storage.join(cand_dir, "candidates.parquet"))
+
+
+def candidates_in(url: str) -> int:
+    """Candidates (doc ids over all queries) in one candidate shard, from its footer."""
+    fs, path = storage.filesystem(url)
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{storage.redact(url)}: cannot read this candidate shard: {e}") from e
+    col = next(j for j in range(meta.num_columns)
+               if meta.schema.column(j).path.split(".")[0] == "doc_ids")
+    return sum(meta.row_group(i).column(col).num_values for i in range(meta.num_row_groups))
 
 
 def _score_listed(search: ShardedSearch, listed: Listed, ids: pa.Array, qmat: np.ndarray

@@ -113,7 +113,8 @@ def candidates(cfg: Config, teacher: TeacherConfig,
     deepen = [m for m in minings if survivor_window(m)]
     max_depth = max((m.max_depth for m in deepen), default=0)
     windows = [to_dict(m) for m in deepen]
-    key = config_hash(cfg.index, emb["config_hash"], cfg.data.split, depth, max_depth, windows)
+    key = config_hash(index.search_key(cfg.index), emb["config_hash"], cfg.data.split, depth,
+                      max_depth, windows)
     target = storage.join(cfg.output.dir, "candidates", f"rounds-{key}")
     manifest = storage.read_manifest(target) or {}
     if not all(storage.is_done(_cand_dir(cfg, k), k) for k in manifest.get("keys", [])):
