@@ -9,9 +9,9 @@ split by id across the cluster (`textstore.py`): no process holds every text, an
 normalised once, not once per candidate. Each call writes one mined shard,
 `mined.parquet/part-<search round>-<shard>.parquet` (schema `schemas.MINED`: one row per
 training example, i.e. per query, or per (query, positive) with `mining.anchor=pair`), and
-returns its `mining.MiningStats`; the manifest, written last, sums them. A few candidates
-(`LOCAL_CANDIDATES`) are mined in this process, shard by shard, without the pool. Warns when over 20%
-of the examples end short of negatives. `export.py` writes the result in other trainers'
+returns its `mining.MiningStats`; the manifest, written last, sums them. Few candidates over a
+corpus that one text shard holds are mined in this process, shard by shard, without a pool.
+Warns when over 20% of the examples end short of negatives. `export.py` writes the result in other trainers'
 formats. `mine_rows` is the simple one-process reference the tests hold the stage to.
 """
 
@@ -27,20 +27,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from posmine import data, index, mining, remote, schemas, storage
+from posmine import data, mining, remote, schemas, storage
 from posmine.config import MiningConfig, config_hash, to_dict
 from posmine.embed import embedding_matrix, read_embeddings
-from posmine.index import candidate_shards, pair_scores
+from posmine.index import candidate_shards, candidates_in, pair_scores
 from posmine.rescore import CrossEncoderScorer, rescore
-from posmine.textstore import TextStore
+from posmine.textstore import DOCS_PER_SHARD, TextStore
 
 BATCH = 4096  # queries per call of the pure miner
 ROW_GROUP = 4096  # mined rows per Parquet row group
 MINED = "mined.parquet"  # a folder of shards
-# Below this many candidates (all shards, from their footers) the shards are mined here, one
-# after another, as one pool actor would: the pool's start (a worker importing Ray Data and
-# posmine, then its actor: 10-18 s on 2 cores) takes longer than mining them (SciFact's 29k
-# candidates: ~1 s).
+# Below this many candidates (all shards, from their footers), over a corpus one text shard
+# holds, the shards are mined here, one after another, as one pool actor would: the pool's start
+# (a worker importing Ray Data and posmine, then its actor: 10-18 s on 2 cores) takes longer
+# than mining them (SciFact's 29k candidates: ~1 s).
 LOCAL_CANDIDATES = 1 << 18
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,12 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
     of stats per shard."""
     urls = [(j, u) for j, d in enumerate(cand_dirs) for u in candidate_shards(d)]
     shards = [{"round": j, "url": u} for j, u in urls]
-    if len(shards) > 1 and not _fewer_candidates_than(LOCAL_CANDIDATES, [u for _, u in urls]):
+    if len(shards) > 1 and not _mine_here(data_dir, [u for _, u in urls]):
         # The stream runs in a Ray task: its actor pool belongs to the task's worker and goes
         # with it, also when a shard fails (an error kept in the driver, in a notebook or a
         # test, would otherwise keep the pool's CPUs and the next stage would wait for them).
         return remote.in_task(_mine_on_pool, cfg, data_dir, out, list(cand_dirs), shards)
-    stats = mining.MiningStats()  # few candidates: no pool to start, the texts read here
+    stats = mining.MiningStats()  # little work: no pool to start, the texts read here
     result = MineShard(cfg, out, TextStore(data_dir, cfg.dedup_text, in_process=True), list(cand_dirs))(
         pa.table({"round": [s["round"] for s in shards], "url": [s["url"] for s in shards]},
                  schema=pa.schema([("round", pa.int64()), ("url", pa.string())])))
@@ -101,13 +101,15 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
     return stats.to_dict(), sum(result.column("examples").to_pylist())
 
 
-def _fewer_candidates_than(bound: int, urls: Sequence[str]) -> bool:
-    """Whether these candidate shards hold fewer than `bound` candidates in all, reading their
-    footers until the count reaches it."""
+def _mine_here(data_dir: str, urls: Sequence[str]) -> bool:
+    """Whether these candidate shards hold fewer than `LOCAL_CANDIDATES` in all (reading their
+    footers until the count reaches it) over a corpus that one text shard holds."""
+    if data.parquet_rows(storage.join(data_dir, "corpus")) > DOCS_PER_SHARD:
+        return False
     total = 0
     for url in urls:
-        total += index.candidates_in(url)
-        if total >= bound:
+        total += candidates_in(url)
+        if total >= LOCAL_CANDIDATES:
             return False
     return True
 
