@@ -11,8 +11,8 @@ normalised once, not once per candidate. Each call writes one mined shard,
 training example, i.e. per query, or per (query, positive) with `mining.anchor=pair`), and
 returns its `mining.MiningStats`; the manifest, written last, sums them. Few candidates over a
 corpus that one text shard holds are mined in this process, shard by shard, without a pool.
-Warns when over 20% of the examples end short of negatives. `export.py` writes the result in other trainers'
-formats. `mine_rows` is the simple one-process reference the tests hold the stage to.
+Warns when over 20% of the examples end short of negatives. `export.py` writes the result in
+other trainers' formats. `mine_rows` is the simple one-process reference the tests hold the stage to.
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
     """Map `MineShard` over every candidate shard on Ray Data (here, under `LOCAL_CANDIDATES`);
     returns the summed stats and the number of examples written. The driver sees one small row
     of stats per shard."""
-    urls = [(j, u) for j, d in enumerate(cand_dirs) for u in candidate_shards(d)]
-    shards = [{"round": j, "url": u} for j, u in urls]
-    if len(shards) > 1 and not _mine_here(data_dir, [u for _, u in urls]):
+    shards: list[dict[str, Any]] = [{"round": j, "url": u} for j, d in enumerate(cand_dirs)
+                                    for u in candidate_shards(d)]
+    if len(shards) > 1 and not _mine_here(data_dir, [s["url"] for s in shards]):
         # The stream runs in a Ray task: its actor pool belongs to the task's worker and goes
         # with it, also when a shard fails (an error kept in the driver, in a notebook or a
         # test, would otherwise keep the pool's CPUs and the next stage would wait for them).
