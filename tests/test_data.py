@@ -82,6 +82,70 @@ def test_prepare_resumes_by_manifest(tiny_beir: Path, tmp_path: Path) -> None:
     assert redone["rows"]["corpus"] == len(CORPUS)
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_input_edited_in_place_is_read_again(where: str, tmp_path: Path,
+                                                 request: pytest.FixtureRequest,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """One document's text, then one qrels line, edited under the same path (the same size
+    too, so only the content tells): each rerun of the same call prepares the data again, with
+    the new text and judgement; an untouched rerun is current and says so."""
+    import logging
+
+    root = write_beir(tmp_path / "ds", gz=True)
+    corpus = [dict(d) for d in CORPUS]
+    url = str(root)
+    if where == "s3":
+        url = f"{request.getfixturevalue('s3_bucket')}/ds"
+    out = str(tmp_path / "out") if where == "local" else f"{url}-out"
+
+    def publish() -> None:
+        if where == "s3":
+            fs, path = storage.filesystem(url)
+            fs.put(str(root) + "/", path, recursive=True)
+
+    publish()
+    cfg = DataConfig(path=url)
+    first = data.prepare(cfg, out)
+    caplog.set_level(logging.INFO, logger="posmine")
+    assert data.prepare(cfg, out) == first
+    assert "data: current" in caplog.text and "inputs' content" in caplog.text
+    corpus[3]["text"] = corpus[3]["text"].replace("a", "o", 1)  # same length: the size is no tell
+    write_beir(root, corpus=corpus, gz=True)
+    publish()
+    second = data.prepare(cfg, out)
+    assert second["config_hash"] != first["config_hash"]
+    assert second["inputs"]["data.path"] != first["inputs"]["data.path"]
+    texts = data.read_texts(f"{out}/data/corpus")
+    assert texts["d3"] == f"{corpus[3]['title']} {corpus[3]['text']}"
+    qrels = {s: list(rows) for s, rows in QRELS.items()}
+    qrels["train"][0] = (qrels["train"][0][0], "d7", 1)  # q0 now judges d7 instead of d0
+    write_beir(root, corpus=corpus, qrels=qrels, gz=True)
+    publish()
+    third = data.prepare(cfg, out)
+    assert third["config_hash"] not in (first["config_hash"], second["config_hash"])
+    train = data.read_prepared_qrels(f"{out}/data", "train").to_pylist()
+    assert {"query_id": "q0", "doc_id": "d7"}.items() <= next(
+        r for r in train if r["query_id"] == "q0" and r["doc_id"] == "d7").items()
+
+
+def test_the_data_key_covers_every_input_file(tmp_path: Path) -> None:
+    """`data.corpus` and the corpus folders a NeMo JSON names are inputs too."""
+    from posmine import sources
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "cell", "positive": "cell study"}\n')
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text('{"text": "heart"}\n')
+    cfg = DataConfig(path=str(pairs), corpus=str(extra))
+    before = sources.input_fingerprints(cfg)
+    assert set(before) == {"data.path", "data.corpus"}
+    extra.write_text('{"text": "liver"}\n')
+    after = sources.input_fingerprints(cfg)
+    assert after["data.path"] == before["data.path"] and after["data.corpus"] != before["data.corpus"]
+    with pytest.raises(data.DataError, match=r"missing\.jsonl: not found \(data\.corpus\)"):
+        sources.input_fingerprints(DataConfig(path=str(pairs), corpus=str(tmp_path / "missing.jsonl")))
+
+
 def test_queries_are_written_in_parts_and_the_most_positives_per_split_recorded(
         tmp_path: Path) -> None:
     """Cranfield (graded, 1-4; up to dozens of positives a query): the queries land in parts of
@@ -188,6 +252,10 @@ BAD_CASES = {
                           r"test\.tsv:2: doc id 'nope' \(query 'q0'\) is not in the corpus"),
     "qrels_empty": ("qrels/test.tsv", b"query-id\tcorpus-id\tscore\n", r"test\.tsv: empty file"),
     "empty_id": ("queries.jsonl", _lines([{"_id": " ", "text": "t"}]), r"queries\.jsonl:1: empty '_id'"),
+    "lone_surrogate": ("corpus.jsonl", _lines(CORPUS[:2]) + b'{"_id": "dx", "text": "lone \\ud800 surrogate"}\n',
+                       r"corpus\.jsonl:3: 'text' holds an unpaired surrogate"),
+    "qrels_score_overflow": ("qrels/train.tsv", b"query-id\tcorpus-id\tscore\nq0\td0\t99999999999999999999\n",
+                             r"train\.tsv:2: score 99999999999999999999 is out of range"),
 }
 
 
@@ -257,3 +325,30 @@ def test_cli_reports_bad_data_nonzero(tiny_beir: Path, capsys: pytest.CaptureFix
     (tiny_beir / "corpus.jsonl").write_bytes(b'{"_id": "a", "text": "x"}\n{bad\n')
     assert main(["data", "check", str(tiny_beir)]) == 1
     assert "corpus.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_ids_with_surrounding_whitespace_are_stripped_and_counted(tiny_beir: Path) -> None:
+    """Qrels ids are stripped; a corpus or query id with a trailing space is too, so the
+    qrels find it, and the warning names the first such line."""
+    corpus = [dict(d) for d in CORPUS]
+    corpus[0]["_id"] = "d0 "
+    queries = [dict(q) for q in QUERIES]
+    queries[1]["_id"] = " q1"
+    write_beir(tiny_beir, corpus=corpus, queries=queries)
+    ds = data.load(str(tiny_beir))
+    assert "d0" in ds.corpus_ids.to_pylist() and "q1" in ds.queries.column("id").to_pylist()
+    assert ds.warnings.counts["corpus_id_whitespace_stripped"] == 1
+    assert ds.warnings.examples["corpus_id_whitespace_stripped"].endswith("corpus.jsonl:1 (id 'd0 ')")
+    assert ds.warnings.counts["queries_id_whitespace_stripped"] == 1
+    corpus[1]["_id"] = "d0"  # the same id once stripped: a duplicate, named at its line
+    write_beir(tiny_beir, corpus=corpus, queries=queries)
+    with pytest.raises(data.DataError, match=r"corpus\.jsonl:2: duplicate id 'd0'"):
+        data.load(str(tiny_beir))
+
+
+def test_a_query_with_no_positive_judgement_is_counted(tiny_beir: Path) -> None:
+    (tiny_beir / "qrels" / "train.tsv").write_bytes(
+        b"query-id\tcorpus-id\tscore\nq1\td1\t1\nq0\td0\t0\nq2\td2\t-1\nq0\td3\t0\n")
+    ds = data.load(str(tiny_beir))
+    assert ds.warnings.counts["qrels_query_without_positive"] == 2
+    assert ds.warnings.examples["qrels_query_without_positive"].endswith("train.tsv:3 (query 'q0')")

@@ -280,3 +280,16 @@ def test_model_on_object_storage_is_fetched_once_and_again_when_replaced(
     assert not np.allclose(Encoder(cfg).encode(TEXTS), want, atol=1e-4)
     with pytest.raises(ModelError, match="no such folder"):
         resolve_model(f"{s3_bucket}/models/missing")
+
+
+def test_the_embed_key_holds_the_resolved_device_and_precision() -> None:
+    """`dtype: auto` is bf16 on a GPU and fp32 on the CPU: two sets of vectors, two keys; an
+    explicit setting that resolves the same shares the key."""
+    from posmine.embed import output_key, resolved_precision
+
+    cpu, gpu = TeacherConfig(device="cpu"), TeacherConfig(device="cuda")
+    assert resolved_precision(cpu) == "cpu:float32" and resolved_precision(gpu) == "cuda:bfloat16"
+    assert output_key(gpu) != output_key(cpu)
+    assert output_key(gpu) == output_key(TeacherConfig(device="cuda", dtype="bfloat16"))
+    assert output_key(cpu) == output_key(TeacherConfig(device="cpu", dtype="float32"))
+    assert output_key(TeacherConfig(device="cuda", dtype="float32")) != output_key(cpu)

@@ -33,6 +33,10 @@ def corrupt(blob: bytes, how: str, at: float, junk: bytes) -> bytes:
         "drop_line": b"\n".join(lines[:j] + lines[j + 1:]),
         "repeat_line": b"\n".join(lines[:j + 1] + lines[j:]),
         "empty": b"",
+        # a JSON escape of a lone surrogate, a number past int64, and ids padded with spaces
+        "surrogate": blob[:i] + b"\\ud800" + blob[i:],
+        "huge_number": blob[:i] + b"99999999999999999999" + blob[i:],
+        "pad_ids": re.sub(rb"\t(d\d+)", rb"\t \1 ", blob.replace(b'"_id": "', b'"_id": " ')),
     }[how]
 
 
@@ -43,7 +47,8 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(FILES), how=st.sampled_from(["flip", "truncate", "insert", "drop_line",
-                                                         "repeat_line", "empty"]),
+                                                         "repeat_line", "empty", "surrogate",
+                                                         "huge_number", "pad_ids"]),
        at=st.floats(0, 0.999), junk=st.binary(min_size=1, max_size=12),
        gz=st.sampled_from(["plain", "text_in_gzip", "gzip_bytes"]))
 def test_corrupt_files_fail_clearly_or_load(pristine: Path, tmp_path: Path, name: str, how: str,

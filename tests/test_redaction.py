@@ -13,6 +13,9 @@ import pytest
 from posmine import storage
 from posmine.cli import main
 
+# Passwords as users type them: AWS secret keys hold `/`; `@`, `:` and percent-escapes too.
+PASSWORDS = ["Zq9x/wJal+rX", "Zq9x@wJalrX", "Zq9x:wJal/rX", "Zq9x%2FwJalrX", "Zq9x/wJ@1:2%40"]
+
 
 def test_manifests_and_summaries_hold_no_credentials(tmp_path: Path) -> None:
     doc = {"model_dir": "s3://AKIAEXAMPLE:topsecret@bucket/run/train/model",
@@ -64,3 +67,37 @@ def test_debug_logging_never_shows_the_keys(s3_bucket: str, tiny_beir: Path,
     seen = caplog.text + out + err
     assert json.loads(out)["corpus"] == 40
     assert "testing-key-id" not in seen and "testing-secret" not in seen
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_any_password_is_redacted_from_every_output(password: str, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The password's distinctive part never survives: not in a manifest, not in a log line,
+    and `filesystem` refuses the URL rather than parse it (s3fs would take `AKIATEST:Zq9x` for a
+    bucket name and print it)."""
+    url = f"s3://AKIATEST:{password}@bucket/run/x"
+    storage.write_json(str(tmp_path / "m.json"), {"dir": url, "list": [f"see {url} now"]})
+    caplog.handler.addFilter(storage.RedactingFilter())
+    logging.getLogger("posmine.test").warning("reading %s", url)
+    with pytest.raises(storage.StorageError) as refused:
+        storage.filesystem(url)
+    with pytest.raises(storage.StorageError):
+        storage.read_bytes(url)
+    for text in ((tmp_path / "m.json").read_text(), caplog.text, str(refused.value)):
+        assert "Zq9x" not in text and "AKIATEST" not in text, text
+    assert json.loads((tmp_path / "m.json").read_text())["dir"] == "s3://bucket/run/x"
+    assert storage.redact("s3://bucket/a@b/c") == "s3://bucket/a@b/c"  # a path's own `@` stays
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_any_password_is_refused_by_the_cli_and_the_config(password: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from posmine.config import ConfigError, load_config
+
+    assert main(["data", "check", f"s3://AKIATEST:{password}@bucket-x/beir/scifact"]) == 1
+    out, err = capsys.readouterr()
+    assert "credentials in a URL are refused" in err
+    assert "Zq9x" not in out + err and "AKIATEST" not in out + err
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"output.dir=s3://AKIATEST:{password}@bucket/run"])
+    assert "Zq9x" not in str(e.value) and "AKIATEST" not in str(e.value)

