@@ -3,6 +3,7 @@ before a manifest names them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,45 @@ def test_commit_refuses_to_name_missing_outputs(tmp_path: Path) -> None:
     (tmp_path / "stage" / "c.json").write_text("{}")
     storage.commit_stage(stage, "s", "k", rows={}, started=0.0, outputs=["a.parquet", ("b.json", "c.json")])
     assert storage.is_done(stage, "k")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real filesystem of 256 KiB (tmpfs), mounted for the test and gone after it."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_names_the_path_and_the_stage_and_leaves_no_temp_file(
+        small_disk: Path, tiny_beir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`posmine mine` whose data stage fills the disk: one line naming the stage and the file,
+    no traceback, no `.tmp-*` file, no manifest; with room again, the stage finishes."""
+    from posmine import data
+    from posmine.cli import main
+    from posmine.config import DataConfig
+
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (256 - 12) * 1024)  # ~12 KiB left: a few corpus parts fit
+    out = small_disk / "out"
+    code = main(["mine", "jobs/configs/scifact.yaml", f"data.path={tiny_beir}",
+                 "data.rows_per_part=5", f"output.dir={out}"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("posmine: error: ")]
+    assert code == 1 and len(lines) == 1, err[-3000:]
+    assert "the data stage failed writing" in lines[0] and "No space left on device" in lines[0]
+    assert f"{out}/data/" in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not (out / "data" / storage.MANIFEST).exists()
+    filler.unlink()
+    data.prepare(DataConfig(path=str(tiny_beir), rows_per_part=5), str(out))
+    assert storage.read_manifest(str(out / "data"))["rows"]["corpus"] == 40

@@ -11,7 +11,7 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 
-from posmine import storage
+from posmine import lease, storage
 from posmine.config import ConfigError, load_config
 from posmine.data import DataError
 from posmine.embed import EmbeddingError, ModelError
@@ -59,7 +59,8 @@ def _stage(name: str) -> Callable[[argparse.Namespace], int]:
 
         cfg = load_config(args.config, args.overrides)
         kwargs = {"model": args.model} if name == "evaluate" else {}
-        result = getattr(pipeline, name)(cfg, **kwargs)
+        with lease.hold(cfg.output.dir):
+            result = getattr(pipeline, name)(cfg, **kwargs)
         print(json.dumps(storage.redact_all(json.loads(json.dumps(result, default=str))), indent=2))
         return 0
 
@@ -70,7 +71,8 @@ def _run(args: argparse.Namespace) -> int:
     from posmine import pipeline
 
     cfg = load_config(args.config, args.overrides)
-    summary = pipeline.run(cfg)
+    with lease.hold(cfg.output.dir):
+        summary = pipeline.run(cfg)
     print(pipeline.format_data(summary))
     print(pipeline.format_table(summary))
     print(f"model: {storage.redact(str(summary['model_dir']))}")
@@ -81,7 +83,8 @@ def _tune(args: argparse.Namespace) -> int:
     from posmine import storage, tune
 
     cfg = load_config(args.config, args.overrides)
-    manifest = tune.run(cfg)
+    with lease.hold(cfg.output.dir):
+        manifest = tune.run(cfg)
     print(tune.format_table(manifest["trials"], manifest["metric"], manifest["stats"]["base"]))
     target = tune.stage_dir(cfg)
     for name in ("results.csv", "results.parquet", "best.yaml", "metric_vs_param.png"):
@@ -93,7 +96,8 @@ def _audit(args: argparse.Namespace) -> int:
     from posmine import audit, pipeline
 
     cfg = load_config(args.config, args.overrides)
-    manifest = pipeline.audit(cfg)
+    with lease.hold(cfg.output.dir):
+        manifest = pipeline.audit(cfg)
     print(audit.format_table(manifest["stats"]))
     for name in ("audit.json", "audit.csv", "tradeoff.png", "fn_vs_perc.png", "report.html"):
         print(f"{name:<16}{storage.redact(storage.join(manifest['dir'], name))}")

@@ -15,6 +15,7 @@ missing credentials fail at once with a message that says so.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -58,6 +59,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 _TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
                     "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
                     "ClientOSError", "ClientPayloadError", "IncompleteRead", "ProxyConnectionError"}
+# What no retry fixes: a full disk or quota, a read-only or forbidden place.
+UNFIXABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
                      errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
 _TRANSIENT_TEXT = ("SlowDown", "ServiceUnavailable", "InternalError", "503", "500 Internal",
@@ -233,16 +236,23 @@ def write_bytes(url: str, data: bytes) -> None:
     """
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0]
-    if is_local(url):
+    if not is_local(url):
+        fs.pipe_file(path, data)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
         os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a failed write leaves nothing behind
+        if e.errno in UNFIXABLE_ERRNOS:
+            raise StorageError(f"{redact(url)}: {os.strerror(e.errno or 0)}") from e
+        raise
 
 
 @retrying
@@ -255,7 +265,12 @@ def put_tree(local_dir: str, url: str) -> None:
     """
     fs, path = filesystem(url)
     tmp = f"{path.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.put(local_dir.rstrip("/") + "/", tmp, recursive=True)
+    try:
+        fs.put(local_dir.rstrip("/") + "/", tmp, recursive=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.rm(tmp, recursive=True)  # no half-copied folder is left beside the target
+        raise
     if is_local(url):  # two renames: the old folder is whole until the new one takes its name
         old = f"{path.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
         if os.path.exists(path):
@@ -280,7 +295,11 @@ def get_tree(url: str, local_dir: str) -> None:
     if not fs.isdir(path):
         raise FileNotFoundError(f"{redact(url)}: no such folder")
     tmp = f"{local_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    try:
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         os.rename(tmp, local_dir)
     except OSError:  # another process finished the same download first
@@ -482,10 +501,25 @@ def run_stage(stage_dir: str, stage: str, config_hash: str, work: Callable[[], D
                 manifest.get("finished_at", "earlier"), current_because)
         return manifest
     started = time.time()
-    begin_stage(stage_dir)
-    done = work()
+    try:
+        begin_stage(stage_dir)
+        done = work()
+    except OSError as e:
+        if _unfixable(e):
+            raise StorageError(f"the {stage} stage failed writing: {e}") from e
+        raise
     return commit_stage(stage_dir, stage, config_hash, rows=done.rows, started=started,
                         stats=done.stats, extra=done.extra, outputs=done.outputs)
+
+
+def _unfixable(e: BaseException) -> bool:
+    """A full disk, a quota, a read-only or forbidden place, anywhere in the error's chain."""
+    chain: BaseException | None = e
+    while chain is not None:
+        if isinstance(chain, OSError) and chain.errno in UNFIXABLE_ERRNOS:
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
 
 
 def require_outputs(stage_dir: str, names: Sequence[str | tuple[str, ...]]) -> None:
