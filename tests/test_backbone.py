@@ -173,6 +173,7 @@ def test_lora_target_modules_that_do_not_exist(tiny_decoders: dict[str, str]) ->
         StudentTrainer(cfg, 1, torch.device("cpu"))
 
 
+@pytest.mark.e2e  # a whole `posmine run` with a LoRA decoder
 @pytest.mark.integration
 def test_posmine_run_with_the_llm_recipe(ray_local: None, tiny_beir: Path,
                                          tiny_decoders: dict[str, str], tmp_path: Path) -> None:

@@ -90,6 +90,7 @@ def _reference(tiny_model: str) -> dict[str, np.ndarray]:
     return {d["_id"]: v for d, v in zip(CORPUS, mat, strict=True)}
 
 
+@pytest.mark.e2e  # a Ray of its own, one of whose actors dies
 def test_embed_actor_killed_mid_run(tiny_beir: Path, tiny_model: str, tmp_path: Path) -> None:
     marker = tmp_path / "killed"
     # the actors read the marker path: pass it through the runtime env
@@ -112,6 +113,7 @@ _AS_FROM_A_TERMINAL = ("import signal, sys; signal.signal(signal.SIGINT, signal.
                        "from posmine.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
+@pytest.mark.e2e  # the CLI twice in a fresh process, signalled
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_embed_resumes_by_part(sig: signal.Signals, tiny_beir: Path, tiny_model: str,
                                            tmp_path: Path) -> None:

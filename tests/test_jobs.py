@@ -17,6 +17,8 @@ import requests
 
 from posmine import storage
 
+pytestmark = pytest.mark.e2e  # a Ray head started by the test, and `ray job submit`
+
 ROOT = Path(__file__).parents[1]
 
 

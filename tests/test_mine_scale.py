@@ -46,17 +46,23 @@ def _cfg(dataset: str, model: str, out: Path, extra: list[str]) -> Config:
 
 
 @pytest.mark.parametrize(("dataset", "extra"), [
-    # SciFact on Ray actors (search shards, the mining pool); Cranfield's few candidates are
-    # searched and mined in the process, as the defaults place them
-    ("scifact", ["index.local_below=0"]),
-    ("cranfield", []),
-    ("cranfield", ["mining.dedup_text=exact", "mining.anchor=max", "mining.window=rank"]),
+    # On Ray actors (search shards, the mining pool): SciFact, 5,183 documents, and Cranfield.
+    # Cranfield's few candidates are also searched and mined in the process, as the defaults
+    # place them.
+    pytest.param("scifact", ["index.local_below=0"], marks=pytest.mark.e2e, id="scifact-actors"),
+    pytest.param("cranfield", ["index.local_below=0"], id="cranfield-actors"),
+    pytest.param("cranfield", [], id="cranfield"),
+    pytest.param("cranfield", ["mining.dedup_text=exact", "mining.anchor=max", "mining.window=rank"],
+                 id="cranfield-exact-max-rank"),
 ])
 def test_mine_stage_on_shards_equals_the_one_process_reference(
         ray_local: None, tiny_model: str, outputs: Path, dataset: str, extra: list[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = _cfg(dataset, tiny_model, outputs, extra)
-    if dataset == "scifact":
+    on_actors = "index.local_below=0" in extra
+    # placement is in no stage's key: the actors get folders of their own, or they find the
+    # in-process run's stages current and do nothing
+    cfg = _cfg(dataset, tiny_model, outputs / "actors" if on_actors else outputs, extra)
+    if on_actors:
         monkeypatch.setattr(mine_stage, "LOCAL_CANDIDATES", 0)  # the pool, however few
     manifest = pipeline.mine(cfg)
     shards = storage.listdir(f"{manifest['dir']}/mined.parquet")

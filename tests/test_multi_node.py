@@ -28,6 +28,8 @@ from posmine.embed import read_embeddings
 from tests.conftest import _free_port
 from tests.test_faults import _reference
 
+pytestmark = pytest.mark.e2e  # a cluster of three `ray start` nodes, two of them killed
+
 ROOT = Path(__file__).parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 

@@ -260,6 +260,7 @@ def test_queries_of_the_same_text_share_their_positives(tmp_path: Path, share: b
 # ---------------------------------------------------------------- real data
 
 
+@pytest.mark.e2e  # the real MiniLM on real CISI
 def test_cisi_default_config_mines_enough_and_never_trains_on_known_positives(
         ray_local: None, tmp_path: Path) -> None:
     """CISI (41 labelled positives per query) with the packaged MiniLM teacher: the default

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import pytest
 
+# the README's commands, each a fresh process with its own Ray; one worker of `-n 2` runs the
+# module, so its mined folder is made once
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("readme")]
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "jobs/configs/scifact.yaml"
 

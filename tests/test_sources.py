@@ -309,6 +309,7 @@ def _run_args(data: Path, tiny_model: str, out: Path, *extra: str) -> list[str]:
             "evaluate.top_k=20", f"output.dir={out}", *extra]
 
 
+@pytest.mark.e2e  # a whole `posmine run` with tracking
 def test_posmine_run_on_pairs_with_tensorboard(ray_local: None, tiny_model: str, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """A JSONL of pairs with repeated queries and no corpus, mined and trained end to end; then

@@ -61,23 +61,35 @@ def test_rows_with_fewer_negatives(tiny_model: str) -> None:
     assert trainer.step_no == 1
 
 
-def _cfg(tiny_beir: Path, tiny_model: str, out: str, *extra: str):
-    return load_config(None, [
+def _overrides(tiny_beir: Path, tiny_model: str, out: str, *extra: str) -> list[str]:
+    return [
         f"data.path={tiny_beir}", f"teacher.model={tiny_model}", "teacher.cpus_per_actor=0.5",
         "teacher.torch_threads=1", "mining.top_k=10", "mining.num_negatives=3",
         "mining.rule=naive_topk", f"train.model={tiny_model}", "train.batch_size=2",
         "train.num_negatives=3", "train.checkpoint_every=2", "train.log_every=1",
         "train.lr=1e-4", "train.epochs=1", "train.cpus_per_worker=0.5",
-        "evaluate.k_values=[10]", "evaluate.top_k=20", f"output.dir={out}", *extra])
+        "evaluate.k_values=[10]", "evaluate.top_k=20", f"output.dir={out}", *extra]
+
+
+def _cfg(tiny_beir: Path, tiny_model: str, out: str, *extra: str):
+    return load_config(None, _overrides(tiny_beir, tiny_model, out, *extra))
 
 
 def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, tiny_model: str,
-                                            tmp_path: Path) -> None:
+                                            tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A short `posmine run` through the CLI (on the session's Ray): data, embed, search, mine,
+    Ray Train, evaluation of base and fine-tuned, the table on stdout."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
+    from posmine.cli import main
+
     out = str(tmp_path / "out")
-    summary = pipeline.run(_cfg(tiny_beir, tiny_model, out, "train.track=mlflow"))
+    args = _overrides(tiny_beir, tiny_model, out, "train.track=mlflow")
+    assert main(["run", "jobs/configs/scifact.yaml", *args]) == 0
+    summary = storage.read_json(f"{out}/summary.json")
+    printed = capsys.readouterr().out
+    assert f"model: {summary['model_dir']}" in printed and "fine-tuned" in printed
     manifest = storage.read_manifest(f"{out}/train")
     # 13 (query, positive) examples of 8 queries; positives=sample trains 8 a epoch: 4 batches of 2
     assert manifest is not None and manifest["rows"]["examples"] == TRAIN_QRELS_SHARED
@@ -103,6 +115,7 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
     assert run.data.params["lr"] == "0.0001" and run.info.status == "FINISHED"
 
 
+@pytest.mark.e2e  # two Ray Train runs on a Ray of its own
 def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path, tiny_model: str,
                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     marker = tmp_path / "crashed"
@@ -118,6 +131,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path,
     assert (Path(out) / "train" / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.e2e  # a Ray of its own and a start timeout
 def test_workers_that_cannot_start_fail_the_stage(ray_local: None, tiny_beir: Path,
                                                   tiny_model: str, tmp_path: Path) -> None:
     """A GPU worker on a cluster without GPUs: the stage fails after `startup_retries` tries
@@ -132,6 +146,7 @@ def test_workers_that_cannot_start_fail_the_stage(ray_local: None, tiny_beir: Pa
     assert storage.read_manifest(f"{out}/train") is None
 
 
+@pytest.mark.e2e  # two stages: two minings, two Ray Train runs
 def test_two_stages_remine_with_the_student(ray_local: None, tiny_beir: Path, tiny_model: str,
                                             tmp_path: Path) -> None:
     """The paper's recipe: stage 2 turns in-batch negatives off and mines with the student

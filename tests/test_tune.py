@@ -26,6 +26,7 @@ def _overrides(tiny_beir: Path, tiny_model: str, out: Path) -> list[str]:
             "tune.dev_pool=10", "tune.evals_per_trial=2", f"output.dir={out}", SPACE]
 
 
+@pytest.mark.e2e  # a Tune search of two Ray Train trials, one crashing
 def test_two_trial_search(ray_local: None, tiny_beir: Path, tiny_model: str, tmp_path: Path,
                           capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # a relative output dir, as in the shipped configs: Tune runs trials in their own cwd

@@ -11,7 +11,7 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 
-from posmine import lease, storage
+from posmine import __version__, lease, storage
 from posmine.config import ConfigError, load_config
 from posmine.data import DataError
 from posmine.embed import EmbeddingError, ModelError
@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Positive-aware hard-negative mining and contrastive fine-tuning on Ray.",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"posmine {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     d = sub.add_parser("data", help="check a BEIR dataset")
@@ -195,8 +196,20 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The verb's arguments; `key=value` overrides may also follow an option such as
+    `evaluate CONFIG --model M k=v`, where argparse alone stops collecting them."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # no credentials in any log line

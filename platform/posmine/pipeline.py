@@ -190,6 +190,8 @@ def audit(cfg: Config) -> dict[str, Any]:
 
 def evaluate(cfg: Config, model: str | None = None) -> dict[str, Any]:
     """Metrics of `model` (default: the teacher's model) on `cfg.evaluate.split`."""
+    if model and storage.is_local(model):
+        embed_stage.resolve_model(model)  # a missing or broken folder: refused before any work
     teacher = dataclasses.replace(cfg.teacher, model=model) if model else cfg.teacher
     return _evaluate_with(cfg, teacher)
 

@@ -1,0 +1,30 @@
+"""The command line's own promises: a version, overrides wherever they stand, and a missing
+model refused before any stage runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from posmine import __version__
+from posmine.cli import main
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"posmine {__version__}"
+
+
+def test_evaluate_takes_overrides_after_the_model_and_refuses_a_missing_one_before_any_work(
+        tiny_beir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = main(["evaluate", "jobs/configs/scifact.yaml", "--model", str(tmp_path / "nope"),
+                 f"data.path={tiny_beir}", f"output.dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"posmine: error: model '{tmp_path / 'nope'}': no such directory" in err, err
+    assert not (out / "data").exists()  # refused before the data stage
+    with pytest.raises(SystemExit):  # anything else after the option is still an error
+        main(["evaluate", "jobs/configs/scifact.yaml", "--model", "m", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
