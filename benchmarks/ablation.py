@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from posmine import data as pdata
-from posmine import pipeline, storage
+from posmine import pipeline, remote, storage
 from posmine import train as train_stage
 from posmine.config import Config, config_hash, load_config
 from posmine.embed import resolve_model
@@ -292,7 +292,7 @@ STAT_KEYS = ("queries_out", "queries_too_few", "candidates", "removed_positive",
 
 def mining_stats(a: argparse.Namespace) -> None:
     """What each rule keeps and drops with this teacher (cheap: no training)."""
-    pipeline.ensure_ray()
+    remote.ensure_ray()
     table = {}
     for row in a.rows:
         if row in ("base", "st_recipe", "in_batch_only"):
@@ -361,7 +361,7 @@ def main() -> None:
         if a.budget_min and time.monotonic() - started > a.budget_min * 60:
             print(f"budget of {a.budget_min} min spent; rerun to continue", flush=True)
             break
-        pipeline.ensure_ray()
+        remote.ensure_ray()
         cfg = config(a.teacher, row, seed, str(Path(a.out) / a.teacher), a.overrides)
         t0 = time.perf_counter()
         result = run_st_recipe(cfg, seed) if row == "st_recipe" else run_posmine(cfg, row, seed)

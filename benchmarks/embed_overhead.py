@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from _common import emit
-from posmine import data, pipeline, storage
+from posmine import data, remote, storage
 from posmine.config import TeacherConfig, default_beir_dir
 from posmine.embed import Encoder, embed_ray, list_parts, passage_texts, read_embeddings
 
@@ -41,7 +41,7 @@ def main() -> None:
     plain = enc.encode(texts)
     plain_s = time.perf_counter() - t0
 
-    pipeline.ensure_ray()
+    remote.ensure_ray()
     t0 = time.perf_counter()
     embed_ray(cfg, list_parts(src), dst, "corpus")
     ray_s = time.perf_counter() - t0

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from _common import emit
-from posmine import allocator, data, pipeline, storage
+from posmine import allocator, data, remote, storage
 from posmine.config import TeacherConfig, default_beir_dir
 from posmine.embed import (
     Encoder,
@@ -192,7 +192,7 @@ def main() -> None:
     layouts = {"1x2": TeacherConfig(batch_size=a.batch, num_actors=1, cpus_per_actor=1, torch_threads=0),
                "2x1": TeacherConfig(batch_size=a.batch, num_actors=2, cpus_per_actor=0.5, torch_threads=1)}
     stage_cfg = layouts["1x2"]
-    pipeline.ensure_ray()
+    remote.ensure_ray()
     row = {i: k for k, i in enumerate(chunk.column("id").to_pylist())}
 
     def stage(cfg: TeacherConfig, name: str) -> dict[str, Any]:

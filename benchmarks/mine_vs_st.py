@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from _common import emit, list_agreement
-from posmine import allocator, pipeline, storage
+from posmine import allocator, pipeline, remote, storage
 from posmine.config import default_beir_dir, load_config
 from posmine.embed import resolve_model
 
@@ -108,7 +108,7 @@ def one_run(spec: dict[str, Any]) -> dict[str, Any]:
         extra: dict[str, Any] = {}
     else:
         t0 = time.perf_counter()
-        pipeline.ensure_ray()  # a cluster is already up in production: timed apart
+        remote.ensure_ray()  # a cluster is already up in production: timed apart
         extra = {"ray_init_seconds": time.perf_counter() - t0}
         seconds, lists, manifest = run_posmine(*(spec[k] for k in (
             "data", "out", "actors", "threads", "backend", "where", "reuse", "dtype")))

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from _common import emit
-from posmine import pipeline, storage
+from posmine import pipeline, remote, storage
 from posmine.config import load_config
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    pipeline.ensure_ray()
+    remote.ensure_ray()
     results: dict = {"rows": {}}
     first: Path | None = None
     for rule in a.rules:

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from _common import emit
-from posmine import pipeline, storage
+from posmine import remote, storage
 from posmine.config import IndexConfig
 from posmine.embed import embeddings_table
 from posmine.index import sharded_search
@@ -63,7 +63,7 @@ def main() -> None:
                                "search_gflops": round(flops / (single_s - built) / 1e9, 1),
                                "index_bytes": a.n * a.dim * 4},
                     "driver_peak_rss_mib": 0, "sharded": {}}
-    pipeline.ensure_ray()
+    remote.ensure_ray()
     for shards in a.shards:
         t0 = time.perf_counter()
         s, ids = sharded_search(f"{root}/corpus", queries, a.k, IndexConfig(num_shards=shards))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from _common import emit, list_agreement
-from posmine import pipeline, storage
+from posmine import pipeline, remote, storage
 from posmine import train as train_stage
 from posmine.config import Config, load_config
 from posmine.embed import cpu_has_amx
@@ -59,7 +59,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     out = f"{a.out}/{a.dataset}"
     t0 = time.perf_counter()
-    pipeline.ensure_ray()
+    remote.ensure_ray()
     result: dict[str, Any] = {
         "dataset": a.dataset, "ray_init_seconds": round(time.perf_counter() - t0, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, AMX: {cpu_has_amx()}, "

@@ -22,7 +22,7 @@ import tempfile
 import torch
 
 from _common import emit
-from posmine import pipeline, storage
+from posmine import remote, storage
 from posmine.config import TrainConfig
 from posmine.embed import resolve_model
 from posmine.train import StepTimer, epoch_batches, expand, run, train_plain
@@ -152,7 +152,7 @@ def main() -> None:
     result[f"posmine_plain_grad_cache_{a.chunk}_samples_per_s"] = plain_rate(
         rows, dataclasses.replace(cfg, grad_cache_chunk=a.chunk), a.steps)
     gc.collect()
-    pipeline.ensure_ray()
+    remote.ensure_ray()
     for workers in (1, 2):
         result[f"posmine_ray_{workers}w_samples_per_s"] = ray_rate(a.mined, cfg, a.steps, workers)
     result["grad_cache_over_st_cached"] = round(

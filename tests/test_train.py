@@ -1,6 +1,8 @@
 """Training: the step learns, Ray Train runs and exports a model that transformers and
 sentence-transformers load, and a killed worker resumes from its checkpoint."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +115,19 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
     assert [(m.step, round(m.value, 5)) for m in history] == [
         (s, round(v, 5)) for s, v in manifest["stats"]["loss_curve"]]
     assert run.data.params["lr"] == "0.0001" and run.info.status == "FINISHED"
+    # The same command again, in a fresh process: every stage current, answered from the
+    # manifests without starting Ray, the same table printed.
+    rerun = subprocess.run([sys.executable, "-c", NO_RAY_AFTER, "run", "jobs/configs/scifact.yaml", *args],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout == printed
+    for stage in ("data", "embed", "search", "mine", "train", "evaluate"):
+        assert f"{stage}: current" in rerun.stderr, (stage, rerun.stderr[-3000:])
+
+
+# The CLI, then a check that it never started Ray (exit 3 if it did).
+NO_RAY_AFTER = ("import sys, ray; from posmine.cli import main; code = main(sys.argv[1:]); "
+                "sys.exit(3 if ray.is_initialized() else code)")
 
 
 @pytest.mark.e2e  # two Ray Train runs on a Ray of its own

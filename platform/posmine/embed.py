@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from posmine import allocator, backbone, faults, schemas, storage
+from posmine import allocator, backbone, faults, remote, schemas, storage
 from posmine.config import MODEL_DEFAULT, TeacherConfig, config_hash
 from posmine.data import QUERIES, parquet_rows
 
@@ -533,6 +533,7 @@ def embed_ray(cfg: TeacherConfig, listed: Parts, dst: str, side: str) -> int:
     total = sum(parts.values())
     if not pending:
         return total
+    remote.ensure_ray()
     todo = sum(parts[p] for p in pending)
     collector = PartCollector(parts, dst, side)
     with tqdm(total=todo, desc=f"embed {side}", unit="doc") as bar:

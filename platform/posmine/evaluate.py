@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from posmine import data, metrics, storage
+from posmine import data, metrics, remote, storage
 from posmine.config import EvaluateConfig, config_hash, to_dict
 from posmine.index import candidate_shards
 
@@ -72,6 +72,7 @@ def score(cfg: EvaluateConfig, data_dir: str, cand_dir: str, out_dir: str,
     target = storage.join(out_dir, "evaluate", key)
 
     def work() -> storage.Done:
+        remote.ensure_ray()
         started = time.time()
         qrels = data.read_prepared_qrels(data_dir, cfg.split)  # Arrow: no dict per query here
         sums, n = _sum_shards(cfg, data_dir, cand_dir)

@@ -347,6 +347,7 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str, k: in
     target = storage.join(out_dir, "candidates", key)
 
     def work() -> storage.Done:
+        remote.ensure_ray()
         done, peak = remote.in_task(_search, SearchJob(cfg, embed_dir, target, split, k, data_dir,
                                                         for_mining), query_ids)
         # the search process holds the split's ids and positives: what it needs is on record

@@ -91,6 +91,7 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
         # The stream runs in a Ray task: its actor pool belongs to the task's worker and goes
         # with it, also when a shard fails (an error kept in the driver, in a notebook or a
         # test, would otherwise keep the pool's CPUs and the next stage would wait for them).
+        remote.ensure_ray()
         return remote.in_task(_mine_on_pool, cfg, data_dir, out, list(cand_dirs), shards)
     stats = mining.MiningStats()  # little work: no pool to start, the texts read here
     result = MineShard(cfg, out, TextStore(data_dir, cfg.dedup_text, in_process=True), list(cand_dirs))(

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,33 +33,6 @@ from posmine.mining import survivor_window
 log = logging.getLogger(__name__)
 
 
-def ensure_ray() -> None:
-    """Join `RAY_ADDRESS` when set (cluster, `ray job submit`); else start a local instance."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    on_term = signal.getsignal(signal.SIGTERM)
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # Ray runs workers at nice 15: then any of its own processes (raylet, GCS, the Train
-        # controller, at nice 0) takes a core from a worker's OpenMP team, and every thread
-        # of the team waits at the next barrier. A training step ran 20% slower than in a plain
-        # process for that alone, and as fast at nice 0 (BENCHMARKS.md). The raylet reads this
-        # from its environment when ray.init starts it.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        # address="local": a stale `ray start` must not be mistaken for a live cluster. The
-        # dashboard serves the State API that Ray Train's placement-group cleaner polls.
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
-    if callable(on_term) and threading.current_thread() is threading.main_thread():
-        # ray.init replaces the SIGTERM handler with sys.exit; keep the CLI's clean stop.
-        signal.signal(signal.SIGTERM, on_term)
-
-
 def prepare(cfg: Config) -> tuple[str, str]:
     """Run the data stage; returns (data dir, its config hash)."""
     manifest = data.prepare(cfg.data, cfg.output.dir)
@@ -73,7 +43,6 @@ def embed(cfg: Config, teacher: TeacherConfig | None = None) -> dict[str, Any]:
     """data + embed stages for `teacher` (default: cfg.teacher)."""
     teacher = teacher or cfg.teacher
     data_dir, data_key = prepare(cfg)
-    ensure_ray()
     manifest = embed_stage.run(teacher, data_dir, cfg.output.dir, data_key)
     manifest["dir"] = embed_stage.stage_dir(cfg.output.dir, teacher)
     return manifest
@@ -124,6 +93,7 @@ def candidates(cfg: Config, teacher: TeacherConfig,
         _, cand = search(cfg, teacher, cfg.data.split, depth, for_mining=True)
         keys, rounds, at = [str(cand["config_hash"])], [[depth, cand["rows"]["queries"]]], depth
         while at < max_depth:
+            remote.ensure_ray()
             todo = remote.in_task(mine_stage.unfilled, deepen, _cand_dir(cfg, keys[-1]), at)
             if not len(todo):
                 break

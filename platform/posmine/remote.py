@@ -1,4 +1,5 @@
-"""Work that reads a whole split runs in a Ray task, not in the driver.
+"""Ray for the stages: started only when a stage has work to do (a rerun whose stages are all
+current never starts it), and work that reads a whole split runs in a Ray task, not in the driver.
 
 A driver that reads a million-query qrels file, even as Arrow, grows by hundreds of MB
 (decoding buffers, hash tables, the allocator's arenas): measured 260 -> 582 MiB for the
@@ -14,10 +15,40 @@ the next stage's actors then wait for those CPUs forever (seen: a search after a
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+def ensure_ray() -> None:
+    """Join `RAY_ADDRESS` when set (cluster, `ray job submit`); else start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    on_term = signal.getsignal(signal.SIGTERM)
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # Ray runs workers at nice 15: then any of its own processes (raylet, GCS, the Train
+        # controller, at nice 0) takes a core from a worker's OpenMP team, and every thread
+        # of the team waits at the next barrier. A training step ran 20% slower than in a plain
+        # process for that alone, and as fast at nice 0 (BENCHMARKS.md). The raylet reads this
+        # from its environment when ray.init starts it.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        # address="local": a stale `ray start` must not be mistaken for a live cluster. The
+        # dashboard serves the State API that Ray Train's placement-group cleaner polls.
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=True)
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        # ray.init replaces the SIGTERM handler with sys.exit; keep the CLI's clean stop.
+        signal.signal(signal.SIGTERM, on_term)
 
 
 def in_task(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -784,6 +784,7 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
     def work() -> storage.Done:
         resolve_model(cfg.model)  # a missing student folder fails here, not in every worker
         tracking.require(cfg.track)
+        remote.ensure_ray()
         started = time.time()
         mined_url = storage.join(mined_dir, "mined.parquet")
         n_examples, n_queries, steps = remote.in_task(plan_counts, cfg, mined_url, cfg.num_workers)

@@ -36,7 +36,7 @@ import pyarrow as pa
 import torch
 import yaml
 
-from posmine import data, metrics, storage, tracking
+from posmine import data, metrics, remote, storage, tracking
 from posmine import embed as embed_stage
 from posmine import mine as mine_stage
 from posmine.config import (
@@ -280,7 +280,6 @@ def base_metrics(shared: Shared) -> dict[str, float]:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Search `cfg.tune.space`; returns the manifest (the table's rows under `trials`)."""
-    from posmine import pipeline
 
     if cfg.extra_teachers:
         raise ConfigError("posmine tune mines with `teacher` only; extra_teachers is not "
@@ -290,7 +289,7 @@ def run(cfg: Config) -> dict[str, Any]:
     target = stage_dir(cfg)
 
     def work() -> storage.Done:
-        pipeline.ensure_ray()
+        remote.ensure_ray()
         shared, sizes = prepare_shared(cfg, target)
         base = base_metrics(shared)
         log.info("untrained student on dev: %s=%.4f", cfg.tune.metric, base[cfg.tune.metric])
