@@ -28,3 +28,16 @@ def test_evaluate_takes_overrides_after_the_model_and_refuses_a_missing_one_befo
     with pytest.raises(SystemExit):  # anything else after the option is still an error
         main(["evaluate", "jobs/configs/scifact.yaml", "--model", "m", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_config_show_prints_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from posmine.config import load_config, to_dict
+
+    assert main(["config", "show", "jobs/configs/cranfield.yaml", "mining.perc=0.9"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == to_dict(load_config("jobs/configs/cranfield.yaml", ["mining.perc=0.9"]))
+    assert shown["mining"]["perc"] == 0.9 and "rows_per_part" in shown["data"]  # defaults too
+    assert main(["config", "show", "jobs/configs/cranfield.yaml", "mining.nope=1"]) == 1
+    assert "mining.nope" in capsys.readouterr().err

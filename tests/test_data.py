@@ -353,3 +353,21 @@ def test_a_query_with_no_positive_judgement_is_counted(tiny_beir: Path) -> None:
     ds = data.load(str(tiny_beir))
     assert ds.warnings.counts["qrels_query_without_positive"] == 2
     assert ds.warnings.examples["qrels_query_without_positive"].endswith("train.tsv:3 (query 'q0')")
+
+
+def test_beir_names_read_from_posmine_beir_dir_first(tiny_beir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`beir:NAME` (as every shipped config names its data) is `$POSMINE_BEIR_DIR/NAME` when
+    that folder holds the dataset: no download, and the variable moves every config at once."""
+    from posmine.config import load_config
+
+    monkeypatch.setenv("POSMINE_BEIR_DIR", str(tiny_beir.parent))
+    monkeypatch.setenv("POSMINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("POSMINE_BEIR_URL", "http://127.0.0.1:9/{name}.zip")  # no download happens
+    assert data.resolve("beir:tiny") == str(tiny_beir)
+    assert data.load("beir:tiny").summary()["corpus"] == len(CORPUS)
+    monkeypatch.delenv("POSMINE_BEIR_DIR")
+    for name in ("cisi", "cranfield", "scifact"):
+        cfg = load_config(f"jobs/configs/{name}.yaml", [])
+        assert cfg.data.path == f"beir:{name}"
+        assert data.resolve(cfg.data.path) == default_beir_dir(name)

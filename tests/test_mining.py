@@ -347,3 +347,17 @@ def test_join_candidates_equals_a_sorted_union() -> None:
         assert list(joined.cand_ids) == [d for d, _ in ref]
         np.testing.assert_array_equal(joined.cand_scores, [s for _, s in ref])
         assert added == len(union) - len(ids)
+
+
+def test_each_rule_is_described_by_the_parameters_it_uses_alone() -> None:
+    from dataclasses import fields
+
+    from posmine.config import RULES, MiningConfig
+    from posmine.mining import RULE_PARAMS, describe_rule
+
+    names = {f.name for f in fields(MiningConfig)}
+    assert set(RULE_PARAMS) == set(RULES) and all(set(p) <= names for p in RULE_PARAMS.values())
+    m = {"perc": 0.95, "margin": 0.05, "threshold": 0.7, "shift": 10}
+    assert describe_rule({**m, "rule": "topk_percpos"}) == "topk_percpos (perc=0.95)"
+    assert describe_rule({**m, "rule": "topk_marginpos"}) == "topk_marginpos (margin=0.05)"
+    assert describe_rule({**m, "rule": "naive_topk"}) == "naive_topk"

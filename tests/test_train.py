@@ -115,6 +115,12 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
     assert [(m.step, round(m.value, 5)) for m in history] == [
         (s, round(v, 5)) for s, v in manifest["stats"]["loss_curve"]]
     assert run.data.params["lr"] == "0.0001" and run.info.status == "FINISHED"
+    # the model card: the base, the rule, the steps, the evaluation table, the config
+    card = (Path(model_dir) / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers\n") and "posmine" in card
+    assert "Rule `naive_topk`, anchored per `pair`" in card and "4 steps of batch 2" in card
+    assert f"| ndcg@10 | {summary['base']['ndcg@10']:.4f} | {summary['fine_tuned']['ndcg@10']:.4f} |" in card
+    assert "posmine run config.yaml" in card and "rule: naive_topk" in card
     # The same command again, in a fresh process: every stage current, answered from the
     # manifests without starting Ray, the same table printed.
     rerun = subprocess.run([sys.executable, "-c", NO_RAY_AFTER, "run", "jobs/configs/scifact.yaml", *args],

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 _OURS = (ConfigError, DataError, StorageError, StageError, EmbeddingError, ModelError,
          ExportError, FileNotFoundError)
 
-VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "audit", "report", "export")
+VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "audit", "config", "report",
+         "export")
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -104,6 +105,14 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_show(args: argparse.Namespace) -> int:
+    """The config as the stages see it: the file, the overrides and every default, resolved."""
+    from posmine.config import dump_yaml
+
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from posmine import report
 
@@ -148,6 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     staged("tune", "Ray Tune search over mining rules and margins, scored on dev", _tune)
     staged("run", "the whole pipeline: embed, mine, train, evaluate", _run)
     staged("audit", "each mining setting's false negatives, with labelled positives hidden", _audit)
+    c = sub.add_parser("config", help="show a config resolved, with its defaults")
+    csub = c.add_subparsers(dest="config_verb", required=True)
+    show = csub.add_parser("show", help="print the resolved config (file, overrides, defaults) as YAML")
+    show.add_argument("config", nargs="?", default=None, help="YAML config (default: all defaults)")
+    show.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    show.set_defaults(func=_config_show)
     r = sub.add_parser("report", help="report.html (and the score histogram PNG of a mine stage)")
     r.add_argument("path", help="a mine stage folder (<output.dir>/mine), an audit folder "
                                 "(<output.dir>/audit/<hash>) or a run's output.dir")

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from posmine import schemas, storage
-from posmine.config import DataConfig, config_hash
+from posmine.config import DataConfig, config_hash, default_beir_dir
 from posmine.mining import normalize_text
 
 log = logging.getLogger(__name__)
@@ -64,14 +64,17 @@ class Warnings:
 
 
 def resolve(path: str) -> str:
-    """Turn `beir:<name>` into a cached local folder (downloading once); other paths as is."""
+    """Turn `beir:<name>` into a local folder: `$POSMINE_BEIR_DIR/<name>` (default
+    `../shared/data/beir/<name>`) when it holds the dataset, else a cached copy (downloaded
+    once); other paths as is."""
     if not path.startswith("beir:"):
         return path.rstrip("/")
     name = path[len("beir:"):]
     cache = Path(os.environ.get("POSMINE_CACHE", Path.home() / ".cache" / "posmine")) / "beir"
+    for target in (Path(default_beir_dir(name)), cache / name):
+        if any((target / f"corpus{ext}").exists() for ext in (".jsonl", ".jsonl.gz", ".parquet")):
+            return str(target)
     target = cache / name
-    if (target / "corpus.jsonl").exists() or (target / "corpus.jsonl.gz").exists():
-        return str(target)
     url = os.environ.get("POSMINE_BEIR_URL", BEIR_URL).format(name=name)
     cache.mkdir(parents=True, exist_ok=True)
     tmp_zip = cache / f"{name}.zip.part"

@@ -75,15 +75,18 @@ def resolve_model(model: str) -> str:
     return model  # a Hugging Face id: downloaded by transformers where a network exists
 
 
+MODEL_CARD = "README.md"  # written after training; it changes no weight
+
+
 def model_fingerprint(model: str) -> str:
     """What identifies the weights behind `model`, beyond its name: for a folder (local or on
     object storage) `storage.fingerprint` of its files. A fine-tuned model
     is always written to `<out>/train/model`: keyed by the path alone, a retrained model there
     would be taken for the one embedded before. Hub ids are their own fingerprint."""
     if not storage.is_local(model):
-        return storage.fingerprint(model)
+        return storage.fingerprint(model, ignore=(MODEL_CARD,))
     path = resolve_model(model)
-    return storage.fingerprint(path) if Path(path).is_dir() else model
+    return storage.fingerprint(path, ignore=(MODEL_CARD,)) if Path(path).is_dir() else model
 
 
 def fetch_model(url: str) -> str:

@@ -125,6 +125,19 @@ def text_key(text: str, dedup: str) -> int:
     return text_hash(text)
 
 
+# The parameter each rule reads (the others are ignored by it).
+RULE_PARAMS: dict[str, tuple[str, ...]] = {
+    "naive_topk": (), "topk_shifted": ("shift",), "topk_abs": ("threshold",),
+    "topk_marginpos": ("margin",), "topk_percpos": ("perc",)}
+
+
+def describe_rule(mining: Mapping[str, Any]) -> str:
+    """`topk_percpos (perc=0.95)`: the rule with the parameters it uses, and no others."""
+    rule = str(mining.get("rule"))
+    used = ", ".join(f"{k}={mining.get(k)}" for k in RULE_PARAMS.get(rule, ()))
+    return f"{rule} ({used})" if used else rule
+
+
 def rule_threshold(anchor: np.ndarray, cfg: MiningConfig) -> np.ndarray:
     """Per-query exclusive upper bound on kept scores: (nq,) -> (nq,); +inf for rank rules."""
     if cfg.rule == "topk_abs":

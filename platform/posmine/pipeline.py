@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from posmine import data, index, remote, storage
+from posmine import data, index, model_card, remote, storage
 from posmine import embed as embed_stage
 from posmine import evaluate as eval_stage
 from posmine import mine as mine_stage
@@ -186,7 +186,16 @@ def train(cfg: Config) -> dict[str, Any]:
                                   cfg.output.dir, upstream=str(mined["config_hash"]),
                                   name=f"train{suffix}")
         student = str(trained["model_dir"])
+        if not storage.exists(storage.join(student, model_card.CARD)):  # run's card has metrics
+            _write_card(cfg, mined, trained)
     return trained
+
+
+def _write_card(cfg: Config, mined: dict[str, Any], trained: dict[str, Any],
+                summary: dict[str, Any] | None = None) -> None:
+    data_manifest = storage.read_manifest(data.stage_dir(cfg.output.dir)) or {}
+    text = model_card.card_text(cfg, data_manifest, mined, trained, summary)
+    model_card.write_card(str(trained["model_dir"]), text)
 
 
 def student_view(cfg: Config, model: str) -> TeacherConfig:
@@ -219,8 +228,16 @@ def run(cfg: Config) -> dict[str, Any]:
                "loss_curve": trained["stats"].get("loss_curve", []),
                "config_hash": config_hash(cfg), "seconds": round(time.time() - started, 1),
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_card(cfg, storage.read_manifest(storage.join(cfg.output.dir, _last_mine(cfg))) or {},
+                trained, summary)
     storage.write_json(summary_url, summary)
     return summary
+
+
+def _last_mine(cfg: Config) -> str:
+    """The folder of the mine stage whose examples trained the final model."""
+    n = len(resolve_stages(cfg))
+    return "mine" if n == 1 else f"mine-{n - 1}"
 
 
 def evaluation_view(cfg: Config, model: str) -> TeacherConfig:

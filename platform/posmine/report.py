@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from posmine import storage
+from posmine.mining import describe_rule
 
 
 def _mine_manifest(mined_dir: str) -> dict[str, Any]:
@@ -51,9 +52,8 @@ def histogram_png(manifest: Mapping[str, Any]) -> bytes:
     lo = next((i for i in range(len(centers)) if any(h[k][i] for k in ("positive", "kept", "dropped"))), 0)
     ax.set_xlim(bins[lo], bins[-1])
     m, stats, note = manifest.get("mining", {}), manifest["stats"], ""
-    ax.set_title(f"teacher scores, {manifest.get('split', '')}: {manifest.get('rule')} "
-                 f"(perc={m.get('perc')}, margin={m.get('margin')}, threshold={m.get('threshold')}, "
-                 f"anchor={m.get('anchor', 'min')}, window={m.get('window', 'rank')})", fontsize=9)
+    ax.set_title(f"teacher scores, {manifest.get('split', '')}: {describe_rule(m)}, "
+                 f"anchor={m.get('anchor', 'min')}, window={m.get('window', 'rank')}", fontsize=9)
     if "examples" in stats:  # manifests of older versions did not count examples
         short = (f"{stats['examples_too_few']} of {stats['examples']} examples "
                  f"({stats.get('short_share', 0):.0%}) have fewer than {m.get('num_negatives')} negatives")
@@ -177,18 +177,33 @@ def audit_page(summary: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
         ("TopK-PercPos sweep", html_image(plots["fn_vs_perc.png"], "false-negative rate against perc"))])
 
 
-MINE_STATS = ("queries_in", "queries_out", "examples", "examples_too_few", "short_share", "candidates",
-              "removed_positive", "removed_self", "removed_duplicate_text", "dropped_by_rule",
-              "negatives_kept", "positives_not_in_topk")
+# Each count of a mine stage and what it counts: candidates once per query's list, except the
+# rule's passes, which the survivors window makes once per (candidate, example).
+MINE_STATS = {
+    "queries_in": "queries mined",
+    "queries_out": "queries with at least one example kept",
+    "examples": "examples: one per (query, positive) with anchor=pair, else one per query",
+    "examples_too_few": "examples left with fewer than num_negatives negatives",
+    "short_share": "share of examples short of negatives",
+    "candidates": "candidates read, once each per query",
+    "removed_positive": "candidates that are labelled positives of the query (never negatives)",
+    "removed_self": "candidates that are the query itself",
+    "removed_duplicate_text": "candidates whose text repeats the query's or a positive's",
+    "dropped_by_rule": "passed over as too close to the positive: once per candidate per example",
+    "negatives_kept": "hard negatives kept, over all examples",
+    "positives_not_in_topk": "positives the teacher ranked outside the candidate list",
+}
 
 
 def _mine_section(manifest: Mapping[str, Any]) -> str:
     stats, m = manifest["stats"], manifest.get("mining", {})
-    setting = ", ".join(f"{k}={m[k]}" for k in ("rule", "anchor", "window", "perc", "margin",
-                                                 "threshold", "num_negatives", "top_k") if k in m)
+    setting = ", ".join([describe_rule(m), *(f"{k}={m[k]}" for k in ("anchor", "window", "num_negatives",
+                                                                     "top_k") if k in m)])
     warn = f'<p class="warn">{html.escape(stats["warning"])}</p>' if stats.get("warning") else ""
-    rows = [{"count": k, "value": stats[k]} for k in MINE_STATS if k in stats]
-    return (f"<p>{html.escape(setting)}</p>{warn}{html_table(rows, ('count', 'value'))}"
+    rows = [{"count": k, "value": stats[k], "what it counts": what}
+            for k, what in MINE_STATS.items() if k in stats]
+    return (f"<p>{html.escape(setting)}</p>{warn}"
+            f"{html_table(rows, ('count', 'value', 'what it counts'))}"
             f"{html_image(histogram_png(manifest), 'teacher score histogram')}")
 
 

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
@@ -312,7 +312,7 @@ def get_tree(url: str, local_dir: str) -> None:
 SMALL_FILE = 64 << 20
 
 
-def fingerprint(url: str) -> str:
+def fingerprint(url: str, ignore: Collection[str] = ()) -> str:
     """A digest of the content at `url`, a file or a folder, on any filesystem, that changes
     when any file under it is edited, added or removed, without reading large files.
 
@@ -320,7 +320,8 @@ def fingerprint(url: str) -> str:
     free: an object store's ETag (a checksum of the object, listed with it: one LIST call per
     thousand objects, however many rows they hold), else the SHA-256 of a local file of at
     most `SMALL_FILE` bytes (milliseconds to read), else its mtime in nanoseconds (as make and
-    rsync trust it). A missing `url` raises FileNotFoundError.
+    rsync trust it). Files named in `ignore` (relative to `url`) are left out. A missing `url`
+    raises FileNotFoundError.
     """
     fs, path = filesystem(url)
     found = fs.find(path, detail=True, withdirs=False)
@@ -329,7 +330,7 @@ def fingerprint(url: str) -> str:
             raise FileNotFoundError(f"{redact(url)}: no such file or folder")
         found = {path: fs.info(path)}  # an empty folder
     entries = [f"{name[len(path):]}\t{info.get('size')}\t{_version(name, info, is_local(url))}"
-               for name, info in sorted(found.items())]
+               for name, info in sorted(found.items()) if name[len(path):].lstrip("/") not in ignore]
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
