@@ -1,6 +1,6 @@
 """The README's main commands as a user runs them: `posmine` in a fresh process, the working
-directory the repository root, the shipped `jobs/configs/scifact.yaml` with its relative
-`data.path` and `output.dir`. Overrides only make it small (a tiny model, a few queries,
+directory the repository root, the shipped `jobs/configs/scifact.yaml` with its `beir:scifact`
+data and relative `output.dir`. Overrides only make it small (a tiny model, a few queries,
 two steps); `output.dir` stays relative, under a name of the test's own so that a user's
 real `posmine-out/scifact` is never touched.
 
@@ -23,9 +23,7 @@ from pathlib import Path
 
 import pytest
 
-# the README's commands, each a fresh process with its own Ray; one worker of `-n 2` runs the
-# module, so its mined folder is made once
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("readme")]
+pytestmark = pytest.mark.e2e  # the README's commands, each a fresh process with its own Ray
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "jobs/configs/scifact.yaml"
