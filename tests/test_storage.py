@@ -74,7 +74,7 @@ def test_a_full_disk_names_the_path_and_the_stage_and_leaves_no_temp_file(
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("posmine: error: ")]
     assert code == 1 and len(lines) == 1, err[-3000:]
-    assert "the data stage failed writing" in lines[0] and "No space left on device" in lines[0]
+    assert "the data stage stopped: " in lines[0] and "No space left on device" in lines[0]
     assert f"{out}/data/" in lines[0], lines[0]
     assert "Traceback" not in err
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]

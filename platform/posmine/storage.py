@@ -507,7 +507,7 @@ def run_stage(stage_dir: str, stage: str, config_hash: str, work: Callable[[], D
         done = work()
     except OSError as e:
         if _unfixable(e):
-            raise StorageError(f"the {stage} stage failed writing: {e}") from e
+            raise StorageError(f"the {stage} stage stopped: {e}") from e
         raise
     return commit_stage(stage_dir, stage, config_hash, rows=done.rows, started=started,
                         stats=done.stats, extra=done.extra, outputs=done.outputs)
