@@ -106,6 +106,7 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
     assert set(summary["base"]) == set(summary["fine_tuned"]) == {"ndcg@10", "recall@10", "map@10",
                                                                    "mrr@10"}
     assert "ndcg@10" in pipeline.format_table(summary)
+    assert pipeline.format_table(summary).startswith("scored on the test split\n")
     # train.track=mlflow: a run in the SQLite store under the output, with the loss at each step
     from mlflow.tracking import MlflowClient
 

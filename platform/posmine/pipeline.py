@@ -277,8 +277,9 @@ def format_data(summary: dict[str, Any]) -> str:
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    """Base vs fine-tuned metrics side by side."""
-    lines = [f"{'metric':<12}{'base':>10}{'fine-tuned':>12}{'delta':>10}"]
+    """Base vs fine-tuned metrics side by side, under the split they were scored on."""
+    lines = [f"scored on the {summary.get('split', '?')} split",
+             f"{'metric':<12}{'base':>10}{'fine-tuned':>12}{'delta':>10}"]
     for name in sorted(summary["base"]):
         b, t = summary["base"][name], summary["fine_tuned"][name]
         lines.append(f"{name:<12}{b:>10.4f}{t:>12.4f}{t - b:>+10.4f}")

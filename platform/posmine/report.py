@@ -43,25 +43,28 @@ def histogram_png(manifest: Mapping[str, Any]) -> bytes:
     h = manifest["stats"]["histograms"]
     bins = np.asarray(h["bins"])
     centers, width = (bins[:-1] + bins[1:]) / 2, np.diff(bins)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for key, label, color in (("positive", "positives", "tab:green"),
-                              ("kept", "kept negatives", "tab:blue"),
-                              ("dropped", "dropped (likely false negatives)", "tab:red")):
-        ax.bar(centers, h[key], width=width, alpha=0.55, color=color,
-               label=f"{label} ({sum(h[key])})")
+    # One panel per kind, each on its own count scale: the dropped candidates outnumber the
+    # positives and kept negatives many times and would hide them on one shared axis.
+    fig, axes = plt.subplots(3, 1, figsize=(8, 7), sharex=True)
+    for ax, (key, label, color) in zip(axes, (("positive", "positives", "tab:green"),
+                                              ("kept", "kept negatives", "tab:blue"),
+                                              ("dropped", "passed over as too close to the positive",
+                                               "tab:red")), strict=True):
+        ax.bar(centers, h[key], width=width, color=color, label=f"{label} ({sum(h[key])})")
+        ax.set_ylabel("count")
+        ax.legend(loc="upper right", fontsize=8)
     lo = next((i for i in range(len(centers)) if any(h[k][i] for k in ("positive", "kept", "dropped"))), 0)
+    ax = axes[-1]
     ax.set_xlim(bins[lo], bins[-1])
     m, stats, note = manifest.get("mining", {}), manifest["stats"], ""
-    ax.set_title(f"teacher scores, {manifest.get('split', '')}: {describe_rule(m)}, "
-                 f"anchor={m.get('anchor', 'min')}, window={m.get('window', 'rank')}", fontsize=9)
+    axes[0].set_title(f"teacher scores, {manifest.get('split', '')}: {describe_rule(m)}, "
+                      f"anchor={m.get('anchor', 'min')}, window={m.get('window', 'rank')}", fontsize=9)
     if "examples" in stats:  # manifests of older versions did not count examples
         short = (f"{stats['examples_too_few']} of {stats['examples']} examples "
                  f"({stats.get('short_share', 0):.0%}) have fewer than {m.get('num_negatives')} negatives")
         note = fill(stats["warning"], 120) if stats.get("warning") else short
     ax.set_xlabel("teacher score s(q, d)")
-    ax.set_ylabel("count")
-    ax.legend()
-    fig.tight_layout(rect=(0, 0.12 if note else 0, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 if note else 0, 1, 1))
     if note:  # under the axes: how many examples the rule starved, and what to change
         fig.text(0.01, 0.01, note, fontsize=8, va="bottom",
                  color="tab:red" if stats.get("warning") else "black")
