@@ -67,20 +67,21 @@ _TRANSIENT_TEXT = ("SlowDown", "ServiceUnavailable", "InternalError", "503", "50
                    "RequestTimeout", "Could not connect to the endpoint")
 
 
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """`e` and the errors under it: s3fs wraps botocore's errors in OSError, stages wrap ours."""
+    cause: BaseException | None = e
+    while cause is not None:
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
 def _transient(e: BaseException) -> bool:
     """Worth retrying: the service or the network hiccuped, not the request itself."""
     if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
         return False
-    chain: BaseException | None = e
-    while chain is not None:  # s3fs wraps botocore errors in OSError: look down the chain
-        if type(chain).__name__ in _TRANSIENT_NAMES or isinstance(chain, ConnectionError | TimeoutError):
-            return True
-        if isinstance(chain, OSError) and chain.errno in _TRANSIENT_ERRNOS:
-            return True
-        if any(t in str(chain) for t in _TRANSIENT_TEXT):
-            return True
-        chain = chain.__cause__ or chain.__context__
-    return False
+    return any(type(c).__name__ in _TRANSIENT_NAMES or isinstance(c, ConnectionError | TimeoutError)
+               or (isinstance(c, OSError) and c.errno in _TRANSIENT_ERRNOS)
+               or any(t in str(c) for t in _TRANSIENT_TEXT) for c in _chain(e))
 
 
 def _fatal(e: BaseException, url: str) -> StorageError | None:
@@ -515,12 +516,7 @@ def run_stage(stage_dir: str, stage: str, config_hash: str, work: Callable[[], D
 
 def _unfixable(e: BaseException) -> bool:
     """A full disk, a quota, a read-only or forbidden place, anywhere in the error's chain."""
-    chain: BaseException | None = e
-    while chain is not None:
-        if isinstance(chain, OSError) and chain.errno in UNFIXABLE_ERRNOS:
-            return True
-        chain = chain.__cause__ or chain.__context__
-    return False
+    return any(isinstance(c, OSError) and c.errno in UNFIXABLE_ERRNOS for c in _chain(e))
 
 
 def require_outputs(stage_dir: str, names: Sequence[str | tuple[str, ...]]) -> None:
