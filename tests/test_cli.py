@@ -41,3 +41,30 @@ def test_config_show_prints_the_resolved_config(capsys: pytest.CaptureFixture[st
     assert shown["mining"]["perc"] == 0.9 and "rows_per_part" in shown["data"]  # defaults too
     assert main(["config", "show", "jobs/configs/cranfield.yaml", "mining.nope=1"]) == 1
     assert "mining.nope" in capsys.readouterr().err
+
+
+def test_a_small_mine_is_quiet_and_a_current_rerun_starts_no_ray(tiny_beir: Path, tiny_model: str,
+                                                                 tmp_path: Path) -> None:
+    """A fresh process, as a user runs it: a few lines of posmine's own (no Ray, no library
+    warnings, no manifest JSON), everything in the log file, and a rerun that answers from the
+    manifests."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).parent / "posmine"), "mine", "jobs/configs/scifact.yaml",
+           f"data.path={tiny_beir}", f"teacher.model={tiny_model}", f"output.dir={out}",
+           "teacher.num_actors=1"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # lines as a terminal shows them: a progress bar redraws its own line (\r)
+    lines = [x for x in (first.stdout + first.stderr).split("\n") if x.strip()]
+    assert len(lines) <= 25, "\n".join(lines)
+    assert not [x for x in lines if "ray" in x.lower() or x.lstrip().startswith(("{", "WARNING"))], lines
+    assert first.stdout.startswith("mined ") and f"in: {out / 'mine'}" in first.stdout
+    assert "mine: ran in" in first.stderr and f"log: {out / 'posmine.log'}" in first.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "mine: current" in again.stderr, again.stderr[-3000:]
+    assert "running" not in again.stderr and again.stdout == first.stdout

@@ -148,7 +148,8 @@ def test_values_just_outside_each_range_are_refused_at_load(section: str, name: 
     tuple_field = name == "k_values"
     # evaluate.top_k must cover the largest cut-off: hold the other one where it allows any value
     extra = {"evaluate.top_k": ["evaluate.k_values=[1]"],
-             "evaluate.k_values": ["evaluate.top_k=100000"]}.get(f"{section}.{name}", [])
+             "evaluate.k_values": ["evaluate.top_k=100000"],
+             "mining.range_min": ["mining.top_k=100000"]}.get(f"{section}.{name}", [])
 
     def value(v: float) -> str:
         v = int(v) if is_int else v

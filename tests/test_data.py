@@ -106,7 +106,7 @@ def test_an_input_edited_in_place_is_read_again(where: str, tmp_path: Path,
     publish()
     cfg = DataConfig(path=url)
     first = data.prepare(cfg, out)
-    caplog.set_level(logging.INFO, logger="posmine")
+    caplog.set_level(logging.DEBUG, logger="posmine")  # said once a process: at DEBUG after the run
     assert data.prepare(cfg, out) == first
     assert "data: current" in caplog.text and "inputs' content" in caplog.text
     corpus[3]["text"] = corpus[3]["text"].replace("a", "o", 1)  # same length: the size is no tell

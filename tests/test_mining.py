@@ -261,14 +261,18 @@ def test_combine_mined_rows_of_two_teachers() -> None:
 # ---------------------------------------------------------------- batched == per-query
 
 
+@pytest.mark.parametrize("bounds", [{}, {"max_score": 0.6, "min_score": -0.4, "range_min": 2},
+                                    {"range_min": 5}, {"max_score": 0.3}])
 @pytest.mark.parametrize("rule", RULES)
-def test_batched_rule_equals_reference(rule: str) -> None:
+def test_batched_rule_equals_reference(rule: str, bounds: dict) -> None:
     rng = np.random.default_rng(0)
     scores = -np.sort(-rng.uniform(-1, 1, (64, 40)), axis=1)
     scores[:, 5] = scores[:, 4]  # ties
+    scores[:3, 7] = bounds.get("max_score", 0.0)  # on a bound
+    scores = -np.sort(-scores, axis=1)
     eligible = rng.random((64, 40)) > 0.15
     anchor = rng.uniform(-0.5, 1, 64)
-    cfg = MiningConfig(rule=rule, top_k=25, shift=3)  # type: ignore[arg-type]
+    cfg = MiningConfig(rule=rule, top_k=25, shift=3, **bounds)  # type: ignore[arg-type]
     keep, _ = rule_keep(scores, eligible, anchor, cfg)
     ref = [rule_keep_reference(scores[i].tolist(), eligible[i].tolist(), float(anchor[i]), cfg)
            for i in range(64)]
@@ -361,3 +365,5 @@ def test_each_rule_is_described_by_the_parameters_it_uses_alone() -> None:
     assert describe_rule({**m, "rule": "topk_percpos"}) == "topk_percpos (perc=0.95)"
     assert describe_rule({**m, "rule": "topk_marginpos"}) == "topk_marginpos (margin=0.05)"
     assert describe_rule({**m, "rule": "naive_topk"}) == "naive_topk"
+    assert (describe_rule({**m, "rule": "topk_percpos", "max_score": 0.8, "range_min": 0})
+            == "topk_percpos (perc=0.95, max_score=0.8)")

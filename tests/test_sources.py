@@ -114,7 +114,7 @@ def test_query_pos_columns_lists_and_an_extra_corpus(tmp_path: Path) -> None:
     ('{"anchor": "a", "positive": "b"}\n{"anchor": "a", "positive": 7}\n',
      "p.jsonl:2: positive must be a string"),
     ('{"anchor": "a", "positive": "b"}\n{"anchor": "a"\n', "p.jsonl:2: malformed JSON"),
-    ('{"question": "a", "answer": "b"}\n', "p.jsonl:1: none of the columns ['positive', 'pos']"),
+    ('{"question": "a", "reply": "b"}\n', "p.jsonl:1: none of the columns ['positive', 'pos', 'answer']"),
 ])
 def test_bad_pairs_name_the_file_and_line(tmp_path: Path, content: str, message: str) -> None:
     (tmp_path / "p.jsonl").write_text(content)
@@ -176,8 +176,9 @@ EXPECTED = {
     ("st-triplet", True): (["anchor", "positive", "negative", "scores"], 5),
     ("st-n-tuple", False): (["anchor", "positive", "negative_1", "negative_2"], 2),
     ("st-n-tuple", True): (["anchor", "positive", "negative_1", "negative_2", "scores"], 2),
-    ("st-labeled-pair", False): (["anchor", "positive", "label"], 7),  # per query, each doc once
-    ("st-labeled-pair", True): (["anchor", "positive", "score"], 7),
+    # per query its positives, then the negatives of its weakest positive's example
+    ("st-labeled-pair", False): (["anchor", "positive", "label"], 6),
+    ("st-labeled-pair", True): (["anchor", "positive", "score"], 6),
     ("st-labeled-list", False): (["anchor", "positive", "labels"], 3),
     ("st-labeled-list", True): (["anchor", "positive", "scores"], 3),
     ("parquet", False): (["query_id", "query", "positive_ids", "positives", "negative_ids",
@@ -207,9 +208,9 @@ def test_every_export_loads_in_datasets(mine_dir: str, tmp_path: Path, fmt: str,
         assert ds["anchor"] == ["cell protein"] * 2 and ds["negative_2"] == ["drug trial", "liver lung"]
     if fmt == "st-labeled-pair":
         key = "score" if scores else "label"
-        assert ds["positive"][:5] == ["gene study", "brain heart", "drug trial", "virus study",
-                                      "liver lung"]
-        assert ds[key][:5] == pytest.approx([0.8, 0.5, 0.25, 0.7, 0.25] if scores else [1, 0, 0, 1, 0])
+        assert ds["positive"][:5] == ["gene study", "virus study", "brain heart", "liver lung",
+                                      "risk dose"]
+        assert ds[key][:5] == pytest.approx([0.8, 0.7, 0.5, 0.25, 0.9] if scores else [1, 1, 0, 0, 1])
     if fmt == "st-labeled-list":
         assert first["positive"] == ["gene study", "brain heart", "drug trial"]
         assert first["scores" if scores else "labels"] == pytest.approx([0.8, 0.5, 0.25] if scores

@@ -9,10 +9,11 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
-from posmine import __version__, lease, storage
-from posmine.config import ConfigError, load_config
+from posmine import __version__, lease, storage, terminal
+from posmine.config import Config, ConfigError, load_config
 from posmine.data import DataError
 from posmine.embed import EmbeddingError, ModelError
 from posmine.export import FORMATS as EXPORT_FORMATS
@@ -53,26 +54,39 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _stage(name: str) -> Callable[[argparse.Namespace], int]:
-    """A verb that runs `pipeline.<name>(cfg)` and prints its manifest or result as JSON."""
+    """A verb that runs `pipeline.<name>(cfg)` and prints a short summary of what it made (the
+    manifest stays in the stage's folder)."""
 
     def run(args: argparse.Namespace) -> int:
         from posmine import pipeline
 
-        cfg = load_config(args.config, args.overrides)
+        cfg = _config(args)
         kwargs = {"model": args.model} if name == "evaluate" else {}
-        with lease.hold(cfg.output.dir):
+        with _holding(cfg):
             result = getattr(pipeline, name)(cfg, **kwargs)
-        print(json.dumps(storage.redact_all(json.loads(json.dumps(result, default=str))), indent=2))
+        print(terminal.summary(name, result))
         return 0
 
     return run
 
 
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+@contextmanager
+def _holding(cfg: Config) -> Iterator[None]:
+    """The output folder's lease, then its log file, named once (a refused run writes none)."""
+    with lease.hold(cfg.output.dir):
+        log.info("log: %s", terminal.log_to_file(cfg.output.dir))
+        yield
+
+
 def _run(args: argparse.Namespace) -> int:
     from posmine import pipeline
 
-    cfg = load_config(args.config, args.overrides)
-    with lease.hold(cfg.output.dir):
+    cfg = _config(args)
+    with _holding(cfg):
         summary = pipeline.run(cfg)
     print(pipeline.format_data(summary))
     print(pipeline.format_table(summary))
@@ -83,8 +97,8 @@ def _run(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from posmine import storage, tune
 
-    cfg = load_config(args.config, args.overrides)
-    with lease.hold(cfg.output.dir):
+    cfg = _config(args)
+    with _holding(cfg):
         manifest = tune.run(cfg)
     print(tune.format_table(manifest["trials"], manifest["metric"], manifest["stats"]["base"]))
     target = tune.stage_dir(cfg)
@@ -96,8 +110,8 @@ def _tune(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from posmine import audit, pipeline
 
-    cfg = load_config(args.config, args.overrides)
-    with lease.hold(cfg.output.dir):
+    cfg = _config(args)
+    with _holding(cfg):
         manifest = pipeline.audit(cfg)
     print(audit.format_table(manifest["stats"]))
     for name in ("audit.json", "audit.csv", "tradeoff.png", "fn_vs_perc.png", "report.html"):
@@ -128,7 +142,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="posmine",
         description="Positive-aware hard-negative mining and contrastive fine-tuning on Ray.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="every log line on the terminal: Ray's, its workers' and posmine's debug lines")
     p.add_argument("--version", action="version", version=f"posmine {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
@@ -225,13 +240,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:  # no credentials in any log line
-        handler.addFilter(storage.RedactingFilter())
-    for noisy in ("botocore", "aiobotocore", "s3fs", "urllib3", "fsspec"):
-        # Their DEBUG lines carry signed request headers (the access key id): never log them.
-        logging.getLogger(noisy).setLevel(logging.INFO)
+    terminal.setup(args.verbose)
     previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (kubectl delete, a scheduler's kill) stops as cleanly as Ctrl-C.

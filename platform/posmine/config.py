@@ -197,6 +197,12 @@ class MiningConfig:
     # until every window is full, the corpus ends or `max_depth` is reached.
     window: Literal["rank", "survivors"] = "survivors"
     max_depth: Annotated[int, Range(1, 10**7)] = 4096  # survivors: deepest candidate list
+    # Bounds over any rule, with sentence-transformers' names and meaning: a kept negative also
+    # scores below `max_score` and at least `min_score`, and each window's first `range_min`
+    # survivors are passed over. null / 0: off.
+    max_score: Annotated[float | None, Range(-10**6, 10**6)] = None
+    min_score: Annotated[float | None, Range(-10**6, 10**6)] = None
+    range_min: Annotated[int, Range(0, 99_999)] = 0  # below top_k
     sampling: Literal["topk", "sample", "top1_sample"] = "topk"
     sample_from: Annotated[int, Range(1, 100_000)] = 10  # sample num_negatives of the top-n survivors
     sample_weights: Literal["uniform", "softmax"] = "uniform"
@@ -218,6 +224,9 @@ class MiningConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, "mining")
+        if self.range_min >= self.top_k:
+            raise ConfigError(f"mining.range_min={self.range_min} passes over the whole window "
+                              f"(mining.top_k={self.top_k}): make it smaller than top_k")
 
 
 MINING_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MiningConfig))
@@ -552,12 +561,15 @@ def check_ranges(cfg: Any, section: str) -> None:
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = (),
+                sections: Mapping[str, Any] | None = None) -> Config:
     """Load a `Config` from a YAML file (or defaults when `path` is None) plus overrides.
 
     Args:
         path: YAML file whose top-level keys are the stage names.
         overrides: `key.sub=value` strings; values are parsed as YAML scalars.
+        sections: keys as nested mappings (`{"train": {"max_steps": 20}}`), merged over the
+            file before the overrides.
 
     Every local path in the result is absolute (see `resolve_paths`).
 
@@ -574,9 +586,19 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of stage names")
         raw = loaded or {}
+    _merge(raw, sections or {})
     for item in overrides:
         apply_override(raw, item)
     return resolve_paths(from_dict(Config, raw, ""))
+
+
+def _merge(raw: dict[str, Any], sections: Mapping[str, Any]) -> None:
+    """`sections` deep-merged into `raw`: a nested mapping updates the section it names."""
+    for key, value in sections.items():
+        if isinstance(value, Mapping) and isinstance(raw.get(key), dict):
+            _merge(raw[key], value)
+        else:
+            raw[key] = dict(value) if isinstance(value, Mapping) else value
 
 
 # ---------------------------------------------------------------- local paths

@@ -513,7 +513,7 @@ def prepare(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
         for old in ("corpus", QUERIES, "qrels", NEGATIVES):  # an earlier dataset's files must not outlive it
             storage.remove(storage.join(target, old))
         fmt = sources.detect(cfg.path) if cfg.format == "auto" else cfg.format
-        log.info("data: reading %s as %s", storage.redact(cfg.path), fmt)
+        log.debug("data: reading %s as %s", storage.redact(cfg.path), fmt)
 
         def write_chunk(i: int, chunk: pa.Table) -> None:
             storage.write_parquet(sort_by_length(chunk),

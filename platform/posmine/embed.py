@@ -484,9 +484,10 @@ def pending_parts(listed: Parts, dst: str, side: str) -> list[str]:
     """The parts without an output in `dst` yet, in order."""
     done = set(storage.listdir(dst))
     pending = [p for p in sorted(listed.rows) if p not in done]
-    if pending:
-        log.info("embedding %d of %d %s parts (%d kept from an earlier run)", len(pending),
-                 len(listed.rows), side, len(listed.rows) - len(pending))
+    if pending:  # said on the terminal when a rerun resumes, in the log file otherwise
+        log.log(logging.INFO if len(pending) < len(listed.rows) else logging.DEBUG,
+                "embedding %d of %d %s parts (%d kept from an earlier run)", len(pending),
+                len(listed.rows), side, len(listed.rows) - len(pending))
     return pending
 
 

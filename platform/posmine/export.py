@@ -91,20 +91,26 @@ def st_n_tuple(mined: pa.Table, k: int, scores: bool) -> tuple[pa.Table, int]:
 
 
 def st_labeled_pair(mined: pa.Table, scores: bool) -> tuple[pa.Table, int]:
-    """(anchor, positive, label 1|0 or score): per query its positives, then its negatives,
-    each document once per query (as `mine_hard_negatives` lists them)."""
-    cols: dict[str, list[Any]] = {"anchor": [], "positive": [], "label": [], "score": []}
-    seen: set[tuple[str, str]] = set()
+    """(anchor, positive, label 1|0 or score): per query its positives, then the negatives
+    mined against its weakest positive (the strictest bound), each document once: one negative
+    set per query, as `mine_hard_negatives` lists them."""
+    by_query: dict[str, list[Example]] = {}
     for e in examples(mined):
-        for doc, label, s in [(e.positive, 1, e.positive_score),
-                              *zip(e.negatives, [0] * len(e.negatives), e.negative_scores, strict=True)]:
-            if (e.query, doc) in seen:
-                continue
-            seen.add((e.query, doc))
-            cols["anchor"].append(e.query)
-            cols["positive"].append(doc)
-            cols["label"].append(label)
-            cols["score"].append(s)
+        by_query.setdefault(e.query, []).append(e)
+    cols: dict[str, list[Any]] = {"anchor": [], "positive": [], "label": [], "score": []}
+    for query, group in by_query.items():
+        weakest = min(group, key=lambda e: e.positive_score)
+        rows = [*((e.positive, 1, e.positive_score) for e in group),
+                *zip(weakest.negatives, [0] * len(weakest.negatives), weakest.negative_scores,
+                     strict=True)]
+        seen: set[str] = set()
+        for doc, label, s in rows:
+            if doc not in seen:
+                seen.add(doc)
+                cols["anchor"].append(query)
+                cols["positive"].append(doc)
+                cols["label"].append(label)
+                cols["score"].append(s)
     return _table(cols, scores, "score", instead="label"), 0
 
 

@@ -323,6 +323,19 @@ def search_key(cfg: IndexConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in PLACEMENT_FIELDS}
 
 
+SEARCH_HERE_BELOW = 20_000  # queries searched in this process when the corpus is small too
+
+
+def _needs_ray(cfg: IndexConfig, data_dir: str, query_ids: pa.Array | None) -> bool:
+    """Whether the search wants Ray: shard actors for a corpus of `local_below` or more, or a
+    task of its own for a split big enough to grow the driver. A small search runs here, so a
+    small dataset is mined without starting Ray at all."""
+    docs = parquet_rows(storage.join(data_dir, "corpus"))
+    queries = len(query_ids) if query_ids is not None else parquet_rows(
+        storage.join(data_dir, "queries"))
+    return docs >= cfg.local_below or queries >= SEARCH_HERE_BELOW
+
+
 def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str, k: int,
                upstream: str, data_dir: str, query_ids: pa.Array | None = None,
                ids_key: str | None = None, for_mining: bool = False) -> tuple[str, dict[str, Any]]:
@@ -347,7 +360,8 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str, k: in
     target = storage.join(out_dir, "candidates", key)
 
     def work() -> storage.Done:
-        remote.ensure_ray()
+        if _needs_ray(cfg, data_dir, query_ids):
+            remote.ensure_ray()
         done, peak = remote.in_task(_search, SearchJob(cfg, embed_dir, target, split, k, data_dir,
                                                         for_mining), query_ids)
         # the search process holds the split's ids and positives: what it needs is on record

@@ -131,22 +131,31 @@ RULE_PARAMS: dict[str, tuple[str, ...]] = {
     "topk_marginpos": ("margin",), "topk_percpos": ("perc",)}
 
 
+BOUNDS = ("max_score", "min_score", "range_min")  # over any rule; shown when set
+
+
 def describe_rule(mining: Mapping[str, Any]) -> str:
     """`topk_percpos (perc=0.95)`: the rule with the parameters it uses, and no others."""
     rule = str(mining.get("rule"))
-    used = ", ".join(f"{k}={mining.get(k)}" for k in RULE_PARAMS.get(rule, ()))
+    used = ", ".join(f"{k}={mining.get(k)}" for k in (*RULE_PARAMS.get(rule, ()), *BOUNDS)
+                     if k not in BOUNDS or mining.get(k))
     return f"{rule} ({used})" if used else rule
 
 
 def rule_threshold(anchor: np.ndarray, cfg: MiningConfig) -> np.ndarray:
     """Per-query exclusive upper bound on kept scores: (nq,) -> (nq,); +inf for rank rules."""
     if cfg.rule == "topk_abs":
-        return np.full_like(anchor, cfg.threshold)
-    if cfg.rule == "topk_marginpos":
-        return anchor - cfg.margin
-    if cfg.rule == "topk_percpos":
-        return anchor - np.abs(anchor) * (1.0 - cfg.perc)
-    return np.full_like(anchor, np.inf)
+        bound = np.full_like(anchor, cfg.threshold)
+    elif cfg.rule == "topk_marginpos":
+        bound = anchor - cfg.margin
+    elif cfg.rule == "topk_percpos":
+        bound = anchor - np.abs(anchor) * (1.0 - cfg.perc)
+    else:
+        bound = np.full_like(anchor, np.inf)
+    if cfg.max_score is None:
+        return bound
+    # sentence-transformers drops s > max_score; kept here is s < nextafter(max_score, +inf)
+    return np.minimum(bound, np.nextafter(cfg.max_score, np.inf))
 
 
 def survivor_window(cfg: MiningConfig) -> bool:
@@ -168,21 +177,26 @@ def rule_keep(scores: np.ndarray, eligible: np.ndarray, anchor: np.ndarray,
         ones are those the rule refused before the window closed.
     """
     passes = scores < rule_threshold(anchor, cfg)[:, None]  # (nq, K)
+    if cfg.min_score is not None:
+        passes &= scores >= cfg.min_score
     in_window = eligible & passes if survivor_window(cfg) else eligible
     rank = np.cumsum(in_window, axis=1) - 1  # (nq, K) rank among the window's candidates
     window = in_window & (rank < cfg.top_k)
     if cfg.rule == "topk_shifted":
-        passes = rank >= cfg.shift
+        passes = passes & (rank >= cfg.shift)
     # Dropped: every eligible candidate the rule refuses before the window closes (with
     # `rank` windows this is window & ~passes).
     open_ = np.cumsum(window, axis=1) - window < cfg.top_k  # (nq, K)
-    return window & passes, eligible & open_ & ~passes
+    keep = window & passes
+    if cfg.range_min:  # the first range_min survivors are passed over, not dropped by the rule
+        keep &= np.cumsum(keep, axis=1) > cfg.range_min
+    return keep, eligible & open_ & ~passes
 
 
 def rule_keep_reference(scores: Sequence[float], eligible: Sequence[bool], anchor: float,
                         cfg: MiningConfig) -> list[bool]:
     """One query, plain Python: the slow twin `rule_keep` is tested against."""
-    keep, rank = [], 0
+    keep, rank, survivors = [], 0, 0
     for s, ok in zip(scores, eligible, strict=True):
         if cfg.rule == "naive_topk":
             passes = True
@@ -194,10 +208,15 @@ def rule_keep_reference(scores: Sequence[float], eligible: Sequence[bool], ancho
             passes = s < anchor - cfg.margin
         else:
             passes = s < anchor - abs(anchor) * (1 - cfg.perc)
+        passes = passes and (cfg.max_score is None or s <= cfg.max_score)
+        passes = passes and (cfg.min_score is None or s >= cfg.min_score)
         if not ok or (survivor_window(cfg) and not passes):
             keep.append(False)
             continue
-        keep.append(rank < cfg.top_k and passes)
+        kept = rank < cfg.top_k and passes
+        if kept:
+            survivors += 1
+        keep.append(kept and survivors > cfg.range_min)
         rank += 1
     return keep
 

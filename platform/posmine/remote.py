@@ -15,8 +15,10 @@ the next stage's actors then wait for those CPUs forever (seen: a search after a
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -28,13 +30,21 @@ def ensure_ray() -> None:
     """Join `RAY_ADDRESS` when set (cluster, `ray job submit`); else start a local instance."""
     import ray
 
+    from posmine import terminal
+
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     on_term = signal.getsignal(signal.SIGTERM)
     address = os.environ.get("RAY_ADDRESS")
+
+    # Quiet (the CLI's default): the workers' output stays in Ray's session logs, and Ray's own
+    # lines (its start, its warnings) go to the log file.
+    to_driver = not terminal.quiet()
+    if not to_driver:
+        terminal.quiet_ray()
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=to_driver)
     else:
         # Ray runs workers at nice 15: then any of its own processes (raylet, GCS, the Train
         # controller, at nice 0) takes a core from a worker's OpenMP team, and every thread
@@ -45,10 +55,19 @@ def ensure_ray() -> None:
         # address="local": a stale `ray start` must not be mistaken for a live cluster. The
         # dashboard serves the State API that Ray Train's placement-group cleaner polls.
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True)
+                 log_to_driver=to_driver)
+    if not to_driver:
+        where = f"joined {address}" if address else f"started; its logs: {_session_logs()}"
+        logging.getLogger(__name__).info("Ray: %s", where)
     if callable(on_term) and threading.current_thread() is threading.main_thread():
         # ray.init replaces the SIGTERM handler with sys.exit; keep the CLI's clean stop.
         signal.signal(signal.SIGTERM, on_term)
+
+
+def _session_logs() -> str:
+    """Where a local Ray instance writes its and its workers' logs (the newest session)."""
+    return os.path.join(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray",
+                        "session_latest", "logs")
 
 
 def in_task(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("beir", "pairs", "flagembedding", "nemo")
 QUERY_COLUMNS = ("anchor", "query", "question")
-POSITIVE_COLUMNS = ("positive", "pos")
+POSITIVE_COLUMNS = ("positive", "pos", "answer")  # sentence-transformers datasets use all three
 HF_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 TABLE_SUFFIXES = (".parquet", ".csv", ".jsonl", ".jsonl.gz", ".json")
 

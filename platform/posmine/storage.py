@@ -503,6 +503,7 @@ def run_stage(stage_dir: str, stage: str, config_hash: str, work: Callable[[], D
                 manifest.get("finished_at", "earlier"), current_because)
         return manifest
     started = time.time()
+    log.info("%s: running", stage)
     try:
         begin_stage(stage_dir)
         done = work()
@@ -510,8 +511,12 @@ def run_stage(stage_dir: str, stage: str, config_hash: str, work: Callable[[], D
         if _unfixable(e):
             raise StorageError(f"the {stage} stage stopped: {e}") from e
         raise
-    return commit_stage(stage_dir, stage, config_hash, rows=done.rows, started=started,
-                        stats=done.stats, extra=done.extra, outputs=done.outputs)
+    manifest = commit_stage(stage_dir, stage, config_hash, rows=done.rows, started=started,
+                            stats=done.stats, extra=done.extra, outputs=done.outputs)
+    _ANNOUNCED.add((stage_dir, config_hash))
+    log.info("%s: ran in %.1f s (%s)", stage, manifest["seconds"],
+             ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in done.rows.items()))
+    return manifest
 
 
 def _unfixable(e: BaseException) -> bool:

@@ -1,0 +1,126 @@
+"""What the CLI shows: posmine's own lines on the terminal, everything else in a log file.
+
+Quiet by default: one line as each stage starts and ends, progress bars, and a short summary.
+Ray's, Ray Data's and the libraries' INFO lines, the Ray workers' output and the expected
+warnings of transformers (a pooler its checkpoint does not carry, weights-loading bars) go to
+`<output.dir>/posmine.log` only; `-v` brings them back to the terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from posmine import storage
+from posmine.redaction import RedactingFilter
+
+QUIET_ENV = "POSMINE_QUIET"  # read by `remote.ensure_ray`, inherited by Ray's workers
+LOG_NAME = "posmine.log"
+FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Loggers whose INFO lines are for the log file, not the terminal.
+LIBRARIES = ("ray", "transformers", "sentence_transformers", "datasets", "filelock", "httpx",
+             "urllib3", "botocore", "aiobotocore", "s3fs", "fsspec", "mlflow", "alembic")
+
+
+def quiet() -> bool:
+    return os.environ.get(QUIET_ENV) == "1"
+
+
+class _OwnOrWarning(logging.Filter):
+    """Terminal lines: posmine's own INFO, and anyone's warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("posmine") or record.levelno >= logging.WARNING
+
+
+def setup(verbose: bool) -> None:
+    """The terminal's handler: every line with `-v`, else posmine's own lines, bare."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter())  # no credentials in any line
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("botocore", "aiobotocore", "s3fs", "urllib3", "fsspec"):
+        # Their DEBUG lines carry signed request headers (the access key id): never log them.
+        logging.getLogger(noisy).setLevel(logging.INFO)
+    if verbose:
+        handler.setFormatter(logging.Formatter(FILE_FORMAT))
+        os.environ.pop(QUIET_ENV, None)
+        return
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_OwnOrWarning())
+    os.environ[QUIET_ENV] = "1"
+    # Read by transformers and huggingface_hub at import, here and in Ray's workers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def log_to_file(out_dir: str) -> str:
+    """Every log line, at INFO and up, also to `<out_dir>/posmine.log` (a local file under
+    `$POSMINE_CACHE/logs` when `out_dir` is object storage); returns its path."""
+    if storage.is_local(out_dir):
+        path = Path(out_dir) / LOG_NAME
+    else:
+        cache = Path(os.environ.get("POSMINE_CACHE", Path.home() / ".cache" / "posmine"))
+        path = cache / "logs" / f"posmine-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(FILE_FORMAT))
+    handler.addFilter(RedactingFilter())
+    logging.getLogger().addHandler(handler)
+    _FILES.append(handler)
+    return str(path)
+
+
+_FILES: list[logging.Handler] = []
+
+
+def quiet_ray() -> None:
+    """Ray's driver-side loggers into the log file, not the terminal (Ray gives them their own
+    stderr handler); Ray Data's progress bars off. Called once Ray is imported and started."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        lg = logging.getLogger(name)
+        lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)
+                       or isinstance(h, logging.FileHandler)] + _FILES
+        lg.propagate = False
+
+
+def _n(x: Any) -> str:
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def summary(stage: str, manifest: dict[str, Any]) -> str:
+    """A few lines on what a stage's manifest holds; the manifest itself stays in its folder."""
+    rows, stats = manifest.get("rows", {}), manifest.get("stats", {})
+    where = storage.redact(str(manifest.get("dir") or manifest.get("model_dir") or ""))
+    if stage == "mine":
+        lines = [f"mined {_n(rows.get('examples', 0))} examples "
+                 f"({_n(stats.get('negatives_kept', 0))} negatives) for "
+                 f"{_n(stats.get('queries_out', 0))} queries"]
+        if stats.get("examples_too_few"):
+            lines.append(f"{_n(stats['examples_too_few'])} examples have fewer than "
+                         f"mining.num_negatives negatives")
+        lines.append(f"passed over as too close to the positive: {_n(stats.get('dropped_by_rule', 0))} "
+                     "(once per candidate per example)")
+    elif stage == "embed":
+        lines = ["embedded " + ", ".join(f"{_n(v)} {k}" for k, v in rows.items())]
+    elif stage == "train":
+        curve = stats.get("loss_curve") or []
+        loss = f", last loss {curve[-1][1]:.4f}" if curve and isinstance(curve[-1], list | tuple) else ""
+        lines = [f"trained {_n(rows.get('steps', 0))} steps{loss}"]
+        where = storage.redact(str(manifest.get("model_dir", where)))
+    elif stage == "evaluate":
+        metrics = manifest.get("metrics", {})
+        lines = [f"scored on the {manifest.get('split', '?')} split"]
+        lines += [f"{name:<12}{value:.4f}" for name, value in sorted(metrics.items())]
+    else:
+        lines = [f"{stage}: " + ", ".join(f"{k} {_n(v)}" for k, v in rows.items())]
+    return "\n".join([*lines, f"in: {where}"] if where else lines)
