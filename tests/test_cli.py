@@ -68,3 +68,24 @@ def test_a_small_mine_is_quiet_and_a_current_rerun_starts_no_ray(tiny_beir: Path
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "mine: current" in again.stderr, again.stderr[-3000:]
     assert "running" not in again.stderr and again.stdout == first.stdout
+
+
+def test_config_init_writes_a_commented_config_equal_to_the_defaults(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from posmine.config import load_config, to_dict
+
+    out = tmp_path / "posmine.yaml"
+    assert main(["config", "init", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("\n  # ") > 100  # every key's meaning above it
+    written, defaults = to_dict(load_config(out)), to_dict(load_config(None))
+    assert written["data"].pop("path") == "beir:scifact"  # the default, by its name
+    defaults["data"].pop("path")
+    assert written == defaults
+    assert main(["config", "init", str(out)]) == 1  # never overwritten
+    assert "exists" in capsys.readouterr().err and out.read_text() == text
+    assert main(["config", "init", str(tmp_path / "cisi.yaml"), "--preset", "cisi"]) == 0
+    cisi = yaml.safe_load((tmp_path / "cisi.yaml").read_text())
+    assert cisi["data"]["path"] == "beir:cisi" and load_config(tmp_path / "cisi.yaml").mining.anchor == "pair"

@@ -130,7 +130,11 @@ def mine_hard_negatives(
         ValueError: an empty dataset, fewer than two columns, a bad `output_format`, or a window
             (`range_min`, `range_max`, `num_negatives`) with no room for the negatives.
     """
-    from datasets import Dataset
+    try:
+        from datasets import Dataset
+    except ImportError as e:  # pragma: no cover - the hf and test extras carry it
+        raise ImportError("mine_hard_negatives reads and returns a datasets.Dataset: "
+                          "pip install 'posmine[hf]'") from e
 
     if len(dataset) == 0:
         raise ValueError("The dataset is empty. Please provide a non-empty dataset.")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from posmine import __version__, lease, storage, terminal
-from posmine.config import Config, ConfigError, load_config
+from posmine.config import PRESETS, Config, ConfigError, load_config
 from posmine.data import DataError
 from posmine.embed import EmbeddingError, ModelError
 from posmine.export import FORMATS as EXPORT_FORMATS
@@ -127,6 +127,20 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_init(args: argparse.Namespace) -> int:
+    """A commented starter config at `args.out`; an existing file is never overwritten."""
+    from pathlib import Path
+
+    from posmine.config import starter_yaml
+
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"{out}: exists; name another file, or remove it first")
+    out.write_text(starter_yaml(args.preset), encoding="utf-8")
+    print(f"wrote {out}: posmine config show {out} prints it resolved")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from posmine import report
 
@@ -178,6 +192,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("config", nargs="?", default=None, help="YAML config (default: all defaults)")
     show.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     show.set_defaults(func=_config_show)
+    init = csub.add_parser("init", help="write a commented starter config")
+    init.add_argument("out", nargs="?", default="posmine.yaml", help="file to write (default: posmine.yaml)")
+    init.add_argument("--preset", choices=PRESETS, default=None,
+                      help="a shipped recipe instead of every default")
+    init.set_defaults(func=_config_init)
     r = sub.add_parser("report", help="report.html (and the score histogram PNG of a mine stage)")
     r.add_argument("path", help="a mine stage folder (<output.dir>/mine), an audit folder "
                                 "(<output.dir>/audit/<hash>) or a run's output.dir")

@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
+import re
+import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -58,16 +61,16 @@ class DataConfig:
     # pairs: the query and positive columns; null looks for anchor/query/question and
     # positive/pos. A query on several rows has several positives.
     query_column: str | None = None
-    positive_column: str | None = None
+    positive_column: str | None = None  # the positive column (see query_column)
     # pairs/flagembedding/nemo: more passages (a file, folder or dataset with `corpus_column`)
     # added to the positives (and the file's negatives) to search in
     corpus: str | None = None
-    corpus_column: str = "text"
+    corpus_column: str = "text"  # data.corpus: the column holding the passages
     # Formats without a test split: this fraction of queries (seeded) is held out as `test`,
     # so `posmine run` evaluates on queries it never trained on. 0 keeps every query in train.
     test_fraction: Annotated[float, Range(0.0, 0.9)] = 0.1
-    split: str = "train"
-    eval_split: str = "test"
+    split: str = "train"  # the split mined and trained on
+    eval_split: str = "test"  # the split held out for evaluation
     # SciFact has no dev split: hold out this fraction of train queries (seeded) as dev.
     dev_fraction: Annotated[float, Range(0.0, 0.9)] = 0.1
     holdout_dev: bool = False  # when True, `train` excludes the held-out dev queries
@@ -78,7 +81,7 @@ class DataConfig:
     max_queries: Annotated[int | None, Range(1, 10**12)] = None  # a seeded subset of queries, for quick runs
     # Corpus rows per Parquet part: the unit the embed stage resumes from after a crash.
     rows_per_part: Annotated[int, Range(1, 100_000_000)] = 50_000
-    seed: Annotated[int, Range(0, 2**32 - 1)] = 42
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 42  # the held-out splits and the max_queries subset
 
     def __post_init__(self) -> None:
         check_ranges(self, "data")
@@ -99,11 +102,11 @@ class TeacherConfig:
     # false: the prefix's tokens are left out of mean pooling (the paper pools over the query or
     # passage tokens only; sentence-transformers' include_prompt=false)
     pool_prefix: bool = True
-    normalize: bool = True
-    query_prefix: str = ""
-    passage_prefix: str = ""
-    max_length: Annotated[int, Range(8, 32768)] = 256
-    batch_size: Annotated[int, Range(1, 65536)] = 32
+    normalize: bool = True  # unit-length vectors: scores are cosines
+    query_prefix: str = ""  # prepended to every query (an instruction, `query: `)
+    passage_prefix: str = ""  # prepended to every passage
+    max_length: Annotated[int, Range(8, 32768)] = 256  # tokens per text; longer texts are cut
+    batch_size: Annotated[int, Range(1, 65536)] = 32  # texts per forward pass
     # A batch also holds at most this many padded tokens (rows x its longest text); 0: 2,048
     # on an AVX-512 CPU in fp32, else no cap (`embed.default_batch_tokens`). On Intel Xeons
     # with AVX-512, 8 texts of 256 tokens ran 1.2-1.3x faster than 32 in fp32; on an AMD EPYC
@@ -114,16 +117,18 @@ class TeacherConfig:
     # but some negative lists change (BENCHMARKS.md, "The teacher in bfloat16 on the CPU");
     # without AMX it is slower than fp32 and posmine says so. The student is scored at `auto`.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Encoder actors in the Ray Data pool (one per GPU on GPUs)
     num_actors: Annotated[int, Range(1, 4096)] = 1
     # Fractional CPUs: a 2-CPU machine needs room left for Ray Data's own read tasks.
     cpus_per_actor: Annotated[float, Range(0.01, 256)] = 1.0
     torch_threads: Annotated[int, Range(0, 1024)] = 0  # per actor; 0 = all cores
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: a GPU when one is visible
     # Sides this small are embedded in the driver, part by part (the same output and resume):
     # an actor pool costs ~5 s to start (a worker importing Ray Data and torch, then loading
     # the model: BENCHMARKS.md, "Embedding against the machine's limit"), more than the work.
     # Queries are short, so far more of them fit under that cost than documents do.
     local_queries_below: Annotated[int, Range(0, 10**12)] = 20_000
+    # Corpora this small are embedded in the driver
     local_corpus_below: Annotated[int, Range(0, 10**12)] = 1_000
     # `openvino`: the encoder's forward compiled by OpenVINO for the CPU, float32 (encoders
     # such as BERT/MiniLM; decoders do not convert yet; `pip install 'posmine[openvino]'`): the torch
@@ -148,14 +153,15 @@ class TeacherConfig:
 class IndexConfig:
     """FAISS shards over the corpus embeddings."""
 
-    kind: Literal["flat", "ivf", "hnsw"] = "flat"
-    num_shards: Annotated[int, Range(1, 4096)] = 2
+    kind: Literal["flat", "ivf", "hnsw"] = "flat"  # flat: exact; ivf and hnsw: approximate, for large corpora
+    num_shards: Annotated[int, Range(1, 4096)] = 2  # FAISS shards, each in a Ray actor
     nlist: Annotated[int, Range(1, 10**7)] = 1024  # IVF lists per shard (capped by shard size)
-    nprobe: Annotated[int, Range(1, 10**7)] = 32
-    hnsw_m: Annotated[int, Range(2, 1024)] = 32
-    ef_search: Annotated[int, Range(1, 10**6)] = 128
+    nprobe: Annotated[int, Range(1, 10**7)] = 32  # IVF lists searched per query
+    hnsw_m: Annotated[int, Range(2, 1024)] = 32  # HNSW neighbours per node
+    ef_search: Annotated[int, Range(1, 10**6)] = 128  # HNSW search breadth
+    # Auto: shards on the GPU when faiss-gpu and a GPU are there
     use_gpu: Literal["auto", "never", "always"] = "auto"
-    query_batch_size: Annotated[int, Range(1, 10**7)] = 4096
+    query_batch_size: Annotated[int, Range(1, 10**7)] = 4096  # queries per FAISS search call
     # Ray CPUs each shard actor reserves; 0 = all shards together reserve 2 (at most 1 each),
     # which leaves a small head node room for the driver's other tasks.
     cpus_per_shard: Annotated[float, Range(0.0, 1024.0)] = 0.0
@@ -173,7 +179,7 @@ class IndexConfig:
 class MiningConfig:
     """The positive-aware filter (paper defaults: TopK-PercPos, 95%, 4 negatives)."""
 
-    rule: Rule = "topk_percpos"
+    rule: Rule = "topk_percpos"  # the paper's rules: which candidates may be negatives
     # Which positive score is s+: `pair` filters each (query, positive) example against its
     # own positive (the paper's formulation; a query with P positives gives P examples);
     # `min` (the weakest positive), `max`, `mean` give one example per query. With one
@@ -186,7 +192,7 @@ class MiningConfig:
     margin: Annotated[float, Range(0.0, 2.0)] = 0.05  # topk_marginpos: keep s < s+ - margin
     threshold: Annotated[float, Range(-10**6, 10**6)] = 0.7  # topk_abs: keep s < threshold
     shift: Annotated[int, Range(0, 100_000)] = 10  # topk_shifted: keep rank > shift
-    num_negatives: Annotated[int, Range(1, 10_000)] = 4
+    num_negatives: Annotated[int, Range(1, 10_000)] = 4  # hard negatives per training example
     top_k: Annotated[int, Range(1, 100_000)] = 30  # eligible candidates in each example's window
     # Which top_k candidates an example chooses from. `rank`: the teacher's first top_k
     # eligible candidates, then the rule (sentence-transformers' range_max). `survivors`
@@ -201,14 +207,16 @@ class MiningConfig:
     # scores below `max_score` and at least `min_score`, and each window's first `range_min`
     # survivors are passed over. null / 0: off.
     max_score: Annotated[float | None, Range(-10**6, 10**6)] = None
-    min_score: Annotated[float | None, Range(-10**6, 10**6)] = None
+    min_score: Annotated[float | None, Range(-10**6, 10**6)] = None  # (see max_score)
     range_min: Annotated[int, Range(0, 99_999)] = 0  # below top_k
+    # Which survivors: the top ones, a sample, or the best plus a sample
     sampling: Literal["topk", "sample", "top1_sample"] = "topk"
     sample_from: Annotated[int, Range(1, 100_000)] = 10  # sample num_negatives of the top-n survivors
-    sample_weights: Literal["uniform", "softmax"] = "uniform"
+    sample_weights: Literal["uniform", "softmax"] = "uniform"  # sample: uniform, or by softmax of the scores
     # softmax temperature for sample_weights=softmax
     sample_temperature: Annotated[float, Range(1e-6, 100.0)] = 0.05
     too_few: Literal["keep", "drop"] = "keep"  # queries with fewer than num_negatives survivors
+    # Texts equal to a positive's or the query's are never negatives
     dedup_text: Literal["none", "exact", "normalized"] = "normalized"
     # A sequence-classification model that rescores candidates and positives before the rule.
     cross_encoder: str | None = None
@@ -220,7 +228,7 @@ class MiningConfig:
     # paper's ensembling). intra_sample: round-robin over the teachers' lists, skipping
     # documents already taken; cross_sample: one teacher drawn per query.
     combine: Literal["intra_sample", "cross_sample"] = "intra_sample"
-    seed: Annotated[int, Range(0, 2**32 - 1)] = 42
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 42  # the sampling draws, per query
 
     def __post_init__(self) -> None:
         check_ranges(self, "mining")
@@ -267,19 +275,19 @@ class TrainConfig:
     # sharded over the workers (FSDP2, one unit per transformer block), for bases that do not
     # fit one device. Checkpoints and the export hold the full weights either way.
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    query_prefix: str = ""
-    passage_prefix: str = ""
-    epochs: Annotated[int, Range(1, 10_000)] = 1
+    query_prefix: str = ""  # as teacher.query_prefix, for the student
+    passage_prefix: str = ""  # as teacher.passage_prefix, for the student
+    epochs: Annotated[int, Range(1, 10_000)] = 1  # passes over the mined examples
     max_steps: Annotated[int, Range(0, 10**9)] = 0  # 0 = run the epochs; >0 stops early (quick runs)
-    batch_size: Annotated[int, Range(1, 65536)] = 32
-    lr: Annotated[float, Range(1e-12, 1.0)] = 1e-5
-    weight_decay: Annotated[float, Range(0.0, 10.0)] = 0.01
-    warmup_ratio: Annotated[float, Range(0.0, 1.0)] = 0.1
+    batch_size: Annotated[int, Range(1, 65536)] = 32  # examples per step, over all workers
+    lr: Annotated[float, Range(1e-12, 1.0)] = 1e-5  # AdamW learning rate, linear decay after warm-up
+    weight_decay: Annotated[float, Range(0.0, 10.0)] = 0.01  # AdamW weight decay
+    warmup_ratio: Annotated[float, Range(0.0, 1.0)] = 0.1  # share of the steps with a linear warm-up
     # The paper does not report it; its training code and sentence-transformers (scale 20)
     # both use 0.05.
     temperature: Annotated[float, Range(1e-4, 10.0)] = 0.05
-    in_batch_negatives: bool = True
-    num_negatives: Annotated[int, Range(0, 10_000)] = 4
+    in_batch_negatives: bool = True  # the batch's other passages are negatives too
+    num_negatives: Annotated[int, Range(0, 10_000)] = 4  # hard negatives per example used in the loss
     # A query with several positives: `sample` trains one example per query per epoch, its
     # positive drawn without replacement across epochs (a seeded permutation per query, so P
     # epochs see all P positives); `all` trains every (query, positive) each epoch.
@@ -289,15 +297,15 @@ class TrainConfig:
     # and in-batch negatives: masked in the loss, counted in the manifest.
     mask_known_positives: bool = True
     distill_weight: Annotated[float, Range(0.0, 1.0)] = 0.0  # 0 = pure InfoNCE, 1 = pure KL distillation
-    query_max_length: Annotated[int, Range(8, 32768)] = 64
-    passage_max_length: Annotated[int, Range(8, 32768)] = 256
+    query_max_length: Annotated[int, Range(8, 32768)] = 64  # query tokens in training
+    passage_max_length: Annotated[int, Range(8, 32768)] = 256  # passage tokens in training
     export_max_length: Annotated[int, Range(8, 32768)] = 256  # max_seq_length the exported model is used at
-    grad_clip: Annotated[float, Range(1e-9, 10**6)] = 1.0
-    num_workers: Annotated[int, Range(1, 4096)] = 1
+    grad_clip: Annotated[float, Range(1e-9, 10**6)] = 1.0  # gradient norm clipping
+    num_workers: Annotated[int, Range(1, 4096)] = 1  # Ray Train workers (one per GPU on GPUs)
     # Leave CPU for Ray Data's read tasks: 2 workers x 1 CPU on a 2-CPU machine starve them.
     cpus_per_worker: Annotated[float, Range(0.01, 256)] = 1.0
-    use_gpu: Literal["auto", "never", "always"] = "auto"
-    gradient_checkpointing: bool = False
+    use_gpu: Literal["auto", "never", "always"] = "auto"  # auto: GPUs when the cluster has them
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass
     # GradCache (Gao et al., 2021): embed the batch in chunks of this many texts without the
     # graph, take the loss over the whole batch, then backpropagate chunk by chunk. Same loss and
     # gradients as one pass; activation memory bounded by the chunk, not the batch. 0 = one pass.
@@ -306,15 +314,17 @@ class TrainConfig:
     # negatives (all-gathered, the gradient through each worker's own part): N workers x b
     # examples train as 1 worker x N*b. Off: each worker's in-batch negatives are its own b rows.
     gather_across_workers: bool = False
+    # Steps between checkpoints (resume after a failure)
     checkpoint_every: Annotated[int, Range(1, 10**9)] = 50
-    log_every: Annotated[int, Range(1, 10**9)] = 5
+    log_every: Annotated[int, Range(1, 10**9)] = 5  # steps between loss lines
+    # Worker-group restarts from the last checkpoint; -1: forever
     max_failures: Annotated[int, Range(-1, 10_000)] = 2
     # Worker-group starts Ray Train tries (each waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S,
     # 60 s by default) before the stage fails: room for autoscaled GPU nodes to come up, but
     # never a silent wait forever for resources that do not exist. -1 = wait forever.
     startup_retries: Annotated[int, Range(-1, 10_000)] = 10
     torch_threads: Annotated[int, Range(0, 1024)] = 0  # per worker; 0 = cores / workers
-    seed: Annotated[int, Range(0, 2**32 - 1)] = 42
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 42  # initialisation, data order and positive draws
     # Loss, lr and the config to TensorBoard event files (`<train dir>/tensorboard`) or an
     # MLflow run (`$MLFLOW_TRACKING_URI`, else the SQLite store `<output.dir>/mlflow.db`). Not
     # part of the stage's key: turning it on does not train again.
@@ -331,9 +341,10 @@ class TrainConfig:
 class EvaluateConfig:
     """Retrieval evaluation on held-out qrels."""
 
-    split: str = "test"
+    split: str = "test"  # the split scored
+    # Cut-offs of nDCG, Recall, MAP and MRR
     k_values: Annotated[tuple[int, ...], Range(1, 100_000)] = (1, 10, 100)
-    top_k: Annotated[int, Range(1, 100_000)] = 100
+    top_k: Annotated[int, Range(1, 100_000)] = 100  # documents retrieved per query
     # BEIR's default drops a hit whose doc id equals the query id; MTEB now keeps it.
     ignore_identical_ids: bool = True
 
@@ -368,23 +379,24 @@ class TuneConfig:
     Arms are searched one after another as a grid; random domains draw `num_samples` times.
     """
 
-    space: tuple[Mapping[str, Any], ...] = DEFAULT_SPACE
-    num_samples: Annotated[int, Range(1, 100_000)] = 1
-    max_concurrent_trials: Annotated[int, Range(1, 4096)] = 1
-    metric: str = "ndcg@10"
+    space: tuple[Mapping[str, Any], ...] = DEFAULT_SPACE  # the arms searched (see the class doc)
+    num_samples: Annotated[int, Range(1, 100_000)] = 1  # draws of the random domains
+    max_concurrent_trials: Annotated[int, Range(1, 4096)] = 1  # trials at once
+    metric: str = "ndcg@10"  # dev metric to maximise: ndcg@k, recall@k, map@k or mrr@k
     # ASHA stops trials whose dev score at a rung is in the bottom 1/reduction_factor.
     scheduler: Literal["asha", "fifo"] = "asha"
     # dev evaluations (and ASHA rungs) spread over a trial's steps
     evals_per_trial: Annotated[int, Range(1, 1000)] = 2
-    grace_period: Annotated[int, Range(1, 1000)] = 1
+    grace_period: Annotated[int, Range(1, 1000)] = 1  # ASHA: rungs a trial runs before it can be stopped
+    # ASHA: keep the top 1/reduction_factor at each rung
     reduction_factor: Annotated[float, Range(1.01, 100.0)] = 2.0
     # Dev scoring ranks the teacher's top `dev_pool` documents per dev query plus its
     # positives (a re-ranking proxy that avoids re-embedding the corpus every evaluation);
     # 0 ranks the whole corpus.
     dev_pool: Annotated[int, Range(0, 1_000_000)] = 30
-    cpus_per_trial: Annotated[float, Range(0.01, 256)] = 1.0
-    gpus_per_trial: Annotated[float, Range(0.0, 64.0)] = 0.0
-    max_failures: Annotated[int, Range(-1, 10_000)] = 2
+    cpus_per_trial: Annotated[float, Range(0.01, 256)] = 1.0  # Ray CPUs per trial
+    gpus_per_trial: Annotated[float, Range(0.0, 64.0)] = 0.0  # Ray GPUs per trial
+    max_failures: Annotated[int, Range(-1, 10_000)] = 2  # retries of a failed trial from its checkpoint
     seed: Annotated[int, Range(0, 2**32 - 1)] = 42  # draws of the random domains
 
     def __post_init__(self) -> None:
@@ -474,9 +486,9 @@ class StageConfig:
     `remine_with_student`, the stage mines again with the previous stage's student as teacher.
     """
 
-    mining: Mapping[str, Any] = field(default_factory=dict)
-    train: Mapping[str, Any] = field(default_factory=dict)
-    remine_with_student: bool = False
+    mining: Mapping[str, Any] = field(default_factory=dict)  # mining keys over the top-level mining
+    train: Mapping[str, Any] = field(default_factory=dict)  # train keys over the top-level train
+    remine_with_student: bool = False  # mine again with the previous stage's student
 
 
 @dataclass(frozen=True)
@@ -773,3 +785,60 @@ def config_hash(*parts: Any) -> str:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+_FIELD = re.compile(r"^\s{4}(\w+): (.+?)(?: = (.+?))?\s*(?:#\s*(.*))?$")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's meaning, from the source of config class `cls`: its inline comment, else
+    the comment lines just above it (the configuration reference and `config init` read them)."""
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        m = _FIELD.match(line)
+        if m and not stripped.startswith(("def ", "@")):
+            inline = (m.group(4) or "").strip()
+            out[m.group(1)] = " ".join([*above, inline] if inline else above)
+        above = []
+    return out
+
+
+PRESETS = ("scifact", "cisi", "nv-retriever-v1")
+
+
+def starter_yaml(preset: str | None = None) -> str:
+    """A commented starter config: a shipped preset, or every key at its default with its
+    meaning above it."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)}")
+        return (Path(__file__).parent / "presets" / f"{preset}.yaml").read_text(encoding="utf-8")
+    lines = ["# posmine config: every key at its default. Keep the ones you change;",
+             "# `posmine config show FILE` prints it resolved, the reference lists every key."]
+    defaults = to_dict(Config())
+    defaults["data"]["path"] = "beir:scifact"  # the default's machine path, as its name
+    top = field_help(Config)
+    for section in dataclasses.fields(Config):
+        value = defaults[section.name]
+        if not isinstance(value, dict):  # stages, extra_teachers: lists
+            lines += [f"# {t}" for t in textwrap.wrap(top.get(section.name, ""), 96)]
+            lines.append(f"{section.name}: {_flow(value)}")
+            continue
+        lines.append(f"{section.name}:")
+        hints = typing.get_type_hints(Config)[section.name]
+        meaning = field_help(hints) if isinstance(hints, type) and dataclasses.is_dataclass(hints) else {}
+        for key, v in value.items():
+            lines += [f"  # {t}" for t in textwrap.wrap(meaning.get(key, ""), 94)]
+            lines.append(f"  {key}: {_flow(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def _flow(value: Any) -> str:
+    """`value` as one line of YAML (flow style, keys in their order)."""
+    dumped = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6)
+    return dumped.replace("\n...\n", "").strip()
