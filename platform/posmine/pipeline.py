@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from posmine import data, index, model_card, remote, storage
+from posmine import backbone, data, index, model_card, remote, storage
 from posmine import embed as embed_stage
 from posmine import evaluate as eval_stage
 from posmine import mine as mine_stage
@@ -164,7 +164,7 @@ def audit(cfg: Config) -> dict[str, Any]:
 def evaluate(cfg: Config, model: str | None = None) -> dict[str, Any]:
     """Metrics of `model` (default: the teacher's model) on `cfg.evaluate.split`."""
     if model and storage.is_local(model):
-        embed_stage.resolve_model(model)  # a missing or broken folder: refused before any work
+        backbone.resolve_model(model)  # a missing or broken folder: refused before any work
     teacher = dataclasses.replace(cfg.teacher, model=model) if model else cfg.teacher
     return _evaluate_with(cfg, teacher)
 

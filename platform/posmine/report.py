@@ -164,10 +164,13 @@ def html_image(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+AUDIT_COLUMNS = ("setting", "rule", "anchor", "param", "window", "examples", "examples_short",
+                 "negatives_kept", "kept_mean_score", "hidden_in_window", "hidden_kept", "fn_rate",
+                 "hidden_dropped", "filter_recall", "dropped", "dropped_not_hidden")
+
+
 def audit_page(summary: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
     """report.html of an audit: what was hidden, the table, the two plots."""
-    from posmine.audit import COLUMNS
-
     intro = (f"<p>{summary['hidden_positives']} labelled positives of {summary['queries_audited']} "
              f"queries ({summary['hide_fraction']:.0%} of each, seed {summary['seed']}, split "
              f"{html.escape(summary['split'])}) were hidden from the miner; "
@@ -175,7 +178,7 @@ def audit_page(summary: Mapping[str, Any], plots: Mapping[str, bytes]) -> str:
              "fn_rate = hidden positives kept as negatives / negatives kept; filter_recall = hidden "
              "positives dropped / hidden positives in the window.</p>")
     return html_page("posmine audit", [
-        ("What was measured", intro), ("Settings", html_table(summary["settings"], COLUMNS)),
+        ("What was measured", intro), ("Settings", html_table(summary["settings"], AUDIT_COLUMNS)),
         ("Trade-off", html_image(plots["tradeoff.png"], "false-negative rate against negatives kept")),
         ("TopK-PercPos sweep", html_image(plots["fn_vs_perc.png"], "false-negative rate against perc"))])
 

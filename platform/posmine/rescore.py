@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from posmine.embed import ModelError, pick_device, resolve_model
+from posmine.backbone import ModelError, resolve_model
+from posmine.embed import pick_device
 from posmine.mining import QueryCandidates
 
 

@@ -8,10 +8,13 @@ warnings of transformers (a pooler its checkpoint does not carry, weights-loadin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +127,51 @@ def summary(stage: str, manifest: dict[str, Any]) -> str:
     else:
         lines = [f"{stage}: " + ", ".join(f"{k} {_n(v)}" for k, v in rows.items())]
     return "\n".join([*lines, f"in: {where}"] if where else lines)
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (a log, a CI job) a line every `every` seconds."""
+
+    def __init__(self, total: int, desc: str, unit: str, every: float = 30.0) -> None:
+        from tqdm import tqdm
+
+        self.desc, self.total, self.every, self.n = desc, total, every, 0
+        self.bar = tqdm(total=total, desc=desc, unit=unit) if sys.stderr.isatty() else None
+        self.last_line = time.monotonic()
+
+    def update_to(self, n: int, **postfix: float) -> None:
+        if self.bar is not None:
+            self.bar.update(n - self.bar.n)
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in postfix.items()})
+        elif n != self.n and time.monotonic() - self.last_line >= self.every:
+            self.last_line = time.monotonic()
+            rest = "".join(f", {k} {v:.4f}" for k, v in postfix.items())
+            logging.getLogger("posmine").info("%s: %d/%d%s", self.desc, n, self.total, rest)
+        self.n = n
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@contextlib.contextmanager
+def watch(url: str, total: int, desc: str, unit: str, poll: float = 2.0) -> Iterator[None]:
+    """While the block runs, a `Progress` fed from the JSON file at `url` (`step`, `loss`), which
+    a worker anywhere writes to the output folder."""
+    storage.remove(url)  # an earlier attempt's
+    bar, stop = Progress(total, desc, unit), threading.Event()
+
+    def poll_file() -> None:
+        while not stop.wait(poll):
+            with contextlib.suppress(Exception):  # absent, or half-written by another node
+                state = storage.read_json(url)
+                bar.update_to(int(state["step"]), loss=float(state["loss"]))
+
+    thread = threading.Thread(target=poll_file, name="posmine-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=poll + 1)
+        bar.close()

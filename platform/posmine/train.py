@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from posmine import backbone, faults, remote, storage, tracking
+from posmine import backbone, faults, remote, storage, terminal, tracking
+from posmine.backbone import model_fingerprint, resolve_model
 from posmine.config import TrainConfig, absolute_path, config_hash, to_dict
-from posmine.embed import model_fingerprint, resolve_model
 from posmine.losses import contrastive_loss
 from posmine.mining import query_rng, text_hash
 
@@ -694,7 +694,7 @@ def _worker(config: dict[str, Any]) -> None:
             curve.append([trainer.step_no, float(np.mean(losses[-cfg.log_every:]))])
             tracker.log(trainer.step_no, {"loss": curve[-1][1],
                                           "lr": trainer.scheduler.get_last_lr()[0]})
-        _report(trainer, losses, steps, cfg)
+        _report(trainer, losses, steps, cfg, storage.join(config["target"], PROGRESS))
         crash_hook(trainer.step_no)
         faults.trace("train", trainer.step_no)
     tracker.close()
@@ -752,16 +752,23 @@ def crash_hook(step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
-def _report(trainer: StudentTrainer, losses: list[float], steps: int, cfg: TrainConfig) -> None:
+PROGRESS = "_progress.json"  # rank 0's last step and loss, which the driver's bar reads
+
+
+def _report(trainer: StudentTrainer, losses: list[float], steps: int, cfg: TrainConfig,
+            progress_url: str) -> None:
     import ray.train
 
     step = trainer.step_no
     metrics = {"step": step, "loss": float(np.mean(losses[-cfg.log_every:])),
                "lr": trainer.scheduler.get_last_lr()[0]}
-    if step % cfg.log_every == 0 and ray.train.get_context().get_world_rank() == 0:
-        # Ray forwards worker stdout to the driver: the user's progress line.
+    if (step % cfg.log_every == 0 or step == steps) and ray.train.get_context().get_world_rank() == 0:
+        # The worker's own line (Ray's logs, or the terminal with -v); the driver's progress
+        # bar reads the file, which reaches it from any node through the output folder.
         print(f"[posmine train] step {step}/{steps} loss {metrics['loss']:.4f} "
               f"lr {metrics['lr']:.2e}", flush=True)
+        with contextlib.suppress(OSError):  # progress is for the eye: never fail a step on it
+            storage.write_json(progress_url, {**metrics, "steps": steps})
     if step % cfg.checkpoint_every == 0 and step < steps:
         with tempfile.TemporaryDirectory() as d:
             is_rank0 = ray.train.get_context().get_world_rank() == 0
@@ -829,4 +836,6 @@ def _fit(cfg: TrainConfig, key: str, target: str, loop_config: dict[str, Any]) -
             failure_config=FailureConfig(**failure_kwargs),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    return dict(trainer.fit().metrics or {})
+    steps = int(loop_config["steps"])
+    with terminal.watch(storage.join(target, PROGRESS), steps, "train", "step"):
+        return dict(trainer.fit().metrics or {})
