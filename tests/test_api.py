@@ -158,7 +158,9 @@ def test_margins_are_the_papers_rules(pairs: Any, st_model: Any, cache: str) -> 
     assert api._rule(None, 0.1, None, None, None) == {
         "rule": "topk_percpos", "perc": 0.9, "max_score": None, "min_score": None}
     assert api._rule(None, None, 0.05, 0.8, None)["rule"] == "topk_marginpos"
-    assert api._rule(None, None, None, 0.8, None)["rule"] == "topk_abs"
+    assert api._rule(None, None, None, 0.8, None) == {
+        "rule": "topk_abs", "threshold": 0.8, "max_score": None, "min_score": None}
+    assert api._rule("topk_percpos", 0.2, None, 0.9, None)["perc"] == pytest.approx(0.8)
 
 
 def test_a_model_path_and_a_model_object_mine_the_same(pairs: Any, st_model: Any, cache: str) -> None:

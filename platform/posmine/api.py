@@ -138,36 +138,15 @@ def mine_hard_negatives(
 
     if len(dataset) == 0:
         raise ValueError("The dataset is empty. Please provide a non-empty dataset.")
-    if faiss_batch_size <= 0:
-        raise ValueError(f"faiss_batch_size must be a positive integer, got {faiss_batch_size}.")
     anchor_col, positive_col = _columns(dataset, anchor_column_name, positive_column_name)
     if as_triplets is not None:
         output_format = "triplet" if as_triplets else "n-tuple"
     if output_format == "n-tuple-scores":
         output_format, output_scores = "n-tuple", True
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"Invalid output_format: {output_format}. Must be one of 'triplet', "
-                         "'n-tuple', 'labeled-pair', or 'labeled-list'.")
-    if include_positives:
-        raise ValueError("include_positives=True puts labelled positives among the candidates; "
-                         "posmine keeps them out of every negative list by design")
     if margin is not None:
         absolute_margin = margin
-    if num_negatives < 1:
-        raise ValueError(f"num_negatives must be at least 1, got num_negatives={num_negatives}.")
-    if range_min < 0:
-        raise ValueError(f"range_min must be non-negative, got range_min={range_min}.")
-    # sentence-transformers derives range_max from num_negatives; posmine's window defaults to
-    # mining.top_k (30), searched deeper where the rule leaves it short
-    top_k = range_max if range_max is not None else max(MiningConfig().top_k, range_min + num_negatives)
-    if range_min >= top_k:
-        raise ValueError(f"range_min must be smaller than range_max, got range_min={range_min} "
-                         f"and range_max={top_k}.")
-    if num_negatives > top_k - range_min:
-        raise ValueError(f"Cannot mine {num_negatives} negatives per query: only "
-                         f"{top_k - range_min} candidates remain after skipping the first "
-                         f"range_min={range_min} of range_max={top_k}.")
-
+    top_k = _check(output_format, include_positives, num_negatives, range_min, range_max,
+                   faiss_batch_size)
     pairs = dataset.select_columns([anchor_col, positive_col]).data.table  # (rows, 2)
     pairs = pairs.rename_columns(["query", "positive"]).combine_chunks()
     root = Path(cache_folder) if cache_folder else cache_root()
@@ -176,10 +155,12 @@ def mine_hard_negatives(
     teacher = {**_model_settings(_model_path(model, root), query_prompt, query_prompt_name,
                                  corpus_prompt, corpus_prompt_name),
                "batch_size": batch_size, "normalize": True}
-    if use_multi_process:
+    if use_multi_process:  # an actor pool on Ray, as sentence-transformers' process pool
         teacher.update(num_actors=len(use_multi_process) if isinstance(use_multi_process, list)
                        else max(1, (os.cpu_count() or 1) // 2), local_corpus_below=0,
                        local_queries_below=0)
+    else:  # in this process, as sentence-transformers embeds: no Ray to start for it
+        teacher.update(local_corpus_below=10**12, local_queries_below=10**12)
     rules = _rule(rule, relative_margin, absolute_margin, max_score, min_score)
     sampling = ({"sampling": "sample", "sample_from": top_k - range_min}
                 if sampling_strategy == "random" else {"sampling": "topk"})
@@ -194,8 +175,36 @@ def mine_hard_negatives(
     return Dataset(table.rename_columns([names.get(c, c) for c in table.column_names]))
 
 
+def _check(output_format: str, include_positives: bool, num_negatives: int, range_min: int,
+           range_max: int | None, faiss_batch_size: int) -> int:
+    """sentence-transformers' refusals, in its words; returns the window (`mining.top_k`)."""
+    if faiss_batch_size <= 0:
+        raise ValueError(f"faiss_batch_size must be a positive integer, got {faiss_batch_size}.")
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"Invalid output_format: {output_format}. Must be one of 'triplet', "
+                         "'n-tuple', 'labeled-pair', or 'labeled-list'.")
+    if include_positives:
+        raise ValueError("include_positives=True puts labelled positives among the candidates; "
+                         "posmine keeps them out of every negative list by design")
+    if num_negatives < 1:
+        raise ValueError(f"num_negatives must be at least 1, got num_negatives={num_negatives}.")
+    if range_min < 0:
+        raise ValueError(f"range_min must be non-negative, got range_min={range_min}.")
+    # sentence-transformers derives range_max from num_negatives; posmine's window defaults to
+    # mining.top_k (30), searched deeper where the rule leaves it short
+    top_k = range_max if range_max is not None else max(MiningConfig().top_k, range_min + num_negatives)
+    if range_min >= top_k:
+        raise ValueError(f"range_min must be smaller than range_max, got range_min={range_min} "
+                         f"and range_max={top_k}.")
+    if num_negatives > top_k - range_min:
+        raise ValueError(f"Cannot mine {num_negatives} negatives per query: only "
+                         f"{top_k - range_min} candidates remain after skipping the first "
+                         f"range_min={range_min} of range_max={top_k}.")
+    return top_k
+
+
 def _config(inputs: Mapping[str, str], teacher: Mapping[str, Any], mining: Mapping[str, Any],
-                out: str, query_batch: int) -> Config:
+            out: str, query_batch: int) -> Config:
     """The config that `mine_hard_negatives` runs: every query mined (no held-out split)."""
     sections = {"data": {**inputs, "format": "pairs", "query_column": "query",
                          "positive_column": "positive", "test_fraction": 0.0},
@@ -339,20 +348,22 @@ def _read_json(path: Path, default: Any = None) -> Any:
 def _rule(rule: str | None, relative: float | None, absolute: float | None,
           max_score: float | None, min_score: float | None) -> dict[str, Any]:
     """posmine's rule for sentence-transformers' margins: relative -> TopK-PercPos,
-    absolute -> TopK-MarginPos, max_score alone -> TopK-Abs; the scores bound any rule."""
-    bounds = {"max_score": max_score, "min_score": min_score}
-    if rule is not None:
-        return {"rule": rule, **bounds}
-    if relative is not None and absolute is not None:
-        raise ValueError("posmine applies one margin rule: give relative_margin or "
-                         "absolute_margin, not both")
+    absolute -> TopK-MarginPos, max_score alone -> TopK-Abs; the scores bound any rule. A rule
+    given by name takes the margins as its parameters."""
+    params: dict[str, Any] = {}
     if relative is not None:
-        return {"rule": "topk_percpos", "perc": 1.0 - relative, **bounds}
+        params["perc"] = 1.0 - relative
     if absolute is not None:
-        return {"rule": "topk_marginpos", "margin": absolute, **bounds}
-    if max_score is not None:
-        return {"rule": "topk_abs", "threshold": max_score, "min_score": min_score}
-    return {"rule": "topk_percpos", **bounds}
+        params["margin"] = absolute
+    if rule is None:
+        if relative is not None and absolute is not None:
+            raise ValueError("posmine applies one margin rule: give relative_margin or "
+                             "absolute_margin, not both")
+        rule = ("topk_percpos" if relative is not None else "topk_marginpos" if absolute is not None
+                else "topk_abs" if max_score is not None else "topk_percpos")
+    if rule == "topk_abs" and max_score is not None:  # the rule's own threshold
+        params["threshold"], max_score = max_score, None
+    return {"rule": rule, **params, "max_score": max_score, "min_score": min_score}
 
 
 def _mine(cfg: Config, verbose: bool) -> pa.Table:

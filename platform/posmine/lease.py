@@ -22,14 +22,13 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from posmine import storage
+from posmine import background, storage
 
 LEASE = "_lease.json"
 HEARTBEAT_S = float(os.environ.get("POSMINE_LEASE_HEARTBEAT_S", "10"))
@@ -121,22 +120,17 @@ def hold(out_dir: str) -> Iterator[None]:
     holder, started = uuid.uuid4().hex, time.time()
     url = storage.join(out_dir, LEASE)
     _acquire(out_dir, holder, started)
-    stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                if (_read(url) or {}).get("holder") == holder:
-                    storage.write_json(url, _record(holder, started))
-            except OSError as e:  # a missed beat is not worth failing the run for
-                log.debug("lease heartbeat: %s", e)
+        try:
+            if (_read(url) or {}).get("holder") == holder:
+                storage.write_json(url, _record(holder, started))
+        except OSError as e:  # a missed beat is not worth failing the run for
+            log.debug("lease heartbeat: %s", e)
 
-    thread = threading.Thread(target=beat, name="posmine-lease", daemon=True)
-    thread.start()
     try:
-        yield
+        with background.repeating(beat, HEARTBEAT_S, "posmine-lease"):
+            yield
     finally:
-        stop.set()
-        thread.join()
         if (_read(url) or {}).get("holder") == holder:
             storage.remove(url)

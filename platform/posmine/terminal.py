@@ -12,13 +12,12 @@ import contextlib
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from posmine import storage
+from posmine import background, storage
 from posmine.redaction import RedactingFilter
 
 QUIET_ENV = "POSMINE_QUIET"  # read by `remote.ensure_ray`, inherited by Ray's workers
@@ -159,19 +158,15 @@ def watch(url: str, total: int, desc: str, unit: str, poll: float = 2.0) -> Iter
     """While the block runs, a `Progress` fed from the JSON file at `url` (`step`, `loss`), which
     a worker anywhere writes to the output folder."""
     storage.remove(url)  # an earlier attempt's
-    bar, stop = Progress(total, desc, unit), threading.Event()
+    bar = Progress(total, desc, unit)
 
     def poll_file() -> None:
-        while not stop.wait(poll):
-            with contextlib.suppress(Exception):  # absent, or half-written by another node
-                state = storage.read_json(url)
-                bar.update_to(int(state["step"]), loss=float(state["loss"]))
+        with contextlib.suppress(Exception):  # absent, or half-written by another node
+            state = storage.read_json(url)
+            bar.update_to(int(state["step"]), loss=float(state["loss"]))
 
-    thread = threading.Thread(target=poll_file, name="posmine-progress", daemon=True)
-    thread.start()
     try:
-        yield
+        with background.repeating(poll_file, poll, "posmine-progress"):
+            yield
     finally:
-        stop.set()
-        thread.join(timeout=poll + 1)
         bar.close()
