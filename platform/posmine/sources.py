@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from posmine import schemas, storage
 from posmine.config import DataConfig
-from posmine.data import DataError, Warnings, _iter_jsonl, resolve, split_queries
+from posmine.inputs import DataError, Warnings, iter_jsonl, resolve, split_queries
 from posmine.mining import normalize_text
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def iter_rows(path: str) -> Iterator[Row]:
         # line 1 is the header
         yield from ((f"{storage.redact(path)}:{i}", r) for i, r in enumerate(table.to_pylist(), 2))
     else:
-        for lineno, obj in _iter_jsonl(path):
+        for lineno, obj in iter_jsonl(path):
             yield f"{storage.redact(path)}:{lineno}", obj
 
 
@@ -349,7 +349,7 @@ def detect(path: str) -> str:
     if lower.endswith(".json") and _is_nemo_json(path):
         return "nemo"
     if lower.endswith((".jsonl", ".jsonl.gz", ".json")):
-        for _, first in _iter_jsonl(path):
+        for _, first in iter_jsonl(path):
             if "pos_doc" in first or ("pos" in first and "neg" in first):
                 return "flagembedding"
             return "pairs"
