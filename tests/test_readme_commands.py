@@ -128,5 +128,8 @@ def test_failure_inside_ray_ends_with_one_line(tiny_model: str, rel_out: str,
     errors = [line for line in r.stderr.splitlines() if line.startswith("posmine: error: ")]
     assert len(errors) == 1, r.stderr[-4000:]
     assert "safetensors" in errors[0].lower() or "header" in errors[0].lower(), errors[0]
+    log = REPO / rel_out / "posmine.log"  # the worker's traceback: in the log file, named
+    assert f"its traceback is in {log}" in r.stderr and "Traceback" in log.read_text()
+    assert "Traceback" not in r.stderr  # the terminal keeps to posmine's lines
     assert not (REPO / rel_out / "train" / "_manifest.json").exists()
     assert not stale.exists()

@@ -276,12 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(storage.redact(traceback.format_exc()), file=sys.stderr)
             print(f"posmine: error: {storage.redact(_one_line(e))}", file=sys.stderr)
             return 1
-        # A stage failed inside a Ray task, actor or Train worker: Ray has printed the
-        # tracebacks of its workers above; say what failed in one line, last.
-        log.debug("failure inside Ray", exc_info=True)
+        # A stage failed inside a Ray task, actor or Train worker: the whole error (Ray's
+        # wrapper holds the worker's traceback) goes to the log file; one line, last, here.
+        logging.getLogger(terminal.TRACE).error("failure inside Ray", exc_info=True)
+        where = terminal.log_file() if terminal.quiet() else None
+        hint = f"its traceback is in {where}" if where else "its traceback is above"
         print(f"posmine: error: {storage.redact(_one_line(e))}\n"
-              "(the failure happened in a Ray worker: its traceback is above; -v adds the driver's)",
-              file=sys.stderr)
+              f"(the failure happened in a Ray worker: {hint})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Finished stages and finished parts are kept; no manifest was written for the rest.

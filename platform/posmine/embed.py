@@ -485,7 +485,7 @@ def embed_ray(cfg: TeacherConfig, listed: Parts, dst: str, side: str) -> int:
                                                                             batch_size=None):
             bar.update(collector.add(batch))
     collector.check_complete(pending)
-    log.info("embedded %d %s rows into %s", todo, side, storage.redact(dst))
+    log.debug("embedded %d %s rows into %s", todo, side, storage.redact(dst))
     return total
 
 

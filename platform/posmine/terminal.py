@@ -32,10 +32,15 @@ def quiet() -> bool:
     return os.environ.get(QUIET_ENV) == "1"
 
 
+TRACE = "posmine.trace"  # whole tracebacks: always in the log file, on the terminal with -v
+
+
 class _OwnOrWarning(logging.Filter):
-    """Terminal lines: posmine's own INFO, and anyone's warnings and errors."""
+    """Terminal lines: posmine's own INFO, and anyone's warnings and errors; no tracebacks."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == TRACE:
+            return False
         return record.name.startswith("posmine") or record.levelno >= logging.WARNING
 
 
@@ -79,7 +84,12 @@ def log_to_file(out_dir: str) -> str:
     return str(path)
 
 
-_FILES: list[logging.Handler] = []
+_FILES: list[logging.FileHandler] = []
+
+
+def log_file() -> str | None:
+    """The log file this process writes, once a verb has named it."""
+    return _FILES[-1].baseFilename if _FILES else None
 
 
 def quiet_ray() -> None:
@@ -90,8 +100,9 @@ def quiet_ray() -> None:
     DataContext.get_current().enable_progress_bars = False
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         lg = logging.getLogger(name)
-        lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)
-                       or isinstance(h, logging.FileHandler)] + _FILES
+        kept = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)
+                or isinstance(h, logging.FileHandler)]
+        lg.handlers = [*kept, *_FILES]
         lg.propagate = False
 
 
