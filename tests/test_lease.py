@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,27 @@ except lease.InUseError as e:
 """
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_holder_outlives_its_test() -> Iterator[None]:
+    """A holder still waiting when its test failed is killed, not left polling for its cue."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _holder(out: str, tmp_path: Path, name: str) -> tuple[subprocess.Popen[str], Path, Path]:
     got, release = tmp_path / f"{name}.got", tmp_path / f"{name}.release"
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, out, str(got), str(release),
                              str(tmp_path / "go")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "POSMINE_LEASE_HEARTBEAT_S": "0.2"})
+    _STARTED.append(proc)
     return proc, got, release
 
 
