@@ -1,9 +1,9 @@
 """What the CLI shows: posmine's own lines on the terminal, everything else in a log file.
 
 Quiet by default: one line as each stage starts and ends, progress bars, and a short summary.
-Ray's, Ray Data's and the libraries' INFO lines, the Ray workers' output and the expected
-warnings of transformers (a pooler its checkpoint does not carry, weights-loading bars) go to
-`<output.dir>/posmine.log` only; `-v` brings them back to the terminal.
+Ray's, Ray Data's and the libraries' INFO lines go to `<output.dir>/posmine.log` only, the Ray
+workers' output stays in Ray's session logs, and transformers' expected notices (a pooler its
+checkpoint does not carry, weights-loading bars) are silenced; `-v` brings them all back.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ from posmine.redaction import RedactingFilter
 QUIET_ENV = "POSMINE_QUIET"  # read by `remote.ensure_ray`, inherited by Ray's workers
 LOG_NAME = "posmine.log"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# Loggers whose INFO lines are for the log file, not the terminal.
-LIBRARIES = ("ray", "transformers", "sentence_transformers", "datasets", "filelock", "httpx",
-             "urllib3", "botocore", "aiobotocore", "s3fs", "fsspec", "mlflow", "alembic")
 
 
 def quiet() -> bool:
