@@ -207,8 +207,8 @@ class MiningConfig:
     # scores below `max_score` and at least `min_score`, and each window's first `range_min`
     # survivors are passed over. null / 0: off.
     max_score: Annotated[float | None, Range(-10**6, 10**6)] = None
-    min_score: Annotated[float | None, Range(-10**6, 10**6)] = None  # (see max_score)
-    range_min: Annotated[int, Range(0, 99_999)] = 0  # below top_k
+    min_score: Annotated[float | None, Range(-10**6, 10**6)] = None  # kept negatives score at least this
+    range_min: Annotated[int, Range(0, 99_999)] = 0  # survivors passed over first (below top_k)
     # Which survivors: the top ones, a sample, or the best plus a sample
     sampling: Literal["topk", "sample", "top1_sample"] = "topk"
     sample_from: Annotated[int, Range(1, 100_000)] = 10  # sample num_negatives of the top-n survivors
