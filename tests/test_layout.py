@@ -27,17 +27,24 @@ def test_pure_core_does_not_import_ray() -> None:
 
 
 def _imports() -> dict[str, set[str]]:
-    """posmine module -> the posmine modules it imports, at the top or inside a function."""
+    """posmine module -> the posmine modules it imports, at the top or inside a function. The
+    package's `__init__` is the node `posmine`: importing a name it defines (`from posmine import
+    __version__`, `import posmine`) imports it."""
     import ast
 
-    modules = {p.stem: p for p in (ROOT / "platform" / "posmine").glob("*.py")}
+    modules = {"posmine" if p.stem == "__init__" else p.stem: p
+               for p in (ROOT / "platform" / "posmine").glob("*.py")}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "posmine":
-                graph[name] |= {a.name for a in node.names if a.name in modules}
+                graph[name] |= {a.name if a.name in modules else "posmine" for a in node.names}
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("posmine."):
                 graph[name].add(node.module.split(".")[1])  # type: ignore[union-attr]
+            elif isinstance(node, ast.Import):
+                graph[name] |= {a.name.split(".")[1] if "." in a.name else "posmine"
+                                for a in node.names if a.name.split(".")[0] == "posmine"}
+        graph[name].discard(name)  # `from posmine import api` inside the package: not a cycle
     return graph
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from posmine import export, lease, storage
-from posmine.backbone import ModelError
+from posmine.backbone import ModelError, resolve_model
 from posmine.config import Config, ConfigError, MiningConfig, load_config
 
 if TYPE_CHECKING:
@@ -76,14 +76,10 @@ def mine_hard_negatives(
     """Add positive-aware hard negatives to (anchor, positive) pairs; returns a `datasets.Dataset`.
 
     A drop-in for `sentence_transformers.util.mine_hard_negatives`: the same parameters with the
-    same meaning, the same output formats, columns and errors. Change the import and the call
-    mines with NV-Retriever's rules, anchored per pair, with known positives kept out:
-
-    ```python
-    from posmine import mine_hard_negatives
-    hard = mine_hard_negatives(dataset, model, relative_margin=0.05, num_negatives=4,
-                               output_format="n-tuple")
-    ```
+    same meaning, the same output formats, columns and errors. Import it from `posmine` instead
+    of `sentence_transformers.util`, and the same call (`mine_hard_negatives(dataset, model,
+    relative_margin=0.05, num_negatives=4, output_format="n-tuple")`) mines with NV-Retriever's
+    rules, anchored per pair, with known positives kept out.
 
     The margins are the paper's rules: `relative_margin=r` is TopK-PercPos with `perc = 1 - r`
     (keep `s < s+ - |s+| r`), `absolute_margin=m` TopK-MarginPos (`s < s+ - m`), `max_score`
@@ -291,8 +287,6 @@ def _model_settings(model: str, query_prompt: str | None, query_prompt_name: str
                     corpus_prompt: str | None, corpus_prompt_name: str | None) -> dict[str, Any]:
     """`teacher` keys that embed as the sentence-transformers model at `model` does: its
     pooling, whether the prompt is pooled, its maximum length and the prompts it would use."""
-    from posmine.backbone import resolve_model
-
     folder = Path(resolve_model(model))
     out: dict[str, Any] = {"model": model}
     settings = _read_json(folder / "config_sentence_transformers.json")
@@ -440,7 +434,7 @@ def run(config: str | os.PathLike[str] | Config | None = None, overrides: Sequen
         cfg = load_config(config, overrides, sections=sections)
     with lease.hold(cfg.output.dir):
         summary = pipeline.run(cfg)
-    mine_manifest = storage.read_manifest(storage.join(cfg.output.dir, pipeline._last_mine(cfg))) or {}
+    mine_manifest = storage.read_manifest(storage.join(cfg.output.dir, pipeline.last_mine(cfg))) or {}
     stats = mine_manifest.get("stats", {})
     counts = {k: stats[k] for k in ("examples", "examples_out", "negatives_kept", "dropped_by_rule",
                                     "candidates") if k in stats}

@@ -231,13 +231,13 @@ def run(cfg: Config) -> dict[str, Any]:
                "loss_curve": trained["stats"].get("loss_curve", []),
                "config_hash": config_hash(cfg), "seconds": round(time.time() - started, 1),
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _write_card(cfg, storage.read_manifest(storage.join(cfg.output.dir, _last_mine(cfg))) or {},
+    _write_card(cfg, storage.read_manifest(storage.join(cfg.output.dir, last_mine(cfg))) or {},
                 trained, summary)
     storage.write_json(summary_url, summary)
     return summary
 
 
-def _last_mine(cfg: Config) -> str:
+def last_mine(cfg: Config) -> str:
     """The folder of the mine stage whose examples trained the final model."""
     n = len(resolve_stages(cfg))
     return "mine" if n == 1 else f"mine-{n - 1}"
