@@ -28,18 +28,17 @@ def test_summaries_say_what_a_stage_made_in_a_few_lines() -> None:
 
 
 def test_progress_from_a_workers_file_is_a_line_every_so_often_off_a_terminal(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="posmine")
     url = str(tmp_path / "_progress.json")
     storage.write_json(url, {"step": 99, "loss": 9.0})  # an earlier attempt's: removed first
-    monkeypatch.setattr(terminal.Progress, "__init__", _every_time(terminal.Progress.__init__))
 
     def worker() -> None:
         for step in (5, 10):
             time.sleep(0.3)
             storage.write_json(url, {"step": step, "loss": 1.0 / step, "steps": 10})
 
-    with terminal.watch(url, 10, "train", "step", poll=0.1):
+    with terminal.watch(url, 10, "train", "step", poll=0.1, every=0.0):  # a line per new step
         t = threading.Thread(target=worker)
         t.start()
         t.join()
@@ -48,7 +47,20 @@ def test_progress_from_a_workers_file_is_a_line_every_so_often_off_a_terminal(
     assert lines == ["train: 5/10, loss 0.2000", "train: 10/10, loss 0.1000"]
 
 
-def _every_time(init):  # type: ignore[no-untyped-def]
-    def patched(self, total, desc, unit, every=30.0):  # type: ignore[no-untyped-def]
-        init(self, total, desc, unit, every=0.0)  # a line at every new step, for the test
-    return patched
+
+def test_a_new_setup_closes_the_log_file_an_earlier_call_opened(tmp_path: Path) -> None:
+    """main() called again in one process (tests, a notebook) writes to its own log file only."""
+    import logging as stdlib_logging
+
+    saved = stdlib_logging.getLogger().handlers[:]
+    try:
+        terminal.setup(verbose=False)
+        first = terminal.log_to_file(str(tmp_path / "a"))
+        terminal.setup(verbose=False)
+        assert terminal.log_file() is None
+        second = terminal.log_to_file(str(tmp_path / "b"))
+        stdlib_logging.getLogger("posmine").info("only in b")
+        assert "only in b" in Path(second).read_text() and "only in b" not in Path(first).read_text()
+    finally:
+        terminal.setup(verbose=False)
+        stdlib_logging.getLogger().handlers = saved

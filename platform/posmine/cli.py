@@ -61,7 +61,7 @@ def _stage(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from posmine import pipeline
 
-        cfg = _config(args)
+        cfg = load_config(args.config, args.overrides)
         kwargs = {"model": args.model} if name == "evaluate" else {}
         with _holding(cfg):
             result = getattr(pipeline, name)(cfg, **kwargs)
@@ -69,10 +69,6 @@ def _stage(name: str) -> Callable[[argparse.Namespace], int]:
         return 0
 
     return run
-
-
-def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
 
 
 @contextmanager
@@ -86,7 +82,7 @@ def _holding(cfg: Config) -> Iterator[None]:
 def _run(args: argparse.Namespace) -> int:
     from posmine import pipeline
 
-    cfg = _config(args)
+    cfg = load_config(args.config, args.overrides)
     with _holding(cfg):
         summary = pipeline.run(cfg)
     print(pipeline.format_data(summary))
@@ -98,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from posmine import storage, tune
 
-    cfg = _config(args)
+    cfg = load_config(args.config, args.overrides)
     with _holding(cfg):
         manifest = tune.run(cfg)
     print(tune.format_table(manifest["trials"], manifest["metric"], manifest["stats"]["base"]))
@@ -111,7 +107,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from posmine import audit, pipeline
 
-    cfg = _config(args)
+    cfg = load_config(args.config, args.overrides)
     with _holding(cfg):
         manifest = pipeline.audit(cfg)
     print(audit.format_table(manifest["stats"]))

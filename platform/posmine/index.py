@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from posmine import schemas, storage
+from posmine import remote, schemas, storage
 from posmine.config import IndexConfig, config_hash, to_dict
 from posmine.data import parquet_rows
 from posmine.merge import merge_topk
@@ -323,9 +323,6 @@ def search_key(cfg: IndexConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in PLACEMENT_FIELDS}
 
 
-SEARCH_HERE_BELOW = 20_000  # queries searched in this process when the corpus is small too
-
-
 def _needs_ray(cfg: IndexConfig, data_dir: str, query_ids: pa.Array | None) -> bool:
     """Whether the search wants Ray: shard actors for a corpus of `local_below` or more, or a
     task of its own for a split big enough to grow the driver. A small search runs here, so a
@@ -333,7 +330,7 @@ def _needs_ray(cfg: IndexConfig, data_dir: str, query_ids: pa.Array | None) -> b
     docs = parquet_rows(storage.join(data_dir, "corpus"))
     queries = len(query_ids) if query_ids is not None else parquet_rows(
         storage.join(data_dir, "queries"))
-    return docs >= cfg.local_below or queries >= SEARCH_HERE_BELOW
+    return docs >= cfg.local_below or queries >= remote.HERE_BELOW_QUERIES
 
 
 def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str, k: int,
@@ -352,8 +349,6 @@ def run_search(cfg: IndexConfig, embed_dir: str, out_dir: str, split: str, k: in
     them, whatever the number of queries. With `for_mining`, each row also carries its
     positives' and file negatives' exact teacher scores (the mine stage's anchors).
     """
-    from posmine import remote
-
     if query_ids is not None and ids_key is None:
         ids_key = ids_digest(query_ids)
     key = config_hash(search_key(cfg), upstream, split, k, ids_key or "split", for_mining)

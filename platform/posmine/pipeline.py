@@ -31,8 +31,6 @@ from posmine.config import (
 from posmine.mining import survivor_window
 
 log = logging.getLogger(__name__)
-# Splits with fewer queries choose their deeper rounds in this process, without starting Ray.
-ROUNDS_HERE_BELOW = 20_000
 
 
 def prepare(cfg: Config) -> tuple[str, str]:
@@ -95,7 +93,7 @@ def candidates(cfg: Config, teacher: TeacherConfig,
         _, cand = search(cfg, teacher, cfg.data.split, depth, for_mining=True)
         keys, rounds, at = [str(cand["config_hash"])], [[depth, cand["rows"]["queries"]]], depth
         while at < max_depth:
-            if cand["rows"]["queries"] > ROUNDS_HERE_BELOW:
+            if cand["rows"]["queries"] >= remote.HERE_BELOW_QUERIES:
                 remote.ensure_ray()  # the round reads the whole split: in a task, not here
             todo = remote.in_task(mine_stage.unfilled, deepen, _cand_dir(cfg, keys[-1]), at)
             if not len(todo):

@@ -24,6 +24,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+# Splits with fewer queries are searched and deepened in the driver, without starting Ray: below
+# it the driver's growth (see above) is small and Ray's start costs more than the work.
+HERE_BELOW_QUERIES = 20_000
 
 
 def ensure_ray() -> None:

@@ -45,6 +45,9 @@ def setup(verbose: bool) -> None:
     """The terminal's handler: every line with `-v`, else posmine's own lines, bare."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())  # no credentials in any line
+    for old in _FILES:  # an earlier call's log file, in this process (tests, notebooks)
+        old.close()
+    _FILES.clear()
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -162,11 +165,12 @@ class Progress:
 
 
 @contextlib.contextmanager
-def watch(url: str, total: int, desc: str, unit: str, poll: float = 2.0) -> Iterator[None]:
+def watch(url: str, total: int, desc: str, unit: str, poll: float = 2.0,
+          every: float = 30.0) -> Iterator[None]:
     """While the block runs, a `Progress` fed from the JSON file at `url` (`step`, `loss`), which
     a worker anywhere writes to the output folder."""
     storage.remove(url)  # an earlier attempt's
-    bar = Progress(total, desc, unit)
+    bar = Progress(total, desc, unit, every)
 
     def poll_file() -> None:
         with contextlib.suppress(Exception):  # absent, or half-written by another node
