@@ -47,20 +47,3 @@ def test_progress_from_a_workers_file_is_a_line_every_so_often_off_a_terminal(
     assert lines == ["train: 5/10, loss 0.2000", "train: 10/10, loss 0.1000"]
 
 
-
-def test_a_new_setup_closes_the_log_file_an_earlier_call_opened(tmp_path: Path) -> None:
-    """main() called again in one process (tests, a notebook) writes to its own log file only."""
-    import logging as stdlib_logging
-
-    saved = stdlib_logging.getLogger().handlers[:]
-    try:
-        terminal.setup(verbose=False)
-        first = terminal.log_to_file(str(tmp_path / "a"))
-        terminal.setup(verbose=False)
-        assert terminal.log_file() is None
-        second = terminal.log_to_file(str(tmp_path / "b"))
-        stdlib_logging.getLogger("posmine").info("only in b")
-        assert "only in b" in Path(second).read_text() and "only in b" not in Path(first).read_text()
-    finally:
-        terminal.setup(verbose=False)
-        stdlib_logging.getLogger().handlers = saved

@@ -45,9 +45,6 @@ def setup(verbose: bool) -> None:
     """The terminal's handler: every line with `-v`, else posmine's own lines, bare."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactingFilter())  # no credentials in any line
-    for old in _FILES:  # an earlier call's log file, in this process (tests, notebooks)
-        old.close()
-    _FILES.clear()
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
