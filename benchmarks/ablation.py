@@ -43,11 +43,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from posmine import data as pdata
-from posmine import pipeline, remote, storage
-from posmine import train as train_stage
+from posmine import pipeline
 from posmine.config import Config, config_hash, load_config
-from posmine.embed import resolve_model
+from posmine.io import prepared, storage
+from posmine.models.backbone import resolve_model
+from posmine.stages import remote
+from posmine.stages import train as train_stage
 
 RESULTS = Path(__file__).parent / "results" / "ablation"
 # In the order they run: the paper's best and its baselines first.
@@ -184,9 +185,9 @@ def run_st_recipe(cfg: Config, seed: int) -> dict[str, Any]:
     from sentence_transformers.util import mine_hard_negatives
 
     data_dir, _ = pipeline.prepare(cfg)
-    corpus = pdata.read_texts(storage.join(data_dir, "corpus"))
-    qrels = pdata.read_prepared_qrels(data_dir, cfg.data.split)
-    queries = pdata.read_texts(storage.join(data_dir, "queries.parquet"),
+    corpus = prepared.read_texts(storage.join(data_dir, "corpus"))
+    qrels = prepared.read_prepared_qrels(data_dir, cfg.data.split)
+    queries = prepared.read_texts(storage.join(data_dir, "queries.parquet"),
                                set(qrels.column("query_id").to_pylist()))
     pairs = [(queries[q], corpus[d]) for q, d in zip(qrels.column("query_id").to_pylist(),
                                                     qrels.column("doc_id").to_pylist(), strict=True)]

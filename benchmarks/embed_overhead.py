@@ -15,9 +15,13 @@ import numpy as np
 import torch
 
 from _common import emit
-from posmine import data, remote, storage
 from posmine.config import TeacherConfig, default_beir_dir
-from posmine.embed import Encoder, embed_ray, list_parts, passage_texts, read_embeddings
+from posmine.io import beir, prepared, storage
+from posmine.io.prepared import passage_texts
+from posmine.io.vectors import read_embeddings
+from posmine.models.encoder import Encoder
+from posmine.stages import remote
+from posmine.stages.embed import embed_ray, list_parts
 
 
 def main() -> None:
@@ -27,7 +31,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    chunk = data.sort_by_length(next(data.load(a.data).corpus_chunks(chunk_rows=a.docs)))
+    chunk = prepared.sort_by_length(next(beir.load(a.data).corpus_chunks(chunk_rows=a.docs)))
     src, dst = "/tmp/posmine-bench-overhead/src", "/tmp/posmine-bench-overhead/dst"
     shutil.rmtree("/tmp/posmine-bench-overhead", ignore_errors=True)
     storage.write_parquet(chunk, f"{src}/part-0.parquet")

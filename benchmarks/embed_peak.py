@@ -43,17 +43,15 @@ import numpy as np
 import torch
 
 from _common import emit
-from posmine import allocator, data, remote, storage
 from posmine.config import TeacherConfig, default_beir_dir
-from posmine.embed import (
-    Encoder,
-    embed_local,
-    embed_ray,
-    list_parts,
-    passage_texts,
-    read_embeddings,
-    resolve_model,
-)
+from posmine.io import beir, prepared, storage
+from posmine.io.prepared import passage_texts
+from posmine.io.vectors import read_embeddings
+from posmine.models import allocator
+from posmine.models.backbone import resolve_model
+from posmine.models.encoder import Encoder
+from posmine.stages import remote
+from posmine.stages.embed import embed_local, embed_ray, list_parts
 
 
 def gemm_peak(d: int, ff: int, tokens: int, repeats: int = 5,
@@ -157,7 +155,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    chunk = data.sort_by_length(next(data.load(a.data).corpus_chunks(chunk_rows=a.docs)))
+    chunk = prepared.sort_by_length(next(beir.load(a.data).corpus_chunks(chunk_rows=a.docs)))
     texts = passage_texts(chunk.to_pydict())
     cfg = TeacherConfig(batch_size=a.batch, torch_threads=threads)
     enc = Encoder(dataclasses.replace(cfg, reuse_memory=False))  # glibc's malloc untouched yet

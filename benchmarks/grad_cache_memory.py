@@ -29,7 +29,8 @@ def one_point(batch: int, chunk: int) -> dict[str, float]:
     import torch
 
     from posmine.config import TrainConfig
-    from posmine.train import StudentTrainer, expand
+    from posmine.stages.train.plan import expand
+    from posmine.stages.train.trainer import StudentTrainer
 
     torch.set_num_threads(2)
     rows = expand({"query_id": [f"q{i}" for i in range(batch)],

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from _common import emit
-from posmine import backbone
 from posmine.config import LoraConfig, TeacherConfig, TrainConfig
-from posmine.embed import Encoder
-from posmine.train import StudentTrainer
+from posmine.models import backbone
+from posmine.models.encoder import Encoder
+from posmine.stages.train.trainer import StudentTrainer
 
 WORDS = ("retrieval embedding passage negative positive teacher student corpus query model "
          "mining margin score index shard batch token layer attention").split()
@@ -187,7 +187,7 @@ def main() -> None:
 
 
 def resolve_default() -> str:
-    from posmine.embed import resolve_model
+    from posmine.models.backbone import resolve_model
 
     return resolve_model("default")
 

@@ -25,11 +25,12 @@ from _common import emit
 
 def child(data: str, docs: int, reuse: bool, batch_tokens: int) -> None:
     """Embed the abstracts once after a warm-up batch; print the seconds."""
-    from posmine import data as pdata
     from posmine.config import TeacherConfig
-    from posmine.embed import Encoder, passage_texts
+    from posmine.io import beir, prepared
+    from posmine.io.prepared import passage_texts
+    from posmine.models.encoder import Encoder
 
-    chunk = pdata.sort_by_length(next(pdata.load(data).corpus_chunks(chunk_rows=docs)))
+    chunk = prepared.sort_by_length(next(beir.load(data).corpus_chunks(chunk_rows=docs)))
     texts = passage_texts(chunk.to_pydict())
     enc = Encoder(TeacherConfig(batch_size=32, reuse_memory=reuse, batch_tokens=batch_tokens))
     enc.encode(texts[:32])

@@ -19,7 +19,7 @@ import numpy as np
 
 from _common import emit
 from posmine.config import MiningConfig
-from posmine.mining import QueryCandidates, mine, rule_keep, text_key
+from posmine.core.mining import QueryCandidates, mine, rule_keep, text_key
 
 WORDS = ("cell protein gene cancer virus brain heart blood drug trial mouse human risk dose study "
          "effect level rate high low increase decrease patients treatment therapy").split()

@@ -37,9 +37,12 @@ from typing import Any
 import torch
 
 from _common import emit, list_agreement
-from posmine import allocator, pipeline, remote, storage
+from posmine import pipeline
 from posmine.config import default_beir_dir, load_config
-from posmine.embed import resolve_model
+from posmine.io import beir, storage
+from posmine.models import allocator
+from posmine.models.backbone import resolve_model
+from posmine.stages import remote
 
 
 def run_posmine(data: str, out: str, actors: int, threads: int, backend: str = "torch",
@@ -71,10 +74,9 @@ def run_st(data: str, batch_size: int = 32, dtype: str = "float32") -> tuple[flo
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.util import mine_hard_negatives
 
-    from posmine import data as pdata
 
     t0 = time.perf_counter()
-    ds = pdata.load(data)
+    ds = beir.load(data)
     corpus = {}
     for chunk in ds.corpus_chunks():
         for r in chunk.to_pylist():

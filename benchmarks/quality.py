@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 from _common import emit
-from posmine import pipeline, remote, storage
+from posmine import pipeline
 from posmine.config import load_config
+from posmine.io import storage
+from posmine.stages import remote
 
 
 def main() -> None:

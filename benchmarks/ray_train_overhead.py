@@ -27,7 +27,7 @@ def loop(tag: str) -> dict[str, Any]:
     import torch
 
     from posmine.config import TrainConfig
-    from posmine.train import StudentTrainer
+    from posmine.stages.train.trainer import StudentTrainer
 
     torch.set_num_threads(2)
     rows = [{"query_id": f"q{i}", "query": "cell protein gene cancer virus " * 6,

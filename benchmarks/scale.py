@@ -90,7 +90,7 @@ def child(data: str, model: str, out: str, steps: str, stage: str, kind: str) ->
     elif stage == "embed":
         pipeline.embed(cfg)
     elif stage == "search":
-        from posmine import storage
+        from posmine.io import storage
 
         dirs, _, rounds = pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
         # the search itself runs in a Ray task (it holds the split's ids and positives)
@@ -120,8 +120,10 @@ def recall(cfg: Any, sample: int = 1000) -> dict[str, object]:
 
     import numpy as np
 
-    from posmine import index, pipeline, storage
-    from posmine.embed import embedding_matrix
+    from posmine import pipeline
+    from posmine.io import storage
+    from posmine.io.vectors import embedding_matrix
+    from posmine.stages import search as index
 
     emb = pipeline.embed(cfg)["dir"]
     data_dir, _ = pipeline.prepare(cfg)

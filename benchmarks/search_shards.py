@@ -18,10 +18,11 @@ import faiss
 import numpy as np
 
 from _common import emit
-from posmine import remote, storage
 from posmine.config import IndexConfig
-from posmine.embed import embeddings_table
-from posmine.index import sharded_search
+from posmine.io import storage
+from posmine.io.vectors import embeddings_table
+from posmine.stages import remote
+from posmine.stages.search import sharded_search
 
 
 def unit(n: int, dim: int, seed: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from _common import emit
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {  # arm -> (overrides, Python run first in the process)
     "in_process": ([], ""),
-    "actors": (["index.local_below=0"], "import posmine.mine as m; m.LOCAL_CANDIDATES = 0; "),
+    "actors": (["index.local_below=0"], "import posmine.stages.mine as m; m.LOCAL_CANDIDATES = 0; "),
 }
 
 

@@ -28,10 +28,12 @@ from typing import Any
 import torch
 
 from _common import emit, list_agreement
-from posmine import pipeline, remote, storage
-from posmine import train as train_stage
+from posmine import pipeline
 from posmine.config import Config, load_config
-from posmine.embed import cpu_has_amx
+from posmine.io import storage
+from posmine.models.encoder import cpu_has_amx
+from posmine.stages import remote
+from posmine.stages import train as train_stage
 
 DTYPES = ("float32", "bfloat16")
 

@@ -18,10 +18,10 @@ import time
 import pyarrow as pa
 
 from _common import emit
-from posmine import storage
 from posmine.config import TrainConfig
-from posmine.mine import ROW_GROUP
-from posmine.train import epoch_batches, expand, planned_batches
+from posmine.io import storage
+from posmine.stages.mine import ROW_GROUP
+from posmine.stages.train.plan import epoch_batches, expand, planned_batches
 
 
 def synthetic_mined(rows: int) -> pa.Table:

@@ -22,10 +22,13 @@ import tempfile
 import torch
 
 from _common import emit
-from posmine import remote, storage
 from posmine.config import TrainConfig
-from posmine.embed import resolve_model
-from posmine.train import StepTimer, epoch_batches, expand, run, train_plain
+from posmine.io import storage
+from posmine.models.backbone import resolve_model
+from posmine.stages import remote
+from posmine.stages.train import run
+from posmine.stages.train.loop import StepTimer, train_plain
+from posmine.stages.train.plan import epoch_batches, expand
 
 
 def st_rate(rows: list[dict], cfg: TrainConfig, steps: int, cached_chunk: int = 0) -> float:

@@ -47,12 +47,12 @@ def probe(action: str) -> list[int]:
 
 
 def test_reuse_freed_memory_keeps_large_blocks_in_the_heap() -> None:
-    assert probe("from posmine.allocator import reuse_freed_memory; "
+    assert probe("from posmine.models.allocator import reuse_freed_memory; "
                  "assert reuse_freed_memory()") == [1, 0]
 
 
 @pytest.mark.parametrize("reuse, expected", [(True, [1, 0]), (False, [1, 1])])
 def test_cpu_encoder_sets_it_unless_told_not_to(tiny_model: str, reuse: bool, expected: list[int]) -> None:
-    build = ("from posmine.config import TeacherConfig; from posmine.embed import Encoder; "
+    build = ("from posmine.config import TeacherConfig; from posmine.stages.embed import Encoder; "
              f"Encoder(TeacherConfig(model={tiny_model!r}, device='cpu', reuse_memory={reuse}))")
     assert probe(build) == expected

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from posmine import cli
-from posmine.audit import Counts, audit_batch, hide_positives, settings
 from posmine.config import AuditConfig, ConfigError, MiningConfig, load_config
-from posmine.mining import QueryCandidates
+from posmine.core.mining import QueryCandidates
+from posmine.stages.audit import Counts, audit_batch, hide_positives, settings
 
 # One query, positives p1..p4; p2 and p4 are hidden from the miner.
 IDS = ["p1", "a", "p2", "b", "c", "p3", "d", "p4", "e", "f"]

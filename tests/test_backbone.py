@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from posmine import backbone
 from posmine.config import LoraConfig, TeacherConfig, TrainConfig
-from posmine.embed import Encoder, ModelError
-from posmine.train import StudentTrainer, train_plain
+from posmine.models import backbone
+from posmine.models.backbone import ModelError
+from posmine.models.encoder import Encoder
+from posmine.stages.train.loop import train_plain
+from posmine.stages.train.trainer import StudentTrainer
 from tests.conftest import DECODERS
 from tests.test_train import ROWS
 
@@ -181,8 +183,9 @@ def test_posmine_run_with_the_llm_recipe(ray_local: None, tiny_beir: Path,
     (Qwen2, last-token pooling, causal), a decoder student (Mistral, bidirectional, mean pooling
     without its instruction prefix, LoRA), GradCache and two Ray Train workers sharding it with
     FSDP and gathering each other's in-batch negatives; a checkpoint every 2 steps."""
-    from posmine import pipeline, storage
+    from posmine import pipeline
     from posmine.config import load_config
+    from posmine.io import storage
 
     out = str(tmp_path / "out")
     cfg = load_config(None, [

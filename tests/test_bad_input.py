@@ -14,9 +14,12 @@ import pytest
 import ray
 import s3fs
 
-from posmine import index, pipeline, storage
+from posmine import pipeline
 from posmine.config import IndexConfig, load_config
-from posmine.embed import EmbeddingError, ModelError, embeddings_table, read_embeddings, resolve_model
+from posmine.io import storage
+from posmine.io.vectors import EmbeddingError, embeddings_table, read_embeddings
+from posmine.models.backbone import ModelError, resolve_model
+from posmine.stages import search as index
 
 
 def _write_embed_dir(root: Path, corpus: np.ndarray, queries: np.ndarray) -> str:
@@ -31,7 +34,7 @@ def test_query_vectors_of_another_size(tmp_path: Path) -> None:
     emb = _write_embed_dir(tmp_path / "emb", rng.normal(size=(6, 32)).astype(np.float32),
                            rng.normal(size=(2, 16)).astype(np.float32))
     with pytest.raises(EmbeddingError, match=r"queries: vectors are 16-d, expected 32-d"):
-        index.run_search(IndexConfig(num_shards=1), emb, str(tmp_path / "out"), "test", 3,
+        index.run(IndexConfig(num_shards=1), emb, str(tmp_path / "out"), "test", 3,
                          upstream="x", data_dir=str(tmp_path / "data"),
                          query_ids=pa.array(["q0"]))
     assert not list((tmp_path / "out").rglob("_manifest.json"))

@@ -12,25 +12,14 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from posmine import storage
-from posmine.backbone import pool
 from posmine.config import Config, DataConfig, TeacherConfig
-from posmine.data import prepare
-from posmine.embed import (
-    Encoder,
-    ModelError,
-    block_rows,
-    cpu_half_precision_note,
-    default_batch_tokens,
-    embed_dataset,
-    list_parts,
-    read_embeddings,
-    resolve_model,
-    run,
-    stage_dir,
-    token_batches,
-)
+from posmine.io import storage
+from posmine.io.vectors import read_embeddings
+from posmine.models.backbone import ModelError, pool, resolve_model
+from posmine.models.encoder import Encoder, cpu_half_precision_note, default_batch_tokens, token_batches
 from posmine.pipeline import evaluation_view, student_view
+from posmine.stages.data import run as prepare
+from posmine.stages.embed import block_rows, embed_dataset, list_parts, run, stage_dir
 
 TEXTS = ["cell protein", "the brain and the heart of a mouse study with a long text here",
          "drug", "vitamin diet sleep stress immune"]
@@ -285,7 +274,7 @@ def test_model_on_object_storage_is_fetched_once_and_again_when_replaced(
 def test_the_embed_key_holds_the_resolved_device_and_precision() -> None:
     """`dtype: auto` is bf16 on a GPU and fp32 on the CPU: two sets of vectors, two keys; an
     explicit setting that resolves the same shares the key."""
-    from posmine.embed import output_key, resolved_precision
+    from posmine.stages.embed import output_key, resolved_precision
 
     cpu, gpu = TeacherConfig(device="cpu"), TeacherConfig(device="cuda")
     assert resolved_precision(cpu) == "cpu:float32" and resolved_precision(gpu) == "cuda:bfloat16"

@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from posmine import data, pipeline, storage
+from posmine import pipeline
 from posmine.config import TeacherConfig, load_config
-from posmine.embed import Encoder, read_embeddings
+from posmine.io import storage
+from posmine.io.vectors import read_embeddings
+from posmine.models.encoder import Encoder
+from posmine.stages import data, faults
 from tests.conftest import CORPUS, TRAIN_QRELS_SHARED, ray_with_env
 from tests.proxy import FlakyProxy
 
@@ -43,7 +46,7 @@ def test_s3_outage_mid_stage_is_retried(s3_via, s3_bucket: str, tiny_beir: Path)
     out = f"{s3_bucket}/outage"
     cfg = load_config(None, [f"data.path={tiny_beir}", f"output.dir={out}"])
     started = time.monotonic()
-    manifest = data.prepare(cfg.data, out)
+    manifest = data.run(cfg.data, out)
     assert proxy.triggered.is_set()  # the endpoint really went down halfway through ...
     assert time.monotonic() - started >= 3.0  # ... and the stage waited it out
     assert manifest["rows"]["corpus"] == 40
@@ -59,12 +62,12 @@ def test_s3_outage_too_long_fails_clearly_then_rerun_finishes(
     out = f"{s3_bucket}/down"
     cfg = load_config(None, [f"data.path={tiny_beir}", f"output.dir={out}"])
     with pytest.raises(storage.StorageError, match=r"qrels/.*storage unreachable after 2 attempts"):
-        data.prepare(cfg.data, out)
+        data.run(cfg.data, out)
     proxy.up()
     # what was written before the outage does not look finished ...
     assert storage.exists(f"{out}/data/corpus") and storage.read_manifest(f"{out}/data") is None
     # ... and the same call finishes the stage
-    assert data.prepare(cfg.data, out)["rows"]["corpus"] == 40
+    assert data.run(cfg.data, out)["rows"]["corpus"] == 40
 
 
 def _embed_overrides(tiny_beir: Path, tiny_model: str, out: Path) -> list[str]:
@@ -92,9 +95,9 @@ def _reference(tiny_model: str) -> dict[str, np.ndarray]:
 
 @pytest.mark.e2e  # a Ray of its own, one of whose actors dies
 def test_embed_actor_killed_mid_run(tiny_beir: Path, tiny_model: str, tmp_path: Path) -> None:
-    marker = tmp_path / "killed"
-    # the actors read the marker path: pass it through the runtime env
-    with ray_with_env({"POSMINE_EMBED_CRASH_MARKER": str(marker)}):
+    marker = tmp_path / "embed.batch.fired"
+    # the actors read these: pass them through the runtime env
+    with ray_with_env({"POSMINE_FAULTS": "embed.batch=2:kill", "POSMINE_FAULT_DIR": str(tmp_path)}):
         cfg = load_config(None, _embed_overrides(tiny_beir, tiny_model, tmp_path / "out"))
         manifest = pipeline.embed(cfg)
     assert marker.exists()  # an actor process really died on its second batch
@@ -124,8 +127,8 @@ def test_interrupted_embed_resumes_by_part(sig: signal.Signals, tiny_beir: Path,
         out = tmp_path / "out"
         cmd = [sys.executable, "-c", _AS_FROM_A_TERMINAL, "embed", str(ROOT / "jobs/configs/scifact.yaml"),
                *_embed_overrides(tiny_beir, tiny_model, out)]
-        stalled = tmp_path / "stalled"
-        env = {**os.environ, "POSMINE_STALL_AFTER_PARTS": "1", "POSMINE_STALL_FILE": str(stalled)}
+        stalled = tmp_path / "embed.part.stalled"
+        env = {**os.environ, "POSMINE_FAULTS": "embed.part=1:stall", "POSMINE_FAULT_DIR": str(tmp_path)}
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         parts = out / "embed"
         deadline = time.monotonic() + 240
@@ -148,3 +151,46 @@ def test_interrupted_embed_resumes_by_part(sig: signal.Signals, tiny_beir: Path,
         assert set(got) == set(ref)  # equal to an uninterrupted run: each vector as the encoder's
         for d, v in ref.items():
             np.testing.assert_allclose(got[d], v, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the one fault hook
+
+HOOK = ("from posmine.stages import faults\n"
+        "for n in range(1, 6): faults.hook('train', 'step', n)\n"
+        "print('survived')")
+
+
+def _hook_process(spec: str, where: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "POSMINE_FAULTS": spec, "POSMINE_FAULT_DIR": str(where)}
+    return subprocess.run([sys.executable, "-c", HOOK], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_kill_fault_kills_once_at_its_step(tmp_path: Path) -> None:
+    first = _hook_process("train.step=3:kill", tmp_path)
+    assert first.returncode == -signal.SIGKILL and "survived" not in first.stdout
+    assert (tmp_path / "train.step.fired").exists()
+    again = _hook_process("train.step=3:kill", tmp_path)  # a restart: the marker holds it back
+    assert again.returncode == 0 and "survived" in again.stdout
+
+
+def test_faults_of_other_points_and_steps_do_nothing(tmp_path: Path) -> None:
+    ran = _hook_process("train.step=9:kill,embed.batch=1:kill,train.epoch=1:kill", tmp_path)
+    assert ran.returncode == 0 and not list(tmp_path.iterdir())
+
+
+def test_points_without_a_count_are_counted_over_processes(tmp_path: Path) -> None:
+    """An embed batch has no number of its own: the second call, whichever process makes it."""
+    code = ("from posmine.stages import faults; faults.hook('embed', 'batch'); print('survived')")
+    env = {**os.environ, "POSMINE_FAULTS": "embed.batch=2:kill", "POSMINE_FAULT_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=60).returncode for _ in range(3)]
+    assert runs == [0, -signal.SIGKILL, 0]
+
+
+@pytest.mark.parametrize("spec", ["train.step=3", "train:kill", "train.step=x:kill",
+                                  "train.step:explode", "train.step:delay", "train.step:kill=2"])
+def test_a_malformed_fault_is_named(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POSMINE_FAULTS", spec)
+    with pytest.raises(ValueError, match="POSMINE_FAULTS: cannot read"):
+        faults.hook("train", "step", 1)

@@ -14,8 +14,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from posmine import data, storage
 from posmine.config import DataConfig
+from posmine.io import prepared, storage
+from posmine.io.inputs import DataError
+from posmine.stages import data
 from tests.conftest import write_beir
 
 FILES = ["corpus.jsonl", "queries.jsonl", "qrels/train.tsv", "qrels/test.tsv"]
@@ -67,8 +69,8 @@ def test_corrupt_files_fail_clearly_or_load(pristine: Path, tmp_path: Path, name
     target.write_bytes(blob)
     out = str(root / "out")
     try:
-        manifest = data.prepare(DataConfig(path=str(root)), out)
-    except data.DataError as e:
+        manifest = data.run(DataConfig(path=str(root)), out)
+    except DataError as e:
         msg = str(e)
         event("refused")
         assert Path(name).name.split(".")[0] in msg or "qrels" in msg, msg  # names the file
@@ -77,10 +79,10 @@ def test_corrupt_files_fail_clearly_or_load(pristine: Path, tmp_path: Path, name
         assert storage.read_manifest(f"{out}/data") is None
         return
     event("loaded")  # a corruption that leaves valid data (a repeated qrels line, say)
-    corpus_ids = set(data.read_texts(f"{out}/data/corpus"))
-    query_ids = set(data.read_texts(f"{out}/data/queries.parquet"))
+    corpus_ids = set(prepared.read_texts(f"{out}/data/corpus"))
+    query_ids = set(prepared.read_texts(f"{out}/data/queries.parquet"))
     for split in ("train", "test"):
-        qrels = data.read_prepared_qrels(f"{out}/data", split)
+        qrels = prepared.read_prepared_qrels(f"{out}/data", split)
         assert set(qrels.column("doc_id").to_pylist()) <= corpus_ids
         assert set(qrels.column("query_id").to_pylist()) <= query_ids
     assert manifest["rows"]["corpus"] == len(corpus_ids)

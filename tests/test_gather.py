@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from posmine.config import TrainConfig
-from posmine.train import StudentTrainer
+from posmine.stages.train.trainer import StudentTrainer
 from tests.test_grad_cache import grad_atol
 from tests.test_train import ROWS
 
@@ -127,7 +127,7 @@ def test_fsdp_checkpoint_and_export_hold_the_whole_model(tiny_decoders: dict[str
     """A LoRA decoder sharded over 2 workers: the checkpoint round-trips, and the export (merged
     from the gathered weights) embeds as one worker trained on the whole batch does."""
     from posmine.config import LoraConfig, TeacherConfig
-    from posmine.embed import Encoder
+    from posmine.models.encoder import Encoder
 
     cfg = TrainConfig(model=tiny_decoders["llama"], batch_size=3, num_negatives=3, lr=5e-2,
                       warmup_ratio=0.0, attention="bidirectional", gather_across_workers=True,

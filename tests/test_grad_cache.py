@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from posmine.config import TrainConfig
-from posmine.train import StudentTrainer
+from posmine.stages.train.trainer import StudentTrainer
 from tests.test_train import ROWS
 
 CPU = torch.device("cpu")

@@ -6,19 +6,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from posmine import storage
 from posmine.config import IndexConfig, config_hash
-from posmine.embed import embeddings_table
-from posmine.index import (
+from posmine.core.merge import brute_force_topk, merge_topk
+from posmine.io import storage
+from posmine.io.vectors import embeddings_table, pair_scores
+from posmine.stages.search import (
     IndexShard,
     ShardedSearch,
     build_index,
-    pair_scores,
     plan_shards,
     search_key,
     sharded_search,
 )
-from posmine.merge import brute_force_topk, merge_topk
 
 
 def _vectors(n: int, dim: int, seed: int) -> np.ndarray:

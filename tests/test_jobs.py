@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from posmine import storage
+from posmine.io import storage
 
 pytestmark = pytest.mark.e2e  # a Ray head started by the test, and `ray job submit`
 

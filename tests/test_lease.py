@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from posmine import lease, storage
+from posmine.io import lease, storage
 
 # Once the file argv[4] appears (a starting gun, so that two racers start within milliseconds),
 # takes the lease on argv[1], says so in the file argv[2], then holds it until killed or until
 # the file argv[3] appears. Prints "held" or the refusal.
 HOLDER = """
 import sys, time, pathlib
-from posmine import lease
+from posmine.io import lease
 while not pathlib.Path(sys.argv[4]).exists():
     time.sleep(0.005)
 try:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posmine.losses import contrastive_loss, distillation_kl, own_logits
+from posmine.core.losses import contrastive_loss, distillation_kl, own_logits
 
 
 def _batch(b: int = 5, k: int = 3, d: int = 8, seed: int = 0):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-from posmine.metrics import evaluate, ranked
+from posmine.core.metrics import evaluate, ranked
 
 
 def _random_case(seed: int) -> tuple[dict, dict]:
@@ -64,3 +64,25 @@ def test_default_cutoffs_are_beirs() -> None:
     got = evaluate({"q1": {"d1": 1}}, {"q1": {"d1": 1.0}})
     assert sorted(got) == sorted(f"{m}@{k}" for m in ("ndcg", "recall", "map", "mrr")
                                  for k in (1, 10, 100))
+
+
+def test_dense_scoring_equals_trec_eval_on_every_pair() -> None:
+    """The evaluate stage's in-memory scoring (Tune's dev scores) against pytrec_eval on the run
+    of every (query, document) dot product, written out pair by pair."""
+    from posmine.config import EvaluateConfig
+    from posmine.stages.evaluate import score_vectors
+
+    rng = np.random.default_rng(0)
+    q, d = rng.normal(size=(12, 8)).astype(np.float32), rng.normal(size=(40, 8)).astype(np.float32)
+    qids, dids = [f"q{i}" for i in range(12)], [f"d{j}" for j in range(40)]
+    qrels = {qid: {dids[j]: int(rng.integers(1, 3)) for j in rng.choice(40, 3, replace=False)}
+             for qid in qids}
+    cfg = EvaluateConfig(top_k=40, k_values=(1, 10))
+    ours = score_vectors(cfg, qrels, qids, q, dids, d)
+    run = {qid: {did: float(np.dot(q[i], d[j])) for j, did in enumerate(dids)}
+           for i, qid in enumerate(qids)}
+    ref = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.1,10", "recall.1,10"}).evaluate(run)
+    for k in (1, 10):
+        for name, ref_name in ((f"ndcg@{k}", f"ndcg_cut_{k}"), (f"recall@{k}", f"recall_{k}")):
+            want = np.mean([r[ref_name] for r in ref.values()])
+            assert ours[name] == pytest.approx(want, abs=1e-6), name

@@ -16,13 +16,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from posmine import metrics, pipeline, storage
-from posmine import mine as mine_stage
+from posmine import pipeline
 from posmine.config import Config, default_beir_dir, load_config
-from posmine.evaluate import qrels_dict, run_from_candidates
-from posmine.index import candidate_shards
-from posmine.mining import MiningStats
-from posmine.textstore import TextStore, bucket
+from posmine.core import metrics
+from posmine.core.mining import MiningStats
+from posmine.io import prepared, storage
+from posmine.io.candidates import candidate_shards
+from posmine.io.textstore import TextStore, bucket
+from posmine.stages import mine as mine_stage
+from posmine.stages.evaluate import qrels_dict, run_from_candidates
 
 
 def _sorted(rows: list[dict]) -> list[dict]:
@@ -99,7 +101,7 @@ def test_text_store_answers_in_request_order_from_the_shard_that_holds_each_id(
     data_dir, _ = pipeline.prepare(cfg)
     store = TextStore(data_dir, "normalized", num_shards=3)
     try:
-        corpus = mine_stage.data.read_texts(f"{data_dir}/corpus")
+        corpus = prepared.read_texts(f"{data_dir}/corpus")
         ids = list(corpus)[::-1]
         assert len(set(bucket(ids, 3).tolist())) == 3  # the ids are spread over every shard
         assert store.texts("corpus", ids) == {i: corpus[i] for i in ids}

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from posmine.config import RULES, MiningConfig, load_config
-from posmine.mining import (
+from posmine.core.mining import (
     MiningStats,
     QueryCandidates,
     combine_mined,
@@ -334,7 +334,7 @@ def test_bounds_are_exclusive_on_exact_floats(rule: str, params: dict) -> None:
 def test_join_candidates_equals_a_sorted_union() -> None:
     """The file's negatives join a query's list: each id once, best first, the search's own
     candidates ahead on ties; against a plain sort of the union."""
-    from posmine.mining import QueryCandidates, join_candidates
+    from posmine.core.mining import QueryCandidates, join_candidates
 
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -357,7 +357,7 @@ def test_each_rule_is_described_by_the_parameters_it_uses_alone() -> None:
     from dataclasses import fields
 
     from posmine.config import RULES, MiningConfig
-    from posmine.mining import RULE_PARAMS, describe_rule
+    from posmine.core.mining import RULE_PARAMS, describe_rule
 
     names = {f.name for f in fields(MiningConfig)}
     assert set(RULE_PARAMS) == set(RULES) and all(set(p) <= names for p in RULE_PARAMS.values())

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from posmine import embed, storage
 from posmine.config import load_config
-from posmine.embed import read_embeddings
+from posmine.io import storage
+from posmine.io.vectors import read_embeddings
+from posmine.stages import embed
 from tests.conftest import _free_port
 from tests.test_faults import _reference
 
@@ -150,7 +151,8 @@ def test_run_survives_losing_a_node_mid_embed_and_mid_train(
     trace.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # every node's workers get the S3 endpoint and keys from their node, as pods do from a Secret
-    c = cluster({**env, "POSMINE_TRACE_DIR": str(trace), "POSMINE_TRACE_DELAY_S": "1.0"})
+    c = cluster({**env, "POSMINE_TRACE_DIR": str(trace),
+                 "POSMINE_FAULTS": "embed.batch:delay=1,train.step:delay=1"})
     c.start("head", cpus=0, head=True)  # schedules nothing, as on KubeRay; the driver runs here
     c.start("a", cpus=2)
     c.start("b", cpus=2)

@@ -12,18 +12,21 @@ import pyarrow as pa
 import pytest
 import torch
 
-from posmine import data, pipeline, storage
-from posmine import mine as mine_stage
+from posmine import pipeline
 from posmine.config import DataConfig, MiningConfig, TrainConfig, default_beir_dir, load_config
-from posmine.losses import contrastive_loss
-from posmine.mining import (
+from posmine.core.losses import contrastive_loss
+from posmine.core.mining import (
     QueryCandidates,
     mine,
     normalize_text,
     rule_keep_reference,
     starvation_warning,
 )
-from posmine.train import epoch_batches, epoch_plan, expand, known_positive_mask, masked_counts
+from posmine.io import prepared, storage
+from posmine.stages import data
+from posmine.stages import mine as mine_stage
+from posmine.stages.train.plan import epoch_batches, epoch_plan, expand
+from posmine.stages.train.trainer import known_positive_mask, masked_counts
 from tests.conftest import CORPUS, write_beir
 
 # One query, three positives of different strength among its candidates (best first).
@@ -237,19 +240,19 @@ def test_queries_of_the_same_text_share_their_positives(tmp_path: Path, share: b
     qrels = {"train": [("q1", "d1", 1), ("q2", "d2", 2), ("q3", "d3", 1)],
              "test": [("q1", "d4", 1), ("q2", "d5", 1)]}
     root = write_beir(tmp_path / "twins", CORPUS, queries, qrels)
-    manifest = data.prepare(DataConfig(path=str(root), share_positives_by_text=share), str(tmp_path / "out"))
-    prepared = f"{tmp_path}/out/data"
-    train = data.read_prepared_qrels(prepared, "train")
+    manifest = data.run(DataConfig(path=str(root), share_positives_by_text=share), str(tmp_path / "out"))
+    data_dir = f"{tmp_path}/out/data"
+    train = prepared.read_prepared_qrels(data_dir, "train")
     cols = [train.column(c).to_pylist() for c in ("query_id", "doc_id", "score")]
     got = {(q, d): s for q, d, s in zip(*cols, strict=True)}
     own = {("q1", "d1"): 1, ("q2", "d2"): 2, ("q3", "d3"): 1}
     assert got == ({**own, ("q1", "d2"): 2, ("q2", "d1"): 1} if share else own)
     assert manifest["stats"]["queries_given_same_text_positives"] == (2 if share else 0)
-    test = data.read_prepared_qrels(prepared, "test")
+    test = prepared.read_prepared_qrels(data_dir, "test")
     assert sorted(zip(test.column("query_id").to_pylist(), test.column("doc_id").to_pylist(),
                       strict=True)) == [("q1", "d4"), ("q2", "d5")]
     # q1's teacher ranks q2's positive first: a hard negative unless it is known as q1's positive
-    positives = data.positives_by_query(train)
+    positives = prepared.positives_by_query(train)
     q1 = QueryCandidates("q1", ["d2", "d7", "d1", "d8", "d9"], np.array([0.9, 0.5, 0.45, 0.3, 0.2]),
                          positives["q1"], np.array([0.45, 0.9][:len(positives["q1"])]))
     rows, _ = mine([q1], MiningConfig(rule="naive_topk", num_negatives=2))
@@ -288,9 +291,9 @@ def test_cisi_default_config_mines_enough_and_never_trains_on_known_positives(
     # the stage writes a shard per search round and query block: the same examples, in another order
     assert sorted([[r[k] for k in key] for r in got]) == sorted([[r[k] for k in key] for r in ref_rows])
     assert ref_stats.examples_too_few == stats["examples_too_few"]
-    positives = {q: set(d) for q, d in data.positives_by_query(
-        data.read_prepared_qrels(data_dir, "train")).items()}
-    corpus = data.read_texts(f"{data_dir}/corpus")
+    positives = {q: set(d) for q, d in prepared.positives_by_query(
+        prepared.read_prepared_qrels(data_dir, "train")).items()}
+    corpus = prepared.read_texts(f"{data_dir}/corpus")
     pos_texts = {q: {normalize_text(corpus[d]) for d in ds} for q, ds in positives.items()}
     mined = storage.read_parquet(f"{manifest['dir']}/mined.parquet")
     examples = expand(mined)
@@ -321,7 +324,7 @@ def test_cisi_default_config_mines_enough_and_never_trains_on_known_positives(
 def test_planned_batches_read_only_what_the_steps_use(tmp_path, positives: str) -> None:
     """Training plans batches from two light columns and expands only the mined rows its steps
     use, read by row group: the batches equal `epoch_batches` over the whole expanded file."""
-    from posmine.train import planned_batches
+    from posmine.stages.train.plan import planned_batches
 
     cols = {k: [] for k in ("query_id", "query", "positive_ids", "positives", "positive_scores",
                             "negative_ids", "negatives", "negative_scores")}

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from posmine.config import ConfigError, TeacherConfig
-from posmine.embed import Encoder, ModelError, output_key
+from posmine.models.backbone import ModelError
+from posmine.models.encoder import Encoder
+from posmine.stages.embed import output_key
 
 pytest.importorskip("openvino")
 

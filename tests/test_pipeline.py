@@ -9,11 +9,13 @@ import pytest
 import pytrec_eval
 import ray
 
-from posmine import evaluate, export, pipeline, report, storage
+from posmine import pipeline, report
 from posmine.cli import main
 from posmine.config import load_config
-from posmine.embed import Encoder
-from posmine.mining import example_key
+from posmine.core.mining import example_key
+from posmine.io import export, storage
+from posmine.models.encoder import Encoder
+from posmine.stages import evaluate
 from tests.conftest import CORPUS, QRELS, QUERIES, TRAIN_QRELS_SHARED
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from posmine import storage
 from posmine.cli import main
+from posmine.io import storage
 
 # Passwords as users type them: AWS secret keys hold `/`; `@`, `:` and percent-escapes too.
 PASSWORDS = ["Zq9x/wJal+rX", "Zq9x@wJalrX", "Zq9x:wJal/rX", "Zq9x%2FwJalrX", "Zq9x/wJ@1:2%40"]

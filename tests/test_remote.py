@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from posmine import remote
-from posmine.data import DataError
+from posmine.io.inputs import DataError
+from posmine.stages import remote
 
 
 def _pid_and(x: int) -> tuple[int, int]:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from posmine.mining import QueryCandidates
-from posmine.rescore import CrossEncoderScorer, rescore
+from posmine.core.mining import QueryCandidates
+from posmine.models.rescore import CrossEncoderScorer, rescore
 
 
 def test_rescore_replaces_scores_and_resorts(tiny_cross_encoder: str) -> None:

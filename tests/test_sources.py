@@ -13,10 +13,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from posmine import export, sources, storage
 from posmine.cli import main
 from posmine.config import DataConfig
-from posmine.data import DataError
+from posmine.io import export, sources, storage
+from posmine.io.inputs import DataError
 from tests.conftest import WORDS
 
 # 12 queries; query i has 1 + i % 3 positives, each on its own row; "Cell protein gene!"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from posmine import storage
+from posmine.io import storage
+from posmine.stages import lifecycle
 
 
 def _folder(root: Path, text: str) -> str:
@@ -31,15 +32,15 @@ def test_put_tree_replaces_a_folder_whole(where: str, tmp_path: Path, request: p
 
 def test_commit_refuses_to_name_missing_outputs(tmp_path: Path) -> None:
     stage = str(tmp_path / "stage")
-    storage.begin_stage(stage)
+    lifecycle.begin_stage(stage)
     (tmp_path / "stage" / "a.parquet").write_bytes(b"x")
-    with pytest.raises(storage.StageError, match=r"output is missing \(b\.json or c\.json\)"):
-        storage.commit_stage(stage, "s", "k", rows={}, started=0.0,
+    with pytest.raises(lifecycle.StageError, match=r"output is missing \(b\.json or c\.json\)"):
+        lifecycle.commit_stage(stage, "s", "k", rows={}, started=0.0,
                              outputs=["a.parquet", ("b.json", "c.json")])
     assert storage.read_manifest(stage) is None
     (tmp_path / "stage" / "c.json").write_text("{}")
-    storage.commit_stage(stage, "s", "k", rows={}, started=0.0, outputs=["a.parquet", ("b.json", "c.json")])
-    assert storage.is_done(stage, "k")
+    lifecycle.commit_stage(stage, "s", "k", rows={}, started=0.0, outputs=["a.parquet", ("b.json", "c.json")])
+    assert lifecycle.is_done(stage, "k")
 
 
 @pytest.fixture
@@ -62,9 +63,9 @@ def test_a_full_disk_names_the_path_and_the_stage_and_leaves_no_temp_file(
         small_disk: Path, tiny_beir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`posmine mine` whose data stage fills the disk: one line naming the stage and the file,
     no traceback, no `.tmp-*` file, no manifest; with room again, the stage finishes."""
-    from posmine import data
     from posmine.cli import main
     from posmine.config import DataConfig
+    from posmine.stages import data
 
     filler = small_disk / "filler"
     filler.write_bytes(b"\0" * (256 - 12) * 1024)  # ~12 KiB left: a few corpus parts fit
@@ -80,5 +81,5 @@ def test_a_full_disk_names_the_path_and_the_stage_and_leaves_no_temp_file(
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert not (out / "data" / storage.MANIFEST).exists()
     filler.unlink()
-    data.prepare(DataConfig(path=str(tiny_beir), rows_per_part=5), str(out))
+    data.run(DataConfig(path=str(tiny_beir), rows_per_part=5), str(out))
     assert storage.read_manifest(str(out / "data"))["rows"]["corpus"] == 40

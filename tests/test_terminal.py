@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from posmine import storage, terminal
+from posmine import terminal
+from posmine.io import storage
 
 
 def test_summaries_say_what_a_stage_made_in_a_few_lines() -> None:

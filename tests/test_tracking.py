@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from posmine import storage, tracking
+from posmine.io import storage, tracking
 
 
 def test_tensorboard_and_mlflow_reach_object_storage(s3_bucket: str, tmp_path: Path,

@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from posmine import pipeline, storage
+from posmine import pipeline
 from posmine.config import TeacherConfig, TrainConfig, load_config
-from posmine.embed import Encoder
-from posmine.train import StudentTrainer, expand, train_plain
+from posmine.io import storage
+from posmine.models.encoder import Encoder
+from posmine.stages.train.loop import train_plain
+from posmine.stages.train.plan import expand
+from posmine.stages.train.trainer import StudentTrainer
 from tests.conftest import TRAIN_QRELS_SHARED, ray_with_env
 
 WORDS6 = ("virus", "cancer", "mouse", "human", "sleep", "diet")
@@ -140,14 +143,15 @@ NO_RAY_AFTER = ("import sys, ray; from posmine.cli import main; code = main(sys.
 @pytest.mark.e2e  # two Ray Train runs on a Ray of its own
 def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path, tiny_model: str,
                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    marker = tmp_path / "crashed"
     out = str(tmp_path / "out")
     cfg = _cfg(tiny_beir, tiny_model, out)
     pipeline.mine(cfg)
-    # the worker process reads these: pass them through the job's runtime env
-    with ray_with_env({"POSMINE_CRASH_AT_STEP": "3", "POSMINE_CRASH_MARKER": str(marker)}):
+    # the worker process reads these: pass them through the job's runtime env. Ray Train
+    # registers a reported checkpoint asynchronously: step 2's gets 3 s to land before the kill.
+    with ray_with_env({"POSMINE_FAULTS": "train.step=2:delay=3,train.step=3:kill",
+                       "POSMINE_FAULT_DIR": str(tmp_path)}):
         manifest = pipeline.train(cfg)
-    assert marker.exists()  # the worker really died at step 3
+    assert (tmp_path / "train.step.fired").exists()  # the worker really died at step 3
     assert manifest["stats"]["resumed_from_step"] == 2  # ... and restarted from the step-2 checkpoint
     assert manifest["rows"]["steps"] == 4
     assert (Path(out) / "train" / "model" / "model.safetensors").exists()

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from posmine import data, storage, tune
+from posmine import pipeline
 from posmine.cli import main
 from posmine.config import ConfigError, load_config
+from posmine.io import prepared, storage
+from posmine.stages import data, tune
 from tests.conftest import QRELS, ray_with_env
 
 SPACE = ("tune.space=[{rule: topk_percpos, perc: 0.95}, "
@@ -32,9 +34,11 @@ def test_two_trial_search(ray_local: None, tiny_beir: Path, tiny_model: str, tmp
     # a relative output dir, as in the shipped configs: Tune runs trials in their own cwd
     monkeypatch.chdir(tmp_path)
     args = [*_overrides(tiny_beir, tiny_model, Path("out")), "train.track=mlflow"]
-    crash_marker = tmp_path / "crashed"
-    # trial processes read these: pass them through the runtime env
-    with ray_with_env({"POSMINE_CRASH_AT_STEP": "2", "POSMINE_CRASH_MARKER": str(crash_marker)}):
+    crash_marker = tmp_path / "train.step.fired"
+    # trial processes read these: pass them through the runtime env; step 1's checkpoint gets
+    # 3 s to land before the kill at step 2
+    with ray_with_env({"POSMINE_FAULTS": "train.step=1:delay=3,train.step=2:kill",
+                       "POSMINE_FAULT_DIR": str(tmp_path)}):
         assert main(["tune", str(_yaml(tmp_path)), *args]) == 0
     printed = capsys.readouterr().out
     cfg = load_config(_yaml(tmp_path), args)
@@ -76,16 +80,16 @@ def test_two_trial_search(ray_local: None, tiny_beir: Path, tiny_model: str, tmp
     assert best.data.holdout_dev is False and best.train.model == tiny_model
     # trials never trained on a dev query, and dev is taken from train (test is never read)
     data_dir = data.stage_dir(cfg.output.dir)
-    dev = set(data.read_prepared_qrels(data_dir, "dev").column("query_id").to_pylist())
+    dev = set(prepared.read_prepared_qrels(data_dir, "dev").column("query_id").to_pylist())
     assert dev and dev <= {q for q, _, _ in QRELS["train"]}
     for trial_dir in Path(target, "trials").iterdir():
         mined = storage.read_parquet(str(trial_dir / "mine" / "mined.parquet"))
         assert not dev & set(mined.column("query_id").to_pylist())
     # a finished search is skipped; without its manifest, Tune's experiment is restored
     # (finished trials are not run again: same per-trial seconds)
-    assert tune.run(cfg)["finished_at"] == manifest["finished_at"]
+    assert pipeline.tune(cfg)["finished_at"] == manifest["finished_at"]
     os.remove(Path(target) / "_manifest.json")
-    again = tune.run(cfg)
+    again = pipeline.tune(cfg)
     assert [t["seconds"] for t in again["trials"]] == [t["seconds"] for t in trials]
 
 
@@ -129,7 +133,7 @@ def test_extra_teachers_are_refused_before_any_work(tmp_path: Path) -> None:
     cfg = load_config("jobs/configs/scifact-tune.yaml",
                       [f"output.dir={tmp_path}", "extra_teachers=[{model: /models/other}]"])
     with pytest.raises(ConfigError, match="extra_teachers is not supported by tune"):
-        tune.run(cfg)
+        pipeline.tune(cfg)
     assert not any(tmp_path.iterdir())  # nothing written, nothing that looks started
 
 

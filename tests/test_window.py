@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from posmine.config import RULES, MiningConfig
-from posmine.mining import (
+from posmine.core.mining import (
     QueryCandidates,
     cut_to_window,
     mine,

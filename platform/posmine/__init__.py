@@ -1,8 +1,8 @@
 """posmine: positive-aware hard-negative mining and contrastive fine-tuning, on Ray.
 
 ```python
-from posmine import mine_hard_negatives   # sentence-transformers' function, NV-Retriever's rules
-from posmine import run, load_config      # the whole line: mine, fine-tune, evaluate
+from posmine import mine_hard_negatives  # sentence-transformers' function, NV-Retriever's rules
+from posmine import run, load_config  # the whole line: mine, fine-tune, evaluate
 ```
 """
 

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from posmine import export, lease, storage
-from posmine.backbone import ModelError, resolve_model
 from posmine.config import Config, ConfigError, MiningConfig, load_config
+from posmine.io import export, lease, storage
+from posmine.models.backbone import ModelError, resolve_model
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -150,13 +150,7 @@ def mine_hard_negatives(
     inputs = _write_inputs(out, pairs, corpus)
     teacher = {**_model_settings(_model_path(model, root), query_prompt, query_prompt_name,
                                  corpus_prompt, corpus_prompt_name),
-               "batch_size": batch_size, "normalize": True}
-    if use_multi_process:  # an actor pool on Ray, as sentence-transformers' process pool
-        teacher.update(num_actors=len(use_multi_process) if isinstance(use_multi_process, list)
-                       else max(1, (os.cpu_count() or 1) // 2), local_corpus_below=0,
-                       local_queries_below=0)
-    else:  # in this process, as sentence-transformers embeds: no Ray to start for it
-        teacher.update(local_corpus_below=10**12, local_queries_below=10**12)
+               **_placement(use_multi_process), "batch_size": batch_size, "normalize": True}
     rules = _rule(rule, relative_margin, absolute_margin, max_score, min_score)
     sampling = ({"sampling": "sample", "sample_from": top_k - range_min}
                 if sampling_strategy == "random" else {"sampling": "topk"})
@@ -169,6 +163,16 @@ def mine_hard_negatives(
     table = _shape(_in_input_order(mined, pairs), output_format, output_scores, num_negatives)
     names = {"anchor": anchor_col, "positive": positive_col}
     return Dataset(table.rename_columns([names.get(c, c) for c in table.column_names]))
+
+
+def _placement(use_multi_process: bool | list[str]) -> dict[str, int]:
+    """Where the teacher embeds: an actor pool on Ray with `use_multi_process`, as
+    sentence-transformers' process pool, else in this process, with no Ray to start for it."""
+    if not use_multi_process:
+        return {"local_corpus_below": 10**12, "local_queries_below": 10**12}
+    actors = (len(use_multi_process) if isinstance(use_multi_process, list)
+              else max(1, (os.cpu_count() or 1) // 2))
+    return {"num_actors": actors, "local_corpus_below": 0, "local_queries_below": 0}
 
 
 def _check(output_format: str, include_positives: bool, num_negatives: int, range_min: int,

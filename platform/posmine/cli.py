@@ -11,15 +11,28 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
-from posmine import __version__, lease, storage, terminal
-from posmine.backbone import ModelError
-from posmine.config import PRESETS, Config, ConfigError, load_config
-from posmine.data import DataError
-from posmine.embed import EmbeddingError
-from posmine.export import FORMATS as EXPORT_FORMATS
-from posmine.export import ExportError
-from posmine.storage import StageError, StorageError
+from posmine import __version__, pipeline, report, terminal
+from posmine.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    DataConfig,
+    absolute_path,
+    dump_yaml,
+    load_config,
+    starter_yaml,
+)
+from posmine.io import beir, export, lease, sources, storage
+from posmine.io.export import FORMATS as EXPORT_FORMATS
+from posmine.io.export import ExportError
+from posmine.io.inputs import DataError
+from posmine.io.storage import StorageError
+from posmine.io.vectors import EmbeddingError
+from posmine.models.backbone import ModelError
+from posmine.stages import audit, tune
+from posmine.stages.lifecycle import StageError
 
 log = logging.getLogger(__name__)
 # Errors whose message already says what went wrong and where: printed as they are.
@@ -31,12 +44,9 @@ VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "audit", "
 
 
 def _data(args: argparse.Namespace) -> int:
-    from posmine import data, sources
-    from posmine.config import DataConfig, absolute_path
-
     fmt = sources.detect(args.path) if args.format == "auto" else args.format
     if fmt == "beir":
-        summary = data.load(args.path).summary()
+        summary = beir.load(args.path).summary()
     else:
         t = sources.load(DataConfig(path=absolute_path(args.path)), fmt)
         summary = {**t.summary, "qrels": {s: q.num_rows for s, q in t.qrels.items()},
@@ -46,29 +56,10 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from posmine import export
-
     summary = export.export(args.mine_dir, args.format, args.out, scores=args.scores,
                             num_negatives=args.num_negatives)
     print(json.dumps(storage.redact_all(summary), indent=2))
     return 0
-
-
-def _stage(name: str) -> Callable[[argparse.Namespace], int]:
-    """A verb that runs `pipeline.<name>(cfg)` and prints a short summary of what it made (the
-    manifest stays in the stage's folder)."""
-
-    def run(args: argparse.Namespace) -> int:
-        from posmine import pipeline
-
-        cfg = load_config(args.config, args.overrides)
-        kwargs = {"model": args.model} if name == "evaluate" else {}
-        with _holding(cfg):
-            result = getattr(pipeline, name)(cfg, **kwargs)
-        print(terminal.summary(name, result))
-        return 0
-
-    return run
 
 
 @contextmanager
@@ -79,57 +70,71 @@ def _holding(cfg: Config) -> Iterator[None]:
         yield
 
 
-def _run(args: argparse.Namespace) -> int:
-    from posmine import pipeline
+def _embed(cfg: Config, args: argparse.Namespace) -> None:
+    print(terminal.summary("embed", pipeline.embed(cfg)))
 
-    cfg = load_config(args.config, args.overrides)
-    with _holding(cfg):
-        summary = pipeline.run(cfg)
+
+def _mine(cfg: Config, args: argparse.Namespace) -> None:
+    print(terminal.summary("mine", pipeline.mine(cfg)))
+
+
+def _train(cfg: Config, args: argparse.Namespace) -> None:
+    print(terminal.summary("train", pipeline.train(cfg)))
+
+
+def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
+    print(terminal.summary("evaluate", pipeline.evaluate(cfg, model=args.model)))
+
+
+def _run(cfg: Config, args: argparse.Namespace) -> None:
+    summary = pipeline.run(cfg)
     print(pipeline.format_data(summary))
     print(pipeline.format_table(summary))
     print(f"model: {storage.redact(str(summary['model_dir']))}")
-    return 0
 
 
-def _tune(args: argparse.Namespace) -> int:
-    from posmine import storage, tune
-
-    cfg = load_config(args.config, args.overrides)
-    with _holding(cfg):
-        manifest = tune.run(cfg)
+def _tune(cfg: Config, args: argparse.Namespace) -> None:
+    manifest = pipeline.tune(cfg)
     print(tune.format_table(manifest["trials"], manifest["metric"], manifest["stats"]["base"]))
     target = tune.stage_dir(cfg)
     for name in ("results.csv", "results.parquet", "best.yaml", "metric_vs_param.png"):
         print(f"{name:<20}{storage.redact(storage.join(target, name))}")
-    return 0
 
 
-def _audit(args: argparse.Namespace) -> int:
-    from posmine import audit, pipeline
-
-    cfg = load_config(args.config, args.overrides)
-    with _holding(cfg):
-        manifest = pipeline.audit(cfg)
+def _audit(cfg: Config, args: argparse.Namespace) -> None:
+    manifest = pipeline.audit(cfg)
     print(audit.format_table(manifest["stats"]))
     for name in ("audit.json", "audit.csv", "tradeoff.png", "fn_vs_perc.png", "report.html"):
         print(f"{name:<16}{storage.redact(storage.join(manifest['dir'], name))}")
+
+
+# The verbs that run stages on a config: what each calls, under the output folder's lease.
+STAGE_VERBS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = {
+    "embed": (_embed, "embed corpus and queries with the teacher (Ray Data)"),
+    "mine": (_mine, "mine positive-aware hard negatives (runs embed/index when stale)"),
+    "train": (_train, "fine-tune the student on mined examples (Ray Train)"),
+    "evaluate": (_evaluate, "nDCG@10, Recall@k, MRR, MAP on held-out qrels"),
+    "tune": (_tune, "Ray Tune search over mining rules and margins, scored on dev"),
+    "run": (_run, "the whole pipeline: embed, mine, train, evaluate"),
+    "audit": (_audit, "each mining setting's false negatives, with labelled positives hidden"),
+}
+
+
+def _staged(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    with _holding(cfg):
+        STAGE_VERBS[args.verb][0](cfg, args)
     return 0
 
 
 def _config_show(args: argparse.Namespace) -> int:
     """The config as the stages see it: the file, the overrides and every default, resolved."""
-    from posmine.config import dump_yaml
-
     print(dump_yaml(load_config(args.config, args.overrides)), end="")
     return 0
 
 
 def _config_init(args: argparse.Namespace) -> int:
     """A commented starter config at `args.out`; an existing file is never overwritten."""
-    from pathlib import Path
-
-    from posmine.config import starter_yaml
-
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"{out}: exists; name another file, or remove it first")
@@ -139,10 +144,8 @@ def _config_init(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from posmine import report
-
     manifest = storage.read_manifest(args.path) or {}
-    if manifest.get("stage") == "mine":  # the histogram PNG, as before, and the page
+    if manifest.get("stage") == "mine":  # the histogram PNG, then the page
         print(storage.redact(report.histogram(args.path, args.out)))
     print(storage.redact(report.write_report(args.path)))
     return 0
@@ -167,22 +170,14 @@ def _parser() -> argparse.ArgumentParser:
                        choices=("auto", "beir", "pairs", "flagembedding", "nemo"))
     check.set_defaults(func=_data)
 
-    def staged(name: str, help_: str, func: Callable[[argparse.Namespace], int]) -> None:
+    for name, (_, help_) in STAGE_VERBS.items():
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML config (see jobs/configs/)")
         sp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-        sp.set_defaults(func=func)
+        sp.set_defaults(func=_staged)
         if name == "evaluate":
             sp.add_argument("--model", default=None,
                             help="model to evaluate (default: teacher.model)")
-
-    staged("embed", "embed corpus and queries with the teacher (Ray Data)", _stage("embed"))
-    staged("mine", "mine positive-aware hard negatives (runs embed/index when stale)", _stage("mine"))
-    staged("train", "fine-tune the student on mined examples (Ray Train)", _stage("train"))
-    staged("evaluate", "nDCG@10, Recall@k, MRR, MAP on held-out qrels", _stage("evaluate"))
-    staged("tune", "Ray Tune search over mining rules and margins, scored on dev", _tune)
-    staged("run", "the whole pipeline: embed, mine, train, evaluate", _run)
-    staged("audit", "each mining setting's false negatives, with labelled positives hidden", _audit)
     c = sub.add_parser("config", help="show a config resolved, with its defaults")
     csub = c.add_subparsers(dest="config_verb", required=True)
     show = csub.add_parser("show", help="print the resolved config (file, overrides, defaults) as YAML")

@@ -14,11 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from posmine import backbone, data, index, model_card, remote, storage
-from posmine import embed as embed_stage
-from posmine import evaluate as eval_stage
-from posmine import mine as mine_stage
-from posmine import train as train_stage
+from posmine import report
 from posmine.config import (
     Config,
     MiningConfig,
@@ -28,14 +24,24 @@ from posmine.config import (
     resolve_teachers,
     to_dict,
 )
-from posmine.mining import survivor_window
+from posmine.core.mining import survivor_window
+from posmine.io import prepared, storage
+from posmine.models import backbone, model_card
+from posmine.stages import audit as audit_stage
+from posmine.stages import data, lifecycle, remote
+from posmine.stages import embed as embed_stage
+from posmine.stages import evaluate as eval_stage
+from posmine.stages import mine as mine_stage
+from posmine.stages import search as search_stage
+from posmine.stages import train as train_stage
+from posmine.stages import tune as tune_stage
 
 log = logging.getLogger(__name__)
 
 
 def prepare(cfg: Config) -> tuple[str, str]:
     """Run the data stage; returns (data dir, its config hash)."""
-    manifest = data.prepare(cfg.data, cfg.output.dir)
+    manifest = data.run(cfg.data, cfg.output.dir)
     return data.stage_dir(cfg.output.dir), str(manifest["config_hash"])
 
 
@@ -56,14 +62,14 @@ def search(cfg: Config, teacher: TeacherConfig, split: str, k: int,
     emb = embed(cfg, teacher)
     data_dir, _ = prepare(cfg)
     ids = None if query_ids is None else pa.array(query_ids, pa.string())
-    return index.run_search(cfg.index, emb["dir"], cfg.output.dir, split, k,
+    return search_stage.run(cfg.index, emb["dir"], cfg.output.dir, split, k,
                             upstream=str(emb["config_hash"]), data_dir=data_dir, query_ids=ids,
                             ids_key=ids_key, for_mining=for_mining)
 
 
 def candidate_depth(data_dir: str, split: str, top_k: int) -> int:
     """Candidates to fetch so that `top_k` remain after removing positives and self-hits."""
-    return top_k + data.split_max_positives(data_dir, split) + 1
+    return top_k + prepared.split_max_positives(data_dir, split) + 1
 
 
 def candidates(cfg: Config, teacher: TeacherConfig,
@@ -82,14 +88,14 @@ def candidates(cfg: Config, teacher: TeacherConfig,
     deepen = [m for m in minings if survivor_window(m)]
     max_depth = max((m.max_depth for m in deepen), default=0)
     windows = [to_dict(m) for m in deepen]
-    key = config_hash(index.search_key(cfg.index), emb["config_hash"], cfg.data.split, depth,
+    key = config_hash(search_stage.search_key(cfg.index), emb["config_hash"], cfg.data.split, depth,
                       max_depth, windows)
     target = storage.join(cfg.output.dir, "candidates", f"rounds-{key}")
     manifest = storage.read_manifest(target) or {}
-    if not all(storage.is_done(_cand_dir(cfg, k), k) for k in manifest.get("keys", [])):
+    if not all(lifecycle.is_done(_cand_dir(cfg, k), k) for k in manifest.get("keys", [])):
         storage.remove(target)  # a round's folder was removed since: search again
 
-    def work() -> storage.Done:
+    def work() -> lifecycle.Done:
         _, cand = search(cfg, teacher, cfg.data.split, depth, for_mining=True)
         keys, rounds, at = [str(cand["config_hash"])], [[depth, cand["rows"]["queries"]]], depth
         while at < max_depth:
@@ -107,10 +113,10 @@ def candidates(cfg: Config, teacher: TeacherConfig,
                              ids_key=config_hash(keys[-1], windows, "unfilled"))
             keys.append(str(cand["config_hash"]))
             rounds.append([at, len(todo)])
-        return storage.Done({"rounds": len(keys)}, extra={"split": cfg.data.split, "keys": keys,
+        return lifecycle.Done({"rounds": len(keys)}, extra={"split": cfg.data.split, "keys": keys,
                                                           "search_rounds": rounds})
 
-    manifest = storage.run_stage(target, "search-rounds", key, work)
+    manifest = lifecycle.run_stage(target, "search-rounds", key, work)
     keys = [str(k) for k in manifest["keys"]]
     return ([_cand_dir(cfg, k) for k in keys], config_hash(*keys),
             {"search_rounds": manifest["search_rounds"]})
@@ -148,8 +154,6 @@ def _mine_one(cfg: Config, teacher: TeacherConfig, mining: MiningConfig, name: s
 
 def audit(cfg: Config) -> dict[str, Any]:
     """data -> embed -> search (deep enough for every setting) -> audit of `cfg.audit.grid`."""
-    from posmine import audit as audit_stage
-
     data_dir, _ = prepare(cfg)
     grid = audit_stage.settings(cfg.mining, cfg.audit)
     # Deep enough for every setting's windows with all positives as anchors; hiding some can
@@ -247,6 +251,22 @@ def evaluation_view(cfg: Config, model: str) -> TeacherConfig:
     return dataclasses.replace(student_view(cfg, model), dtype="auto")
 
 
+def tune(cfg: Config) -> dict[str, Any]:
+    """The tune stage, on inputs this pipeline prepares (`tune_inputs`)."""
+    return tune_stage.run(cfg, tune_inputs)
+
+
+def tune_inputs(cfg: Config) -> tune_stage.Inputs:
+    """Embed, retrieve train candidates deep enough for every arm, search the dev pool."""
+    data_dir, _ = prepare(cfg)
+    cand_dirs, upstream, searched = candidates(cfg, cfg.teacher, [tune_stage.deepest(cfg)])
+    pool_dir = search(cfg, cfg.teacher, "dev", cfg.tune.dev_pool)[0] if cfg.tune.dev_pool else None
+    # the student as it is scored, on whatever device a trial has
+    student = dataclasses.replace(evaluation_view(cfg, cfg.train.model), device="auto")
+    return tune_stage.Inputs(data_dir, embed_stage.stage_dir(cfg.output.dir, cfg.teacher),
+                             cand_dirs, upstream, pool_dir, student, searched)
+
+
 def evaluate_student(cfg: Config, model: str) -> dict[str, Any]:
     """Metrics of a student `model` (a fine-tuned directory) as the student embeds."""
     return _evaluate_with(cfg, evaluation_view(cfg, model))
@@ -255,7 +275,7 @@ def evaluate_student(cfg: Config, model: str) -> dict[str, Any]:
 def _evaluate_with(cfg: Config, teacher: TeacherConfig) -> dict[str, Any]:
     cand_dir, cand = search(cfg, teacher, cfg.evaluate.split, cfg.evaluate.top_k)
     data_dir, _ = prepare(cfg)
-    return eval_stage.score(cfg.evaluate, data_dir, cand_dir, cfg.output.dir, teacher.model,
+    return eval_stage.run(cfg.evaluate, data_dir, cand_dir, cfg.output.dir, teacher.model,
                             upstream=str(cand["config_hash"]))
 
 
@@ -279,9 +299,8 @@ def format_data(summary: dict[str, Any]) -> str:
 
 def format_table(summary: dict[str, Any]) -> str:
     """Base vs fine-tuned metrics side by side, under the split they were scored on."""
-    lines = [f"scored on the {summary.get('split', '?')} split",
-             f"{'metric':<12}{'base':>10}{'fine-tuned':>12}{'delta':>10}"]
-    for name in sorted(summary["base"]):
-        b, t = summary["base"][name], summary["fine_tuned"][name]
-        lines.append(f"{name:<12}{b:>10.4f}{t:>12.4f}{t - b:>+10.4f}")
-    return "\n".join(lines)
+    base, tuned = summary["base"], summary["fine_tuned"]
+    table = report.text_table(
+        [("metric", "<12"), ("base", ">10.4f"), ("fine-tuned", ">12.4f"), ("delta", ">+10.4f")],
+        ([name, base[name], tuned[name], tuned[name] - base[name]] for name in sorted(base)))
+    return f"scored on the {summary.get('split', '?')} split\n{table}"

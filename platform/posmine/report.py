@@ -13,14 +13,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from textwrap import fill
 from typing import Any
 
 import numpy as np
 
-from posmine import storage
-from posmine.mining import describe_rule
+from posmine.core.mining import describe_rule
+from posmine.io import storage
 
 
 def _mine_manifest(mined_dir: str) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def histogram(mined_dir: str, out: str | None = None) -> str:
 
 def histogram_png(manifest: Mapping[str, Any]) -> bytes:
     """The score histogram of a mine stage's manifest, with its short-examples note."""
-    plt = _pyplot()
+    plt = pyplot()
     h = manifest["stats"]["histograms"]
     bins = np.asarray(h["bins"])
     centers, width = (bins[:-1] + bins[1:]) / 2, np.diff(bins)
@@ -56,22 +57,22 @@ def histogram_png(manifest: Mapping[str, Any]) -> bytes:
     lo = next((i for i in range(len(centers)) if any(h[k][i] for k in ("positive", "kept", "dropped"))), 0)
     ax = axes[-1]
     ax.set_xlim(bins[lo], bins[-1])
-    m, stats, note = manifest.get("mining", {}), manifest["stats"], ""
+    m, stats = manifest.get("mining", {}), manifest["stats"]
     axes[0].set_title(f"teacher scores, {manifest.get('split', '')}: {describe_rule(m)}, "
                       f"anchor={m.get('anchor', 'min')}, window={m.get('window', 'rank')}", fontsize=9)
-    if "examples" in stats:  # manifests of older versions did not count examples
-        short = (f"{stats['examples_too_few']} of {stats['examples']} examples "
-                 f"({stats.get('short_share', 0):.0%}) have fewer than {m.get('num_negatives')} negatives")
-        note = fill(stats["warning"], 120) if stats.get("warning") else short
+    short = (f"{stats['examples_too_few']} of {stats['examples']} examples "
+             f"({stats.get('short_share', 0):.0%}) have fewer than {m.get('num_negatives')} negatives")
+    note = fill(stats["warning"], 120) if stats.get("warning") else short
     ax.set_xlabel("teacher score s(q, d)")
     fig.tight_layout(rect=(0, 0.06 if note else 0, 1, 1))
     if note:  # under the axes: how many examples the rule starved, and what to change
         fig.text(0.01, 0.01, note, fontsize=8, va="bottom",
                  color="tab:red" if stats.get("warning") else "black")
-    return _png(fig)
+    return png(fig)
 
 
-def _png(fig: Any) -> bytes:
+def png(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -80,7 +81,8 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,13 +91,27 @@ def _pyplot() -> Any:
     return plt
 
 
+def text_table(columns: Sequence[tuple[str, str]], rows: Iterable[Sequence[Any]],
+               rule: bool = False) -> str:
+    """Aligned text for a terminal. `columns` are (title, format spec) pairs such as
+    `("ndcg@10", ">10.4f")`; a string cell is aligned to the spec's width as it is; a row may
+    stop short of the last columns; `rule` draws a line of dashes under the titles."""
+    widths = [re.match(r"([<>^]?)\+?(\d*)", spec).group(1, 2) for _, spec in columns]  # type: ignore[union-attr]
+    head = "".join(f"{title:{a}{w}}" for (title, _), (a, w) in zip(columns, widths, strict=True))
+    lines = [head, "-" * len(head)] if rule else [head]
+    for row in rows:
+        lines.append("".join(f"{v:{a}{w}}" if isinstance(v, str) else f"{v:{spec}}"
+                             for v, (_, spec), (a, w) in zip(row, columns, widths, strict=False)))
+    return "\n".join(lines)
+
+
 MARKERS = {"pair": "o", "min": "v", "max": "^", "mean": "s", "": "D"}
 
 
 def tradeoff_plot(rows: Sequence[Mapping[str, Any]]) -> bytes:
     """The audit's trade-off: false-negative rate of the kept negatives against negatives kept
     per example, one point per setting (colour: rule, marker: anchor)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     colors = {r: f"C{i}" for i, r in enumerate(dict.fromkeys(row["rule"] for row in rows))}
     for ax, key, xlabel in ((axes[0], "per_example", "negatives kept per training example"),
@@ -115,12 +131,12 @@ def tradeoff_plot(rows: Sequence[Mapping[str, Any]]) -> bytes:
     fig.suptitle("audit: false negatives against what is kept (anchor: o pair, v min, ^ max, s mean)",
                  fontsize=10)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def perc_plot(rows: Sequence[Mapping[str, Any]]) -> bytes:
     """False-negative rate against TopK-PercPos's `perc`, one line per anchor."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     perc = [r for r in rows if r["rule"] == "topk_percpos"]
     for anchor in dict.fromkeys(r["anchor"] for r in perc):
@@ -133,7 +149,7 @@ def perc_plot(rows: Sequence[Mapping[str, Any]]) -> bytes:
     ax.set_ylabel("false-negative rate of kept negatives")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def html_page(title: str, sections: Sequence[tuple[str, str]]) -> str:
@@ -220,14 +236,14 @@ def mine_page(mined_dir: str) -> str:
 
 
 def loss_png(curve: Sequence[Sequence[float]]) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if curve:
         ax.plot(*zip(*curve, strict=True), marker=".")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def run_page(out_dir: str) -> str:

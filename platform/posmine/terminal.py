@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from posmine import background, storage
-from posmine.redaction import RedactingFilter
+from posmine.io import background, storage
+from posmine.io.redaction import RedactingFilter
 
 QUIET_ENV = "POSMINE_QUIET"  # read by `remote.ensure_ray`, inherited by Ray's workers
 LOG_NAME = "posmine.log"

@@ -1,0 +1,88 @@
+"""Ray for the stages: started only when a stage has work to do (a rerun whose stages are all
+current never starts it), and work that reads a whole split runs in a Ray task, not in the driver.
+
+A driver that reads a million-query qrels file, even as Arrow, grows by hundreds of MB
+(decoding buffers, hash tables, the allocator's arenas). `in_task` runs such a function in a worker process
+that exits when it returns (`max_calls=1`), so its memory goes back to the node and the
+driver stays the same size whatever the number of queries (BENCHMARKS.md, "Scale").
+
+A Ray Data stream run from such a task also owns its actor pool through the task's worker: the
+pool goes when the task ends, failed or not. A failed stream in the driver keeps its pool's CPUs
+for as long as its error is referenced (a notebook's last error, a test's `pytest.raises`), and
+the next stage's actors then wait for those CPUs forever (a search after a failed mine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from posmine import terminal
+
+T = TypeVar("T")
+# Splits with fewer queries are searched and deepened in the driver, without starting Ray: below
+# it the driver's growth (see above) is small and Ray's start costs more than the work.
+HERE_BELOW_QUERIES = 20_000
+
+
+def ensure_ray() -> None:
+    """Join `RAY_ADDRESS` when set (cluster, `ray job submit`); else start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    on_term = signal.getsignal(signal.SIGTERM)
+    address = os.environ.get("RAY_ADDRESS")
+
+    # Quiet (the CLI's default): the workers' output stays in Ray's session logs, and Ray's own
+    # lines (its start, its warnings) go to the log file.
+    to_driver = not terminal.quiet()
+    if not to_driver:
+        terminal.quiet_ray()
+    if address:
+        ray.init(address=address, log_to_driver=to_driver)
+    else:
+        # Ray runs workers at nice 15: then any of its own processes (raylet, GCS, the Train
+        # controller, at nice 0) takes a core from a worker's OpenMP team, and every thread
+        # of the team waits at the next barrier. A training step ran 20% slower than in a plain
+        # process for that alone, and as fast at nice 0 (BENCHMARKS.md). The raylet reads this
+        # from its environment when ray.init starts it.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        # address="local": a stale `ray start` must not be mistaken for a live cluster. The
+        # dashboard serves the State API that Ray Train's placement-group cleaner polls.
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 log_to_driver=to_driver)
+    if not to_driver:
+        where = f"joined {address}" if address else f"started; its logs: {_session_logs()}"
+        logging.getLogger(__name__).info("Ray: %s", where)
+    if callable(on_term) and threading.current_thread() is threading.main_thread():
+        # ray.init replaces the SIGTERM handler with sys.exit; keep the CLI's clean stop.
+        signal.signal(signal.SIGTERM, on_term)
+
+
+def _session_logs() -> str:
+    """Where a local Ray instance writes its and its workers' logs (the newest session)."""
+    return os.path.join(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray",
+                        "session_latest", "logs")
+
+
+def in_task(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` in a one-shot Ray task when Ray is up, else here; the task's own
+    error is raised as it was raised (not Ray's wrapper of it)."""
+    import ray
+
+    if not ray.is_initialized():
+        return fn(*args, **kwargs)
+    task: Any = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(fn)
+    try:
+        return ray.get(task.remote(*args, **kwargs))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, BaseException):
+            raise e.cause from None
+        raise

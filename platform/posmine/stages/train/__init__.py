@@ -1,0 +1,187 @@
+"""The train stage: contrastive fine-tuning of the student on mined examples, on Ray Train.
+
+Reads `<out>/mine/mined.parquet` (each worker reads it and expands it into one example per
+(query, positive); the epoch plan, a seeded shuffle with at most one example per query in a
+batch, is the same on every worker, which trains its slice of each global batch);
+writes checkpoints under `<out>/train/ray/` every `checkpoint_every` steps, the exported model
+in `<out>/train/model/` (safetensors, tokenizer, sentence-transformers pooling/normalise
+configs: loadable by `transformers.AutoModel` and `sentence_transformers.SentenceTransformer`),
+and a manifest. A worker that dies is restarted (`max_failures`) from the last checkpoint.
+
+Each worker runs the one loop (`loop.fit`), as a plain process and Tune's trials do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from posmine import terminal
+from posmine.config import TrainConfig, absolute_path, config_hash, to_dict
+from posmine.io import storage, tracking
+from posmine.models.backbone import model_fingerprint, resolve_model
+from posmine.stages import lifecycle, remote
+from posmine.stages.train.loop import StepTimer, fit, restore, save
+from posmine.stages.train.plan import plan_counts, planned_batches
+from posmine.stages.train.saving import model_files
+from posmine.stages.train.trainer import StudentTrainer
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- Ray Train
+
+
+def _worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg: TrainConfig = config["cfg"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // world))
+    trainer = StudentTrainer(cfg, config["steps"], ray.train.torch.get_device())
+    fsdp = cfg.strategy == "fsdp" and world > 1
+    if fsdp:
+        trainer.shard()  # before loading: the optimiser state is restored into the sharded one
+    restore(trainer, ray.train.get_checkpoint())
+    if not fsdp:
+        # every parameter that trains reaches the loss (BERT's pooler is dropped at load), so
+        # DDP needs no extra pass over the graph looking for unused ones
+        trainer.model = ray.train.torch.prepare_model(trainer.model)
+    # Every worker builds the same seeded plan of global batches and trains its slice of each,
+    # so a restart from step n continues with batch n + 1 on every worker.
+    done_before, steps = trainer.step_no, config["steps"]
+    # only the mined rows that steps done_before+1..steps use are read and expanded
+    batches, _ = planned_batches(config["mined_url"], cfg, done_before, steps, world)
+    curve: list[list[float]] = []  # [step, mean loss of the last log_every steps]
+    timer = StepTimer()
+    tracker = (tracking.open_tracker(cfg.track, config["target"], config["out_dir"], to_dict(cfg),
+                                     config["key"]) if rank == 0 else tracking.Tracker())
+
+    def after_step(trainer: StudentTrainer, losses: list[float]) -> None:
+        timer.tick(len(trainer.batch))  # the global batch
+        if trainer.step_no % cfg.log_every == 0 or trainer.step_no == steps:
+            curve.append([trainer.step_no, float(np.mean(losses[-cfg.log_every:]))])
+            tracker.log(trainer.step_no, {"loss": curve[-1][1],
+                                          "lr": trainer.scheduler.get_last_lr()[0]})
+        _report(trainer, losses, steps, cfg, storage.join(config["target"], PROGRESS))
+
+    losses = fit(trainer, batches, steps, after_step, rank, world)
+    tracker.close()
+    masked = _sum_over_workers([trainer.masked["hard"], trainer.masked["in_batch"]])
+    final = {"step": trainer.step_no, "loss": float(np.mean(losses[-10:] or [0.0])),
+             "resumed_from": done_before, "steady_samples_per_s": timer.rate(), "done": 1,
+             "masked_hard": masked[0], "masked_in_batch": masked[1], "loss_curve": curve}
+    with tempfile.TemporaryDirectory() as d:
+        trainer.export(d if rank == 0 else None)  # sharded: a collective every worker joins
+        if rank == 0:
+            storage.put_tree(d, config["model_dir"])
+        # Ray Train keeps the metrics of checkpointed reports: the export is the last checkpoint.
+        ray.train.report(final, checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+def _sum_over_workers(values: list[int]) -> list[int]:
+    """Counts summed over the DDP workers (as they are with one worker)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)  # gloo and NCCL both sum int64 on CPU/GPU tensors
+    return [int(v) for v in t.tolist()]
+
+
+PROGRESS = "_progress.json"  # rank 0's last step and loss, which the driver's bar reads
+
+
+def _report(trainer: StudentTrainer, losses: list[float], steps: int, cfg: TrainConfig,
+            progress_url: str) -> None:
+    import ray.train
+
+    step = trainer.step_no
+    metrics = {"step": step, "loss": float(np.mean(losses[-cfg.log_every:])),
+               "lr": trainer.scheduler.get_last_lr()[0]}
+    if (step % cfg.log_every == 0 or step == steps) and ray.train.get_context().get_world_rank() == 0:
+        # The worker's own line (Ray's logs, or the terminal with -v); the driver's progress
+        # bar reads the file, which reaches it from any node through the output folder.
+        print(f"[posmine train] step {step}/{steps} loss {metrics['loss']:.4f} "
+              f"lr {metrics['lr']:.2e}", flush=True)
+        with contextlib.suppress(OSError):  # progress is for the eye: never fail a step on it
+            storage.write_json(progress_url, {**metrics, "steps": steps})
+    if step % cfg.checkpoint_every == 0 and step < steps:
+        with tempfile.TemporaryDirectory() as d:
+            is_rank0 = ray.train.get_context().get_world_rank() == 0
+            save(trainer, d if is_rank0 else None)  # sharded: a collective every worker joins
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d)
+                             if is_rank0 else None)
+    elif step % cfg.log_every == 0:
+        ray.train.report(metrics)
+
+
+def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
+        name: str = "train") -> dict[str, Any]:
+    """Fine-tune on `<mined_dir>/mined.parquet` with a TorchTrainer (skipped when current)."""
+    # Ray Train runs workers in its own artifact folder: a relative path would land there.
+    out_dir, mined_dir = absolute_path(out_dir), absolute_path(mined_dir)
+    target = storage.join(out_dir, name)
+    # the starting weights too; tracking changes nothing the stage writes
+    key = config_hash(dataclasses.replace(cfg, track="none"), model_fingerprint(cfg.model), upstream)
+
+    def work() -> lifecycle.Done:
+        resolve_model(cfg.model)  # a missing student folder fails here, not in every worker
+        tracking.require(cfg.track)
+        remote.ensure_ray()
+        started = time.time()
+        mined_url = storage.join(mined_dir, "mined.parquet")
+        n_examples, n_queries, steps = remote.in_task(plan_counts, cfg, mined_url, cfg.num_workers)
+        metrics = _fit(cfg, key, target, {"cfg": cfg, "steps": steps, "mined_url": mined_url,
+                                          "model_dir": storage.join(target, "model"),
+                                          "target": target, "out_dir": out_dir, "key": key})
+        ran = int(metrics.get("step", 0))
+        return lifecycle.Done(
+            {"examples": n_examples, "queries": n_queries, "steps": ran, "steps_planned": steps},
+            stats={"final_loss": metrics.get("loss"), "resumed_from_step": metrics.get("resumed_from"),
+                   "steady_samples_per_s": metrics.get("steady_samples_per_s"),
+                   "samples_per_s": round(ran * cfg.batch_size * cfg.num_workers
+                                          / max(time.time() - started, 1e-9), 3),
+                   # labelled positives kept out of the loss (counted over the steps of the last
+                   # attempt when a worker was restarted)
+                   "masked_hard_negatives": metrics.get("masked_hard"),
+                   "masked_in_batch_pairs": metrics.get("masked_in_batch"),
+                   # the last attempt's steps (from resumed_from_step on after a restart)
+                   "loss_curve": metrics.get("loss_curve", [])},
+            extra={"model_dir": storage.join(target, "model"), "train": to_dict(cfg)},
+            outputs=model_files(cfg))
+
+    return lifecycle.run_stage(target, name, key, work)
+
+
+def _fit(cfg: TrainConfig, key: str, target: str, loop_config: dict[str, Any]) -> dict[str, Any]:
+    """One TorchTrainer run of `_worker`; the final metrics rank 0 reported."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.use_gpu == "always" or (cfg.use_gpu == "auto" and torch.cuda.is_available())
+    ray_fs, ray_path = storage.arrow_filesystem(storage.join(target, "ray"))
+    failure_kwargs: dict[str, Any] = {"max_failures": cfg.max_failures}
+    if "controller_failure_limit" in inspect.signature(FailureConfig).parameters:  # Train v2
+        failure_kwargs["controller_failure_limit"] = cfg.startup_retries
+    trainer = TorchTrainer(
+        _worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"run-{key}", storage_path=ray_path, storage_filesystem=ray_fs,
+            failure_config=FailureConfig(**failure_kwargs),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    steps = int(loop_config["steps"])
+    with terminal.watch(storage.join(target, PROGRESS), steps, "train", "step"):
+        return dict(trainer.fit().metrics or {})
