@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -223,3 +224,20 @@ def s3_bucket(s3_server: str) -> str:
     name = f"posmine-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A real filesystem of 256 KiB (tmpfs; `@pytest.mark.disk_kib(N)` for another size),
+    mounted for the test and gone after it."""
+    marker = request.node.get_closest_marker("disk_kib")
+    kib = marker.args[0] if marker else 256
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

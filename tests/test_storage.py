@@ -3,7 +3,6 @@ before a manifest names them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,22 +40,6 @@ def test_commit_refuses_to_name_missing_outputs(tmp_path: Path) -> None:
     (tmp_path / "stage" / "c.json").write_text("{}")
     lifecycle.commit_stage(stage, "s", "k", rows={}, started=0.0, outputs=["a.parquet", ("b.json", "c.json")])
     assert lifecycle.is_done(stage, "k")
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real filesystem of 256 KiB (tmpfs), mounted for the test and gone after it."""
-    import subprocess
-
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_names_the_path_and_the_stage_and_leaves_no_temp_file(

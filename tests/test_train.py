@@ -1,6 +1,7 @@
 """Training: the step learns, Ray Train runs and exports a model that transformers and
 sentence-transformers load, and a killed worker resumes from its checkpoint."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,42 @@ def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path,
     assert manifest["stats"]["resumed_from_step"] == 2  # ... and restarted from the step-2 checkpoint
     assert manifest["rows"]["steps"] == 4
     assert (Path(out) / "train" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.e2e  # a Ray Train run on a full disk, and the rerun with room
+@pytest.mark.disk_kib(8192)
+def test_a_full_disk_stops_training_at_once_with_the_path(
+        ray_local: None, small_disk: Path, tiny_beir: Path, tiny_model: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The first checkpoint fills the disk: one line naming the stage and the error, no retry
+    (Ray Train would retry a worker's error `max_failures` times), no manifest, no unfinished
+    checkpoint; with room again the same command trains."""
+    from posmine.cli import main
+
+    args = ["train", "jobs/configs/scifact.yaml",
+            *_overrides(tiny_beir, tiny_model, str(small_disk / "out"), "train.checkpoint_every=1",
+                        "train.max_failures=3")]
+    assert main(["mine", *args[1:]]) == 0
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * max(0, free - 64 * 1024))  # 64 KiB left: less than a checkpoint
+    capsys.readouterr()
+    # every worker start is counted (a kill at a start that never comes)
+    with ray_with_env({"POSMINE_FAULTS": "train.start=1000:kill", "POSMINE_FAULT_DIR": str(tmp_path)}):
+        code = main(args)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("posmine: error: ")]
+        assert code == 1 and len(lines) == 1, err[-3000:]
+        assert "the train stage stopped: " in lines[0] and "No space left on device" in lines[0]
+        assert f"{small_disk}/out/train/ray" in lines[0], lines[0]  # where it was writing
+        assert (tmp_path / "train.start.calls").read_text() == "x"  # one attempt: no retry
+        train = small_disk / "out" / "train"
+        assert not (train / storage.MANIFEST).exists()
+        assert not [p for p in train.rglob("*.safetensors") if p.stat().st_size == 0]
+        assert not [p for p in train.rglob("*") if ".tmp-" in p.name]
+        filler.unlink()
+        assert main(args) == 0
+    assert storage.read_manifest(str(train))["rows"]["steps"] > 0
 
 
 @pytest.mark.e2e  # a Ray of its own and a start timeout

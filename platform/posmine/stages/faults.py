@@ -1,6 +1,6 @@
-"""Fault injection for tests, in one hook: each embed batch, each finished embed part and each
-training step calls `hook(stage, point, n)`. With no `POSMINE_FAULTS` and no `POSMINE_TRACE_DIR`
-set it does nothing.
+"""Fault injection for tests, in one hook: each embed batch, each finished embed part, each
+training worker's start and each training step calls `hook(stage, point, n)`. With no
+`POSMINE_FAULTS` and no `POSMINE_TRACE_DIR` set it does nothing.
 
 `POSMINE_FAULTS` is a comma-separated list of `stage.point[=n]:action`:
 - `kill`: SIGKILL this process, once (the marker `<POSMINE_FAULT_DIR>/<stage>.<point>.fired`

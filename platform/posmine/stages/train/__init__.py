@@ -20,6 +20,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,7 @@ from posmine import terminal
 from posmine.config import TrainConfig, absolute_path, config_hash, to_dict
 from posmine.io import storage, tracking
 from posmine.models.backbone import model_fingerprint, resolve_model
-from posmine.stages import lifecycle, remote
+from posmine.stages import faults, lifecycle, remote
 from posmine.stages.train.loop import StepTimer, fit, restore, save
 from posmine.stages.train.plan import plan_counts, planned_batches
 from posmine.stages.train.saving import model_files
@@ -42,6 +43,76 @@ log = logging.getLogger(__name__)
 
 
 def _worker(config: dict[str, Any]) -> None:
+    """A Ray Train worker: `_train`; after an error no retry can mend (a full disk, a forbidden
+    folder) it ends without error and leaves the error in Ray's key-value store for the driver,
+    so that Ray Train does not retry it."""
+    import ray.train
+
+    faults.hook("train", "start")
+    if _unfixable_seen(config["key"]) is not None:  # an earlier attempt's: stop at once
+        return
+    try:
+        _train(config)
+    except OSError as e:
+        if not storage.unfixable(e):
+            raise
+        _remember_unfixable(config["key"], storage.redact(str(e)))
+        if ray.train.get_context().get_world_size() > 1:
+            raise  # its peers wait in a collective: the restarted group stops at the flag above
+
+
+def _flag(key: str) -> bytes:
+    return f"posmine-train-unfixable-{key}".encode()
+
+
+# Ray's key-value store is the one place every attempt's workers and the driver all reach,
+# wherever they run, even with the output disk full.
+def _unfixable_seen(key: str) -> str | None:
+    from ray.experimental import internal_kv
+
+    value = internal_kv._internal_kv_get(_flag(key))
+    return value.decode() if value else None
+
+
+def _remember_unfixable(key: str, message: str) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(_flag(key), message.encode(), overwrite=True)
+
+
+def _forget_unfixable(key: str) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(_flag(key))
+
+
+@contextlib.contextmanager
+def _naming(url: str) -> Iterator[None]:
+    """An OSError in the block names `url`, where it was writing (pyarrow's errors name no path)."""
+    try:
+        yield
+    except storage.StorageError:
+        raise
+    except OSError as e:
+        raise storage.StorageError(f"{storage.redact(url)}: {e}") from e
+
+
+def _drop_unfinished_checkpoints(target: str) -> list[str]:
+    """Checkpoint folders under `<target>/ray` that an interrupted write left empty or with an
+    empty weights file (Ray Train never registered them); removed, so that none looks like a
+    state to resume from. Returns their URLs."""
+    fs, root = storage.filesystem(storage.join(target, "ray"))
+    dropped = []
+    for folder in fs.glob(f"{root}/*/checkpoint_*"):
+        files = fs.find(folder, detail=True)
+        if not files or any(info["size"] == 0 for path, info in files.items()
+                            if path.endswith(".safetensors")):
+            fs.rm(folder, recursive=True)
+            dropped.append(folder)
+    return dropped
+
+
+def _train(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
@@ -76,7 +147,8 @@ def _worker(config: dict[str, Any]) -> None:
                                           "lr": trainer.scheduler.get_last_lr()[0]})
         _report(trainer, losses, steps, cfg, storage.join(config["target"], PROGRESS))
 
-    losses = fit(trainer, batches, steps, after_step, rank, world)
+    with _naming(storage.join(config["target"], "ray")):  # where Ray Train writes checkpoints
+        losses = fit(trainer, batches, steps, after_step, rank, world)
     tracker.close()
     masked = _sum_over_workers([trainer.masked["hard"], trainer.masked["in_batch"]])
     final = {"step": trainer.step_no, "loss": float(np.mean(losses[-10:] or [0.0])),
@@ -141,9 +213,15 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         started = time.time()
         mined_url = storage.join(mined_dir, "mined.parquet")
         n_examples, n_queries, steps = remote.in_task(plan_counts, cfg, mined_url, cfg.num_workers)
+        _forget_unfixable(key)  # a rerun after the disk was freed starts afresh
+        _drop_unfinished_checkpoints(target)  # an earlier run's, killed mid-write
         metrics = _fit(cfg, key, target, {"cfg": cfg, "steps": steps, "mined_url": mined_url,
                                           "model_dir": storage.join(target, "model"),
                                           "target": target, "out_dir": out_dir, "key": key})
+        if (unfixable := _unfixable_seen(key)) is not None:
+            for url in _drop_unfinished_checkpoints(target):
+                log.debug("train: removed the unfinished checkpoint %s", storage.redact(url))
+            raise storage.StorageError(f"the {name} stage stopped: {unfixable}")
         ran = int(metrics.get("step", 0))
         return lifecycle.Done(
             {"examples": n_examples, "queries": n_queries, "steps": ran, "steps_planned": steps},
