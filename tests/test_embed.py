@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
@@ -282,3 +283,42 @@ def test_the_embed_key_holds_the_resolved_device_and_precision() -> None:
     assert output_key(gpu) == output_key(TeacherConfig(device="cuda", dtype="bfloat16"))
     assert output_key(cpu) == output_key(TeacherConfig(device="cpu", dtype="float32"))
     assert output_key(TeacherConfig(device="cuda", dtype="float32")) != output_key(cpu)
+
+
+def _vectors(name: str, start: int, n: int) -> pa.Table:
+    from posmine.io.vectors import embeddings_table
+
+    rows = np.arange(start, start + n, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)  # (n, 4)
+    table = embeddings_table([f"d{i}" for i in range(start, start + n)], rows)
+    return table.append_column("path", pa.array([f"/in/{name}"] * n, pa.string()))
+
+
+def test_a_part_in_progress_is_saved_in_pieces_by_rows_and_by_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces every `piece_rows` rows or `piece_seconds` seconds, each the part's rows since the
+    last; the finished part is every row in order, and its pieces are gone; an earlier run's
+    pieces count towards the part."""
+    from posmine.stages import embed
+
+    clock = [0.0]
+    monkeypatch.setattr(embed.time, "monotonic", lambda: clock[0])
+    dst = str(tmp_path / "corpus")
+    cfg = TeacherConfig(piece_rows=10, piece_seconds=60.0)
+    c = embed.PartCollector({"p.parquet": 30}, dst, "corpus", cfg, {})
+    pieces = lambda: sorted(p.name for p in (tmp_path / "corpus" / "_pieces" / "p.parquet").glob("*"))  # noqa: E731
+    c.add(_vectors("p.parquet", 0, 6))
+    assert pieces() == []  # 6 rows, no time passed
+    c.add(_vectors("p.parquet", 6, 6))
+    assert pieces() == ["000000000000.parquet"]  # 12 rows >= 10: rows 0-11
+    clock[0] = 61.0
+    c.add(_vectors("p.parquet", 12, 3))
+    assert pieces() == ["000000000000.parquet", "000000000012.parquet"]  # 3 rows, but a minute on
+    saved = storage.read_parquet(f"{dst}/_pieces/p.parquet")
+    assert saved.column("id").to_pylist() == [f"d{i}" for i in range(15)]
+    # a new run keeps those 15 rows and embeds the other 15
+    again = embed.PartCollector({"p.parquet": 30}, dst, "corpus", cfg, embed.kept_pieces(dst, ["p.parquet"]))
+    again.add(_vectors("p.parquet", 15, 15))
+    again.check_complete(["p.parquet"])
+    ids, mat = read_embeddings(f"{dst}/p.parquet")
+    assert ids == [f"d{i}" for i in range(30)] and mat[:, 0].tolist() == list(range(30))
+    assert not (tmp_path / "corpus" / "_pieces").exists()

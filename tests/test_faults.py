@@ -153,6 +153,45 @@ def test_interrupted_embed_resumes_by_part(sig: signal.Signals, tiny_beir: Path,
             np.testing.assert_allclose(got[d], v, atol=1e-5)
 
 
+@pytest.mark.e2e  # the CLI twice in a fresh process, signalled
+@pytest.mark.parametrize("where", ["driver", "actors"])
+def test_interrupted_embed_resumes_within_a_part(where: str, tiny_beir: Path, tiny_model: str,
+                                                 tmp_path: Path) -> None:
+    """A corpus of one part, interrupted after two pieces of 8 or more rows were saved: the
+    rerun embeds only the rows the pieces lack, and equals an uninterrupted run."""
+    with ray_with_env(None):  # the CLI starts its own local Ray, as a user's shell would
+        out = tmp_path / "out"
+        overrides = [*_embed_overrides(tiny_beir, tiny_model, out), "data.rows_per_part=100",
+                     "teacher.piece_rows=8", "teacher.num_actors=1"]
+        if where == "driver":
+            overrides.append("teacher.local_corpus_below=1000")
+        cmd = [sys.executable, "-c", _AS_FROM_A_TERMINAL, "embed", str(ROOT / "jobs/configs/scifact.yaml"),
+               *overrides]
+        env = {**os.environ, "POSMINE_FAULTS": "embed.piece=2:stall", "POSMINE_FAULT_DIR": str(tmp_path)}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "embed.piece.stalled").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "embed ended before the stall"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        log = proc.communicate(timeout=120)[0].decode()
+        assert proc.returncode == 130, log[-2000:]
+        pieces = list(out.glob("embed/*/corpus/_pieces/part-00000.parquet/*.parquet"))
+        saved = sum(len(storage.read_parquet(str(p))) for p in pieces)
+        assert len(pieces) == 2 and 16 <= saved < len(CORPUS), (pieces, saved)
+        assert not list(out.glob("embed/*/corpus/part-*.parquet"))  # the part is unfinished
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert "and 2 pieces of the others" in rerun.stderr
+        todo = len(CORPUS) - saved
+        assert f"{todo}/{todo}" in rerun.stderr  # only the rows the pieces lack were embedded
+        assert not list(out.glob("embed/*/corpus/_pieces"))
+        got, ref = _corpus_vectors(out), _reference(tiny_model)
+        assert set(got) == set(ref)
+        for d, v in ref.items():
+            np.testing.assert_allclose(got[d], v, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the one fault hook
 
 HOOK = ("from posmine.stages import faults\n"

@@ -113,12 +113,17 @@ class TeacherConfig:
     local_queries_below: Annotated[int, Range(0, 10**12)] = 20_000
     # Corpora this small are embedded in the driver
     local_corpus_below: Annotated[int, Range(0, 10**12)] = 1_000
+    # Resume within a data part: the vectors of a part still being embedded are saved as a
+    # piece every `piece_rows` rows or `piece_seconds` seconds, so an interrupted run loses at
+    # most that much (each piece is written twice: once alone, once in its finished part).
+    piece_rows: Annotated[int, Range(1, 10**9)] = 8192
+    piece_seconds: Annotated[float, Range(1.0, 10**6)] = 60.0
     # `openvino`: the encoder's forward compiled by OpenVINO for the CPU, float32 (encoders
     # such as BERT/MiniLM; decoders do not convert yet; `pip install 'posmine[openvino]'`): the torch
     # vectors within 1e-6, faster on CPUs (BENCHMARKS.md, "Embedding against the machine's limit").
     backend: Literal["torch", "openvino"] = "torch"
     # On the CPU (glibc), the encoder's process keeps freed activations in its heap instead of
-    # mapping them afresh every batch: 1.17x on SciFact's corpus, the same vectors (`allocator.py`).
+    # mapping them afresh every batch: faster, the same vectors (`models/allocator.py`).
     reuse_memory: bool = True
 
     def __post_init__(self) -> None:

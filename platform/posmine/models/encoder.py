@@ -108,6 +108,8 @@ class Encoder:
     def encode(self, texts: list[str], prefix: str = "") -> np.ndarray:
         """Embed `texts` (longest first, in sub-batches) -> (n, dim) float32 in input order."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:  # a batch whose rows an earlier run embedded
+            return out
         spec = backbone.EmbedSpec(self.cfg.pooling, self.cfg.max_length, prefix,
                                   self.cfg.pool_prefix, self.bidirectional)
         for idx in token_batches(self._token_lengths(texts, prefix), self.cfg.batch_size,

@@ -19,6 +19,7 @@ import functools
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -55,25 +56,37 @@ def embed_table(encoder: Encoder, table: pa.Table, prefix: str) -> pa.Table:
 class EmbedActor:
     """Ray Data callable class: loads the encoder once, then embeds Arrow batches."""
 
-    def __init__(self, cfg: TeacherConfig, side: str) -> None:
+    def __init__(self, cfg: TeacherConfig, side: str, kept: dict[str, set[str]] | None = None) -> None:
         threads = cfg.torch_threads or os.cpu_count() or 1
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS to the actor's CPUs
         self.encoder = Encoder(cfg)
         self.prefix = _prefix(cfg, side)
+        self.kept = kept or {}  # part name -> ids an earlier run saved in pieces
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         faults.hook("embed", "batch")
+        if "path" not in batch.column_names:
+            return embed_table(self.encoder, batch, self.prefix)
+        batch = _without_kept(batch, self.kept)
         out = embed_table(self.encoder, batch, self.prefix)
         # The source part travels with its rows: the driver writes a part when it is complete.
-        return out.append_column("path", batch.column("path")) if "path" in batch.column_names else out
+        return out.append_column("path", batch.column("path"))
+
+
+def _without_kept(batch: pa.Table, kept: dict[str, set[str]]) -> pa.Table:
+    """The rows of `batch` (with its `path` column) not among a part's kept ids."""
+    if not kept:
+        return batch
+    names = [p.rsplit("/", 1)[-1] for p in batch.column("path").to_pylist()]
+    keep = [i not in kept.get(n, ()) for n, i in zip(names, batch.column("id").to_pylist(), strict=True)]
+    return batch.filter(pa.array(keep))
 
 
 # ---------------------------------------------------------------- the stage
 
 
-OUTPUT_FIELDS = ("model", "pooling", "normalize", "query_prefix", "passage_prefix", "max_length")
-# Fields added later: keyed only when set, so embeddings made before them stay current.
-LATER_FIELDS = {"attention": "auto", "pool_prefix": True, "backend": "torch"}
+OUTPUT_FIELDS = ("model", "pooling", "normalize", "query_prefix", "passage_prefix", "max_length",
+                 "attention", "pool_prefix", "backend")
 
 
 def resolved_precision(cfg: TeacherConfig) -> str:
@@ -89,7 +102,6 @@ def output_key(cfg: TeacherConfig) -> str:
     """Hash of the settings that change the vectors; actors, threads and batch size do not."""
     fields: dict[str, Any] = {f: getattr(cfg, f) for f in OUTPUT_FIELDS}
     fields["precision"] = resolved_precision(cfg)
-    fields.update({f: getattr(cfg, f) for f, default in LATER_FIELDS.items() if getattr(cfg, f) != default})
     return config_hash(fields)
 
 
@@ -150,15 +162,25 @@ def embed_local(cfg: TeacherConfig, listed: Parts, dst: str, side: str,
     parts, pending = listed.rows, pending_parts(listed, dst, side)
     if not pending:
         return sum(parts.values())
-    with tqdm(total=sum(parts[p] for p in pending), desc=f"embed {side}", unit="doc") as bar:
-        for written, name in enumerate(pending, start=1):
+    kept = kept_pieces(dst, pending)
+    collector = PartCollector(parts, dst, side, cfg, kept)
+    todo = sum(parts[p] for p in pending) - sum(t.num_rows for t in kept.values())
+    with tqdm(total=todo, desc=f"embed {side}", unit="doc") as bar:
+        for name in pending:
             table = storage.read_parquet(storage.join(listed.dir, name))
-            out = embed_table(encoder(), table, _prefix(cfg, side))
-            _check_table(out, f"{side} part {name}")
-            storage.write_parquet(out, storage.join(dst, name), row_group_size=ROW_GROUP)
-            bar.update(table.num_rows)
-            faults.hook("embed", "part", written)
+            table = table.append_column("path", pa.array([name] * table.num_rows, pa.string()))
+            table = _without_kept(table, _ids(kept))
+            # a piece's worth at a time, so that a piece can be saved between them
+            for start in range(0, table.num_rows, cfg.piece_rows):
+                chunk = table.slice(start, cfg.piece_rows)
+                out = embed_table(encoder(), chunk, _prefix(cfg, side))
+                bar.update(collector.add(out.append_column("path", chunk.column("path"))))
+    collector.check_complete(pending)
     return sum(parts.values())
+
+
+def _ids(kept: dict[str, pa.Table]) -> dict[str, set[str]]:
+    return {name: set(t.column("id").to_pylist()) for name, t in kept.items()}
 
 
 class Parts(NamedTuple):
@@ -179,10 +201,13 @@ def pending_parts(listed: Parts, dst: str, side: str) -> list[str]:
     """The parts without an output in `dst` yet, in order."""
     done = set(storage.listdir(dst))
     pending = [p for p in sorted(listed.rows) if p not in done]
+    pieces = sum(len(storage.parquet_files(storage.join(dst, PIECES, p))) for p in pending
+                 ) if PIECES in done else 0
     if pending:  # said on the terminal when a rerun resumes, in the log file otherwise
-        log.log(logging.INFO if len(pending) < len(listed.rows) else logging.DEBUG,
-                "embedding %d of %d %s parts (%d kept from an earlier run)", len(pending),
-                len(listed.rows), side, len(listed.rows) - len(pending))
+        log.log(logging.INFO if len(pending) < len(listed.rows) or pieces else logging.DEBUG,
+                "embedding %d of %d %s parts (%d kept from an earlier run, and %d pieces of "
+                "the others)", len(pending), len(listed.rows), side,
+                len(listed.rows) - len(pending), pieces)
     return pending
 
 
@@ -196,7 +221,8 @@ def block_rows(todo: int, num_actors: int) -> int:
     return max(1, min(BLOCK_ROWS, math.ceil(todo / (num_actors * BLOCKS_PER_ACTOR))))
 
 
-def embed_dataset(cfg: TeacherConfig, listed: Parts, pending: list[str], side: str) -> Dataset:
+def embed_dataset(cfg: TeacherConfig, listed: Parts, pending: list[str], side: str,
+                  kept: dict[str, set[str]] | None = None) -> Dataset:
     """The Ray Data pipeline of the stage: `pending` parts -> encoder actors -> `id, embedding,
     path` rows, in input order. Built, not run."""
     import ray
@@ -211,7 +237,7 @@ def embed_dataset(cfg: TeacherConfig, listed: Parts, pending: list[str], side: s
     ds = ds.repartition(target_num_rows_per_block=block_rows(todo, cfg.num_actors))
     ds = ds.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"cfg": cfg, "side": side},
+        fn_constructor_kwargs={"cfg": cfg, "side": side, "kept": kept or {}},
         batch_format="pyarrow",
         batch_size=cfg.batch_size * 8,
         compute=ActorPoolStrategy(size=cfg.num_actors),
@@ -233,11 +259,12 @@ def embed_ray(cfg: TeacherConfig, listed: Parts, dst: str, side: str) -> int:
     if not pending:
         return total
     remote.ensure_ray()
-    todo = sum(parts[p] for p in pending)
-    collector = PartCollector(parts, dst, side)
+    kept = kept_pieces(dst, pending)
+    todo = sum(parts[p] for p in pending) - sum(t.num_rows for t in kept.values())
+    collector = PartCollector(parts, dst, side, cfg, kept)
+    stream = embed_dataset(cfg, listed, pending, side, _ids(kept))
     with tqdm(total=todo, desc=f"embed {side}", unit="doc") as bar:
-        for batch in embed_dataset(cfg, listed, pending, side).iter_batches(batch_format="pyarrow",
-                                                                            batch_size=None):
+        for batch in stream.iter_batches(batch_format="pyarrow", batch_size=None):
             bar.update(collector.add(batch))
     collector.check_complete(pending)
     log.debug("embedded %d %s rows into %s", todo, side, storage.redact(dst))
@@ -249,13 +276,31 @@ def _check_table(table: pa.Table, where: str) -> None:
     check_vectors(table.column("id").to_pylist(), embedding_matrix(table), where)
 
 
-class PartCollector:
-    """Groups embedded rows by source part and writes each part once all its rows are in."""
+PIECES = "_pieces"  # <dst>/_pieces/<part>/<first row>.parquet: a part's saved vectors, until it is done
 
-    def __init__(self, parts: dict[str, int], dst: str, side: str) -> None:
-        self.parts, self.dst, self.side = parts, dst, side
-        self.buffers: dict[str, list[pa.Table]] = {}
+
+def kept_pieces(dst: str, pending: list[str]) -> dict[str, pa.Table]:
+    """The pieces an earlier, interrupted run saved of each pending part, as one table each."""
+    kept = {}
+    for name in pending:
+        url = storage.join(dst, PIECES, name)
+        if storage.parquet_files(url):
+            kept[name] = storage.read_parquet(url)
+    return kept
+
+
+class PartCollector:
+    """Groups embedded rows by source part and writes each part once all its rows are in; until
+    then, every `piece_rows` rows or `piece_seconds` seconds, the part's new rows as a piece."""
+
+    def __init__(self, parts: dict[str, int], dst: str, side: str, cfg: TeacherConfig,
+                 kept: dict[str, pa.Table]) -> None:
+        self.parts, self.dst, self.side, self.cfg = parts, dst, side, cfg
+        self.buffers: dict[str, list[pa.Table]] = {n: [t] for n, t in kept.items()}
+        self.saved = {n: t.num_rows for n, t in kept.items()}  # rows of a part in its pieces
+        self.since: dict[str, float] = {}  # when a part's last piece was saved
         self.written: set[str] = set()
+        self.pieces = 0
 
     def add(self, batch: pa.Table) -> int:
         names = [p.rsplit("/", 1)[-1] for p in batch.column("path").to_pylist()]
@@ -269,7 +314,24 @@ class PartCollector:
                                    "inputs (a batch arrived twice)")
             if got == self.parts[name]:
                 self._write(name)
+            else:
+                self._save_piece(name, got)
         return batch.num_rows
+
+    def _save_piece(self, name: str, got: int) -> None:
+        """The part's rows since its last piece, once there are enough of them or it is time."""
+        start = self.saved.get(name, 0)
+        now = time.monotonic()
+        waited = now - self.since.setdefault(name, now)
+        if got - start < self.cfg.piece_rows and waited < self.cfg.piece_seconds:
+            return
+        rows = pa.concat_tables(self.buffers[name]).slice(start)
+        _check_table(rows, f"{self.side} part {name}")
+        storage.write_parquet(rows, storage.join(self.dst, PIECES, name, f"{start:012d}.parquet"),
+                              row_group_size=ROW_GROUP)
+        self.saved[name], self.since[name] = got, now
+        self.pieces += 1
+        faults.hook("embed", "piece", self.pieces)
 
     def _write(self, name: str) -> None:
         table = pa.concat_tables(self.buffers.pop(name))
@@ -277,6 +339,7 @@ class PartCollector:
             raise RuntimeError(f"part {name}: duplicate ids in the embedded rows")
         _check_table(table, f"{self.side} part {name}")
         storage.write_parquet(table, storage.join(self.dst, name), row_group_size=ROW_GROUP)
+        storage.remove(storage.join(self.dst, PIECES, name))  # the part holds them now
         self.written.add(name)
         faults.hook("embed", "part", len(self.written))
 
@@ -284,3 +347,4 @@ class PartCollector:
         missing = [p for p in pending if p not in self.written]
         if missing:
             raise RuntimeError(f"embedding ended with parts incomplete: {missing[:5]}")
+        storage.remove(storage.join(self.dst, PIECES))
