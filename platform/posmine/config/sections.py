@@ -117,7 +117,7 @@ class TeacherConfig:
     # piece every `piece_rows` rows or `piece_seconds` seconds, so an interrupted run loses at
     # most that much (each piece is written twice: once alone, once in its finished part).
     piece_rows: Annotated[int, Range(1, 10**9)] = 8192
-    piece_seconds: Annotated[float, Range(1.0, 10**6)] = 60.0
+    piece_seconds: Annotated[float, Range(1.0, 10**6)] = 60.0  # or after this many seconds
     # `openvino`: the encoder's forward compiled by OpenVINO for the CPU, float32 (encoders
     # such as BERT/MiniLM; decoders do not convert yet; `pip install 'posmine[openvino]'`): the torch
     # vectors within 1e-6, faster on CPUs (BENCHMARKS.md, "Embedding against the machine's limit").
