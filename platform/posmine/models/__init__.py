@@ -1,0 +1,1 @@
+"""Models: backbones and pooling, the teacher's encoder, model folders and fingerprints, cross-encoders."""

@@ -1,0 +1,1 @@
+"""The stages, one module each, entered by `run`, and the stage pattern they share (`lifecycle`)."""
