@@ -175,15 +175,15 @@ def trial(config: dict[str, Any], shared: Shared) -> None:
         trainer.model.eval()
         scores = dev_metrics(encoder, shared.dev, cfg)
         trainer.model.train()
-        report = {**scores, "step": trainer.step_no, "steps": steps, "loss": float(np.mean(losses)),
+        result = {**scores, "step": trainer.step_no, "steps": steps, "loss": float(np.mean(losses)),
                   "resumed_from": resumed_from,
                   "examples": len(rows), "queries_mined": stats["queries_out"],
                   "short_share": stats.get("short_share"),
                   "dropped_false_negatives": stats["dropped_by_rule"],
                   "trial_seconds": round(earlier_s + time.time() - started, 1)}
         with tempfile.TemporaryDirectory() as d:
-            save(trainer, d, {"seconds": report["trial_seconds"]})
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+            save(trainer, d, {"seconds": result["trial_seconds"]})
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(d))
 
     fit(trainer, epoch_batches(rows, train_cfg, skip=trainer.step_no), steps, after_step)
 
