@@ -147,12 +147,13 @@ def test_killed_worker_resumes_from_checkpoint(ray_local: None, tiny_beir: Path,
     out = str(tmp_path / "out")
     cfg = _cfg(tiny_beir, tiny_model, out)
     pipeline.mine(cfg)
-    # the worker process reads these: pass them through the job's runtime env. Ray Train
-    # registers a reported checkpoint asynchronously: step 2's gets 3 s to land before the kill.
-    with ray_with_env({"POSMINE_FAULTS": "train.step=2:delay=3,train.step=3:kill",
+    # the worker process reads these: pass them through the job's runtime env. The hook runs
+    # after a step's update, before its report; Ray Train registers a reported checkpoint
+    # asynchronously: step 2's gets step 3 and 3 s more to land before the kill at step 4.
+    with ray_with_env({"POSMINE_FAULTS": "train.step=3:delay=3,train.step=4:kill",
                        "POSMINE_FAULT_DIR": str(tmp_path)}):
         manifest = pipeline.train(cfg)
-    assert (tmp_path / "train.step.fired").exists()  # the worker really died at step 3
+    assert (tmp_path / "train.step.fired").exists()  # the worker really died at step 4
     assert manifest["stats"]["resumed_from_step"] == 2  # ... and restarted from the step-2 checkpoint
     assert manifest["rows"]["steps"] == 4
     assert (Path(out) / "train" / "model" / "model.safetensors").exists()

@@ -11,9 +11,9 @@ training worker's start and each training step calls `hook(stage, point, n)`. Wi
 
 `n` is the caller's own count (the training step, the parts written); where the caller has
 none (an embed batch), the calls of that point counted over every process, in a file under
-`POSMINE_FAULT_DIR`. Without `=n` the action matches every call. For example
-`train.step=2:delay=3,train.step=3:kill` gives step 2's checkpoint time to land, then kills the
-worker at step 3.
+`POSMINE_FAULT_DIR`. Without `=n` the action matches every call. A training step's hook runs
+after its update and before its report, so `train.step=3:delay=3,train.step=4:kill` gives step
+2's checkpoint time to land, then kills the worker at step 4, before its checkpoint.
 
 `POSMINE_TRACE_DIR` records which node (`POSMINE_NODE_NAME`, set on each node's `ray start`) is
 at which call, in `<dir>/<stage>-<node>`, so a test can kill that node at a known point.

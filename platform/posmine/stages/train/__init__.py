@@ -97,6 +97,15 @@ def _naming(url: str) -> Iterator[None]:
         raise storage.StorageError(f"{storage.redact(url)}: {e}") from e
 
 
+def _stop_if_unfixable(name: str, key: str, target: str, cause: Exception | None = None) -> None:
+    """Raise the error a worker left (see `_worker`), with the unfinished checkpoints gone."""
+    if (unfixable := _unfixable_seen(key)) is None:
+        return
+    for url in _drop_unfinished_checkpoints(target):
+        log.debug("train: removed the unfinished checkpoint %s", storage.redact(url))
+    raise storage.StorageError(f"the {name} stage stopped: {unfixable}") from cause
+
+
 def _drop_unfinished_checkpoints(target: str) -> list[str]:
     """Checkpoint folders under `<target>/ray` that an interrupted write left empty or with an
     empty weights file (Ray Train never registered them); removed, so that none looks like a
@@ -215,13 +224,14 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         n_examples, n_queries, steps = remote.in_task(plan_counts, cfg, mined_url, cfg.num_workers)
         _forget_unfixable(key)  # a rerun after the disk was freed starts afresh
         _drop_unfinished_checkpoints(target)  # an earlier run's, killed mid-write
-        metrics = _fit(cfg, key, target, {"cfg": cfg, "steps": steps, "mined_url": mined_url,
-                                          "model_dir": storage.join(target, "model"),
-                                          "target": target, "out_dir": out_dir, "key": key})
-        if (unfixable := _unfixable_seen(key)) is not None:
-            for url in _drop_unfinished_checkpoints(target):
-                log.debug("train: removed the unfinished checkpoint %s", storage.redact(url))
-            raise storage.StorageError(f"the {name} stage stopped: {unfixable}")
+        try:
+            metrics = _fit(cfg, key, target, {"cfg": cfg, "steps": steps, "mined_url": mined_url,
+                                              "model_dir": storage.join(target, "model"),
+                                              "target": target, "out_dir": out_dir, "key": key})
+        except Exception as e:  # several workers with no retry left fail the run instead
+            _stop_if_unfixable(name, key, target, e)
+            raise
+        _stop_if_unfixable(name, key, target)
         ran = int(metrics.get("step", 0))
         return lifecycle.Done(
             {"examples": n_examples, "queries": n_queries, "steps": ran, "steps_planned": steps},
