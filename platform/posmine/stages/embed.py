@@ -7,9 +7,11 @@ once per actor; batches are sorted by length inside each actor call so sub-batch
 little padding. A side too small to pay for an actor pool's start (`teacher.local_*_below`)
 is embedded in the driver instead, part by part, into the same files.
 
-Resume: an output part is written (atomically) once all its rows are embedded, so a run
-that dies keeps its finished parts; the rerun embeds only the others. Ray Data restarts a
-killed actor and retries its batches; a part's rows are checked to arrive exactly once.
+Resume: an output part is written (atomically) once all its rows are embedded, and until then
+its rows are saved as pieces (`<side>/_pieces/<part>/`) every `teacher.piece_rows` rows or
+`teacher.piece_seconds` seconds, so a run that dies keeps its finished parts and the pieces of
+the others; the rerun embeds only the rows they lack. Ray Data restarts a killed actor and
+retries its batches; a part's rows are checked to arrive exactly once.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from posmine.config import TeacherConfig, config_hash
 from posmine.io import storage
 from posmine.io.prepared import QUERIES, parquet_rows, passage_texts
 from posmine.io.vectors import ROW_GROUP, check_vectors, embedding_matrix, embeddings_table
-
-# The model folders' checks live with the backbone; named here too, where the stages use them.
 from posmine.models.backbone import model_fingerprint, resolve_model
 from posmine.models.encoder import Encoder, pick_device
 from posmine.stages import faults, lifecycle, remote
