@@ -1,5 +1,5 @@
 """Fault injection for tests, in one hook: each embed batch, each finished embed part, each
-training worker's start and each training step calls `hook(stage, point, n)`. With no
+training worker's start of training and each training step calls `hook(stage, point, n)`. With no
 `POSMINE_FAULTS` and no `POSMINE_TRACE_DIR` set it does nothing.
 
 `POSMINE_FAULTS` is a comma-separated list of `stage.point[=n]:action`:

@@ -44,13 +44,14 @@ log = logging.getLogger(__name__)
 
 def _worker(config: dict[str, Any]) -> None:
     """A Ray Train worker: `_train`; after an error no retry can mend (a full disk, a forbidden
-    folder) it ends without error and leaves the error in Ray's key-value store for the driver,
-    so that Ray Train does not retry it."""
+    folder) it ends without error and leaves the error in Ray's key-value store for the driver.
+    A restart Ray Train makes all the same (its final checkpoint flush can fail after a failed
+    upload) stops at that record without training."""
     import ray.train
 
-    faults.hook("train", "start")
     if _unfixable_seen(config["key"]) is not None:  # an earlier attempt's: stop at once
         return
+    faults.hook("train", "start")
     try:
         _train(config)
     except OSError as e:
