@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import posmine.pipeline as pipeline
 from posmine.config import Config, ConfigError, MiningConfig, load_config
 from posmine.io import export, lease, storage
 from posmine.models.backbone import ModelError, resolve_model
@@ -365,8 +366,6 @@ def _rule(rule: str | None, relative: float | None, absolute: float | None,
 
 
 def _mine(cfg: Config, verbose: bool) -> pa.Table:
-    from posmine import pipeline
-
     level = logging.getLogger("posmine").level
     if not verbose:
         logging.getLogger("posmine").setLevel(logging.WARNING)
@@ -427,8 +426,6 @@ def run(config: str | os.PathLike[str] | Config | None = None, overrides: Sequen
     `config` is a YAML file, a `Config` or None (every default); overrides are `key.sub=value`
     strings, or sections as keywords: `run("cisi.yaml", train={"max_steps": 20})`.
     """
-    from posmine import pipeline
-
     if isinstance(config, Config):
         if overrides or sections:
             raise ValueError("give overrides with a YAML path, or change the Config with "

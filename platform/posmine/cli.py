@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from posmine import __version__, pipeline, report, terminal
+import posmine.pipeline as pipeline
+import posmine.report as report
+import posmine.terminal as terminal
+from posmine import __version__
 from posmine.config import (
     PRESETS,
     Config,

@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from posmine import report
+import posmine.report as report
 from posmine.config import (
     Config,
     MiningConfig,

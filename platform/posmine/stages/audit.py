@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from posmine import report
+import posmine.report as report
 from posmine.config import AuditConfig, MiningConfig, config_hash, to_dict
 from posmine.core import mining
 from posmine.io import prepared, storage

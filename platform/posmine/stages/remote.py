@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from posmine import terminal
+import posmine.terminal as terminal
 
 T = TypeVar("T")
 # Splits with fewer queries are searched and deepened in the driver, without starting Ray: below

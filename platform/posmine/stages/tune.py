@@ -34,7 +34,7 @@ import pyarrow as pa
 import torch
 import yaml
 
-from posmine import report
+import posmine.report as report
 from posmine.config import (
     Config,
     ConfigError,

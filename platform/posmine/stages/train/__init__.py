@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posmine import terminal
+import posmine.terminal as terminal
 from posmine.config import TrainConfig, absolute_path, config_hash, to_dict
 from posmine.io import storage, tracking
 from posmine.models.backbone import model_fingerprint, resolve_model
