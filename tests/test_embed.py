@@ -316,7 +316,9 @@ def test_a_part_in_progress_is_saved_in_pieces_by_rows_and_by_time(
     saved = storage.read_parquet(f"{dst}/_pieces/p.parquet")
     assert saved.column("id").to_pylist() == [f"d{i}" for i in range(15)]
     # a new run keeps those 15 rows and embeds the other 15
-    again = embed.PartCollector({"p.parquet": 30}, dst, "corpus", cfg, embed.kept_pieces(dst, ["p.parquet"]))
+    kept, pieces = embed.kept_pieces(dst, ["p.parquet"])
+    assert pieces == 2
+    again = embed.PartCollector({"p.parquet": 30}, dst, "corpus", cfg, kept)
     again.add(_vectors("p.parquet", 15, 15))
     again.check_complete(["p.parquet"])
     ids, mat = read_embeddings(f"{dst}/p.parquet")

@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 _OURS = (ConfigError, DataError, StorageError, StageError, EmbeddingError, ModelError,
          ExportError, FileNotFoundError)
 
-VERBS = ("data", "embed", "mine", "train", "evaluate", "tune", "run", "audit", "config", "report",
-         "export")
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -121,6 +119,9 @@ STAGE_VERBS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]]
     "run": (_run, "the whole pipeline: embed, mine, train, evaluate"),
     "audit": (_audit, "each mining setting's false negatives, with labelled positives hidden"),
 }
+
+
+VERBS = ("data", *STAGE_VERBS, "config", "report", "export")
 
 
 def _staged(args: argparse.Namespace) -> int:

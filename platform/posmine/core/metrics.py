@@ -61,5 +61,9 @@ def evaluate(qrels: Qrels, run: Run, ks: Iterable[int] = (1, 10, 100),
 
     `ignore_identical_ids` drops a hit whose doc id equals its query id (BEIR's default).
     """
-    sums, n = totals(qrels, run, ks, ignore_identical_ids)
+    return mean(*totals(qrels, run, ks, ignore_identical_ids))
+
+
+def mean(sums: Mapping[str, float], n: int) -> dict[str, float]:
+    """Each metric's sum over `n` queries (`totals`, added over shards) as their mean."""
     return {name: v / n for name, v in sorted(sums.items())} if n else {}

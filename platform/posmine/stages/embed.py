@@ -159,24 +159,23 @@ def embed_local(cfg: TeacherConfig, listed: Parts, dst: str, side: str,
                 encoder: Callable[[], Encoder]) -> int:
     """Embed the unfinished parts of a small input in this process, part by part: the output,
     the atomic writes and the resume of `embed_ray`, without an actor pool to start."""
-    parts, pending = listed.rows, pending_parts(listed, dst, side)
-    if not pending:
-        return sum(parts.values())
-    kept = kept_pieces(dst, pending)
-    collector = PartCollector(parts, dst, side, cfg, kept)
-    todo = sum(parts[p] for p in pending) - sum(t.num_rows for t in kept.values())
-    with tqdm(total=todo, desc=f"embed {side}", unit="doc") as bar:
-        for name in pending:
+    left = resume(listed, dst, side)
+    if not left.pending:
+        return sum(listed.rows.values())
+    collector = PartCollector(listed.rows, dst, side, cfg, left.kept)
+    kept_ids = _ids(left.kept)
+    with tqdm(total=left.todo, desc=f"embed {side}", unit="doc") as bar:
+        for name in left.pending:
             table = storage.read_parquet(storage.join(listed.dir, name))
             table = table.append_column("path", pa.array([name] * table.num_rows, pa.string()))
-            table = _without_kept(table, _ids(kept))
+            table = _without_kept(table, kept_ids)
             # a piece's worth at a time, so that a piece can be saved between them
             for start in range(0, table.num_rows, cfg.piece_rows):
                 chunk = table.slice(start, cfg.piece_rows)
                 out = embed_table(encoder(), chunk, _prefix(cfg, side))
                 bar.update(collector.add(out.append_column("path", chunk.column("path"))))
-    collector.check_complete(pending)
-    return sum(parts.values())
+    collector.check_complete(left.pending)
+    return sum(listed.rows.values())
 
 
 def _ids(kept: dict[str, pa.Table]) -> dict[str, set[str]]:
@@ -197,18 +196,27 @@ def list_parts(src: str) -> Parts:
                  {url.rsplit("/", 1)[-1]: parquet_rows(url) for url in files})
 
 
-def pending_parts(listed: Parts, dst: str, side: str) -> list[str]:
-    """The parts without an output in `dst` yet, in order."""
+class Resume(NamedTuple):
+    """What is left of an input: its parts without an output yet (in order), the pieces an
+    earlier run saved of them, and the rows still to embed."""
+
+    pending: list[str]
+    kept: dict[str, pa.Table]
+    todo: int
+
+
+def resume(listed: Parts, dst: str, side: str) -> Resume:
+    """What is left of `listed` in `dst`, said in one line when a rerun resumes."""
     done = set(storage.listdir(dst))
     pending = [p for p in sorted(listed.rows) if p not in done]
-    pieces = sum(len(storage.parquet_files(storage.join(dst, PIECES, p))) for p in pending
-                 ) if PIECES in done else 0
+    kept, pieces = kept_pieces(dst, pending) if PIECES in done else ({}, 0)
     if pending:  # said on the terminal when a rerun resumes, in the log file otherwise
         log.log(logging.INFO if len(pending) < len(listed.rows) or pieces else logging.DEBUG,
                 "embedding %d of %d %s parts (%d kept from an earlier run, and %d pieces of "
                 "the others)", len(pending), len(listed.rows), side,
                 len(listed.rows) - len(pending), pieces)
-    return pending
+    todo = sum(listed.rows[p] for p in pending) - sum(t.num_rows for t in kept.values())
+    return Resume(pending, kept, todo)
 
 
 BLOCK_ROWS = 4096  # the most rows one block carries to an actor
@@ -254,20 +262,18 @@ def embed_ray(cfg: TeacherConfig, listed: Parts, dst: str, side: str) -> int:
     The driver collects each part's vectors (in input order, so about one part is held at a
     time) and writes `dst/<part>` when every row of it is in.
     """
-    parts, pending = listed.rows, pending_parts(listed, dst, side)
-    total = sum(parts.values())
-    if not pending:
+    total = sum(listed.rows.values())
+    left = resume(listed, dst, side)
+    if not left.pending:
         return total
     remote.ensure_ray()
-    kept = kept_pieces(dst, pending)
-    todo = sum(parts[p] for p in pending) - sum(t.num_rows for t in kept.values())
-    collector = PartCollector(parts, dst, side, cfg, kept)
-    stream = embed_dataset(cfg, listed, pending, side, _ids(kept))
-    with tqdm(total=todo, desc=f"embed {side}", unit="doc") as bar:
+    collector = PartCollector(listed.rows, dst, side, cfg, left.kept)
+    stream = embed_dataset(cfg, listed, left.pending, side, _ids(left.kept))
+    with tqdm(total=left.todo, desc=f"embed {side}", unit="doc") as bar:
         for batch in stream.iter_batches(batch_format="pyarrow", batch_size=None):
             bar.update(collector.add(batch))
-    collector.check_complete(pending)
-    log.debug("embedded %d %s rows into %s", todo, side, storage.redact(dst))
+    collector.check_complete(left.pending)
+    log.debug("embedded %d %s rows into %s", left.todo, side, storage.redact(dst))
     return total
 
 
@@ -279,14 +285,16 @@ def _check_table(table: pa.Table, where: str) -> None:
 PIECES = "_pieces"  # <dst>/_pieces/<part>/<first row>.parquet: a part's saved vectors, until it is done
 
 
-def kept_pieces(dst: str, pending: list[str]) -> dict[str, pa.Table]:
-    """The pieces an earlier, interrupted run saved of each pending part, as one table each."""
-    kept = {}
+def kept_pieces(dst: str, pending: list[str]) -> tuple[dict[str, pa.Table], int]:
+    """The pieces an earlier, interrupted run saved of each pending part, as one table each,
+    and how many pieces they were."""
+    kept, pieces = {}, 0
     for name in pending:
         url = storage.join(dst, PIECES, name)
-        if storage.parquet_files(url):
+        if files := storage.parquet_files(url):
             kept[name] = storage.read_parquet(url)
-    return kept
+            pieces += len(files)
+    return kept, pieces
 
 
 class PartCollector:

@@ -54,18 +54,12 @@ def shard_totals(cfg: EvaluateConfig, data_dir: str, shard_url: str) -> tuple[di
 
 def score_vectors(cfg: EvaluateConfig, qrels: metrics.Qrels, query_ids: Sequence[str],
                   queries: np.ndarray, doc_ids: Sequence[str], docs: np.ndarray) -> dict[str, float]:
-    """The metrics of exact dot-product ranking, (nq, dim) queries against (nd, dim) documents,
-    counted as the stage counts its shards: the in-memory twin for sets that fit one process
-    (Tune's dev set)."""
+    """The metrics of exact dot-product ranking, (nq, dim) queries against (nd, dim) documents:
+    the stage's scoring in one process, for sets that fit one (Tune's dev set)."""
     scores, idx = brute_force_topk(docs, queries, min(cfg.top_k, len(doc_ids)))  # (nq, k) each
     run = {qid: {doc_ids[j]: float(s) for s, j in zip(srow, irow, strict=True)}
            for qid, srow, irow in zip(query_ids, scores, idx, strict=True)}
-    return mean(*metrics.totals(qrels, run, cfg.k_values, cfg.ignore_identical_ids))
-
-
-def mean(sums: dict[str, float], n: int) -> dict[str, float]:
-    """Each metric's sum over `n` queries, as their mean."""
-    return {name: v / n for name, v in sorted(sums.items())} if n else {}
+    return metrics.evaluate(qrels, run, cfg.k_values, cfg.ignore_identical_ids)
 
 
 def _sum_shards(cfg: EvaluateConfig, data_dir: str, cand_dir: str) -> tuple[dict[str, float], int]:
@@ -97,7 +91,7 @@ def run(cfg: EvaluateConfig, data_dir: str, cand_dir: str, out_dir: str,
         started = time.time()
         qrels = prepared.read_prepared_qrels(data_dir, cfg.split)  # Arrow: no dict per query here
         sums, n = _sum_shards(cfg, data_dir, cand_dir)
-        result = mean(sums, n)
+        result = metrics.mean(sums, n)
         storage.write_json(storage.join(target, "metrics.json"), {
             "model": model, "split": cfg.split, "metrics": result, "evaluate": to_dict(cfg),
             "seconds": round(time.time() - started, 3)})
