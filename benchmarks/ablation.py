@@ -76,6 +76,13 @@ ROWS: dict[str, list[str]] = {
     "positives_sample": ["train.positives=sample"],
     "no_mask": ["train.mask_known_positives=false"],
     "no_mask_all": ["train.mask_known_positives=false", "train.positives=all"],
+    # Quality where false negatives live: in-batch negatives held to the rule's bound, and
+    # Cranfield's weakest grades made never-negatives instead of positives.
+    "bound_rule": ["train.in_batch_bound=rule"],
+    "bound_none": ["train.in_batch_bound=none"],
+    "graded_2": ["data.min_positive_score=2"],
+    "graded_3": ["data.min_positive_score=3"],
+    "graded_2_bound": ["data.min_positive_score=2", "train.in_batch_bound=rule"],
 }
 # One training budget for every row: one epoch of SciFact train (809 queries, 26 steps); the
 # multi-positive configs bound their runs by train.max_steps (see jobs/configs/<dataset>.yaml).
@@ -160,7 +167,8 @@ def run_posmine(cfg: Config, row: str, seed: int) -> dict[str, Any]:
     mined = pipeline.mine(cfg, cfg.teacher, cfg.mining, name=mine_name(cfg, row, seed))
     mine_s = time.perf_counter() - t0
     trained = train_stage.run(cfg.train, mined["dir"], cfg.output.dir,
-                              upstream=str(mined["config_hash"]), name=f"train-{row}-s{seed}")
+                              upstream=str(mined["config_hash"]), name=f"train-{row}-s{seed}",
+                              bound=pipeline.teacher_bound(cfg, cfg.teacher, cfg.mining))
     ev = pipeline.evaluate_student(cfg, str(trained["model_dir"]))
     stats, tstats = mined["stats"], trained["stats"]
     return {"metrics": ev["metrics"], "dropped_by_rule": dropped(stats),
@@ -168,6 +176,7 @@ def run_posmine(cfg: Config, row: str, seed: int) -> dict[str, Any]:
             "examples": stats.get("examples"), "short_share": stats.get("short_share"),
             "masked_in_batch": tstats.get("masked_in_batch_pairs"),
             "masked_hard": tstats.get("masked_hard_negatives"),
+            "masked_in_batch_bound": tstats.get("masked_in_batch_bound"),
             "mine_seconds": round(mine_s, 1), "train_seconds": trained["seconds"],
             "train_steps": trained["rows"]["steps"]}
 

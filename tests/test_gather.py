@@ -29,7 +29,7 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) -> None:
+def _worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str, rows: list) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -40,8 +40,8 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) -> Non
             trainer.shard()
         else:
             trainer.model = torch.nn.parallel.DistributedDataParallel(trainer.model)
-        trainer.batch = ROWS
-        loss = trainer.backward(ROWS[rank::world])  # DDP averages the gradients here
+        trainer.batch = rows
+        loss = trainer.backward(rows[rank::world])  # DDP averages the gradients here
         grads = _grads(trainer.unwrapped())  # a collective under FSDP
         if rank == 0:
             torch.save({"loss": loss, "grads": grads, "masked": trainer.masked}, out)
@@ -62,12 +62,12 @@ def _exit_done() -> None:
     os._exit(0)
 
 
-def _two_workers(cfg: TrainConfig, tmp_path: Path) -> dict:
+def _two_workers(cfg: TrainConfig, tmp_path: Path, rows: list = ROWS) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / f"rank0-{cfg.gather_across_workers}-{cfg.grad_cache_chunk}-{cfg.strategy}.pt")
-    mp.spawn(_worker, args=(2, port, cfg, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, port, cfg, out, rows), nprocs=2, join=True)
     return torch.load(out, weights_only=True)
 
 
@@ -92,6 +92,27 @@ def test_gathering_equals_one_big_worker(tiny_model: str, tmp_path: Path, chunk:
     if chunk == 0:  # the control: each worker on its own 3 rows is another loss
         alone = _two_workers(replace(cfg, gather_across_workers=False), tmp_path)
         assert float(alone["loss"]) != pytest.approx(float(want), rel=1e-3)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on loopback")
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_gathered_rows_bring_their_teacher_vectors(tiny_model: str, tmp_path: Path, chunk: int) -> None:
+    """`train.in_batch_bound=rule` over 2 gathered workers: each worker holds the global batch's
+    rows, teacher vectors included, so the bound masks what one big worker masks."""
+    from tests.test_in_batch_bound import bound_rows
+
+    rows = bound_rows()
+    cfg = TrainConfig(model=tiny_model, batch_size=3, num_negatives=3, grad_cache_chunk=chunk,
+                      gather_across_workers=True, in_batch_bound="rule")
+    one = StudentTrainer(replace(cfg, batch_size=6), 1, CPU)
+    one.model.eval()
+    want = one.backward(rows)
+    got = _two_workers(cfg, tmp_path, rows)
+    assert float(got["loss"]) == pytest.approx(float(want), rel=1e-5)
+    want_grads = _grads(one.model)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got["grads"][name], g, atol=grad_atol(g), rtol=1e-4, msg=name)
+    assert got["masked"] == one.masked and one.masked["in_batch_bound"] > 0
 
 
 def _fsdp_state_worker(rank: int, world: int, port: int, cfg: TrainConfig, out: str) -> None:

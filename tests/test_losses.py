@@ -88,3 +88,41 @@ def test_loss_has_gradients() -> None:
     q.requires_grad_(True)
     contrastive_loss(q, p, n, mask, None, temperature=0.05, in_batch_negatives=True).backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_teacher_bound_equals_a_per_pair_loop_and_leaves_those_pairs_out() -> None:
+    """The in-batch bound against plain loops: query i drops batch document j of another row
+    when the teacher scores it at or above i's bound; the loss then equals the naive InfoNCE
+    over the documents left."""
+    from posmine.config import MiningConfig
+    from posmine.core.losses import teacher_bound_mask
+    from posmine.core.mining import rule_threshold
+
+    b, k, d = 5, 3, 8
+    q, p, n, mask = _batch(b, k, d, seed=2)
+    tq, tp, tn, _ = _batch(b, k, d, seed=3)  # the teacher's own vectors
+    docs = torch.cat([tp.unsqueeze(1), tn], 1)  # (B, 1+k, d)
+    valid = torch.cat([torch.ones(b, 1, dtype=torch.bool), mask], 1)
+    s_plus = (tq * tp).sum(-1)
+    bound = torch.from_numpy(rule_threshold(s_plus.numpy(), MiningConfig(perc=0.5)))
+    got = teacher_bound_mask(tq, docs, valid, bound)
+    want = torch.zeros(b, b * (1 + k), dtype=torch.bool)
+    for i in range(b):
+        for r in range(b):
+            for j in range(1 + k):
+                if r != i and valid[r, j]:
+                    want[i, r * (1 + k) + j] = float(tq[i] @ docs[r, j]) >= float(bound[i])
+    assert torch.equal(got, want)
+    assert 0 < int(want.sum()) < int(valid.sum()) * (b - 1)  # some pairs masked, not all
+
+    loss = contrastive_loss(q, p, n, mask, None, temperature=0.05, in_batch_negatives=True,
+                            bounded=got)
+    ref = 0.0
+    for i in range(b):
+        scores = [float(q[i] @ (p[r] if j == 0 else n[r, j - 1])) / 0.05
+                  for r in range(b) for j in range(1 + k)
+                  if valid[r, j] and not want[i, r * (1 + k) + j]]
+        ref += -(float(q[i] @ p[i]) / 0.05 - math.log(sum(math.exp(s) for s in scores)))
+    assert float(loss) == pytest.approx(ref / b, rel=1e-5)
+    unbounded = contrastive_loss(q, p, n, mask, None, temperature=0.05, in_batch_negatives=True)
+    assert float(unbounded) != pytest.approx(float(loss), rel=1e-3)

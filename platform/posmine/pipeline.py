@@ -35,6 +35,7 @@ from posmine.stages import mine as mine_stage
 from posmine.stages import search as search_stage
 from posmine.stages import train as train_stage
 from posmine.stages import tune as tune_stage
+from posmine.stages.train.plan import TeacherBound
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +190,17 @@ def train(cfg: Config) -> dict[str, Any]:
                      extra_teachers=None if teacher == cfg.teacher else ())
         trained = train_stage.run(dataclasses.replace(train_cfg, model=student), mined["dir"],
                                   cfg.output.dir, upstream=str(mined["config_hash"]),
-                                  name=f"train{suffix}")
+                                  name=f"train{suffix}", bound=teacher_bound(cfg, teacher, mining))
         student = str(trained["model_dir"])
         if not storage.exists(storage.join(student, model_card.CARD)):  # run's card has metrics
             _write_card(cfg, mined, trained)
     return trained
+
+
+def teacher_bound(cfg: Config, teacher: TeacherConfig, mining: MiningConfig) -> TeacherBound:
+    """What `train.in_batch_bound=rule` reads: the mining teacher's embeddings (the first
+    teacher's, when several mined) and the rule it mined with."""
+    return TeacherBound(embed_stage.stage_dir(cfg.output.dir, teacher), mining)
 
 
 def _write_card(cfg: Config, mined: dict[str, Any], trained: dict[str, Any],

@@ -66,6 +66,10 @@ class DataConfig:
     # Corpus rows per Parquet part: the unit the embed stage resumes from after a crash.
     rows_per_part: Annotated[int, Range(1, 100_000_000)] = 50_000
     seed: Annotated[int, Range(0, 2**32 - 1)] = 42  # the held-out splits and the max_queries subset
+    # Graded qrels (Cranfield's 1-4): judgements of the mined split at or above this score are
+    # positives to train towards; those above 0 but below it are never negatives (hard or in
+    # the batch) and never anchors. 1 makes every judged document a positive.
+    min_positive_score: Annotated[int, Range(1, 2**31 - 1)] = 1
 
     def __post_init__(self) -> None:
         check_ranges(self, "data")
@@ -283,6 +287,10 @@ class TrainConfig:
     # Keep the query's labelled positives (by id, or the same normalised text) out of its hard
     # and in-batch negatives: masked in the loss, counted in the manifest.
     mask_known_positives: bool = True
+    # rule: an in-batch document leaves a query's softmax when the mining rule would have
+    # dropped it as that query's hard negative (the teacher's score, from its stored vectors,
+    # at or above the example's bound: s+ * perc for TopK-PercPos); none trusts every one.
+    in_batch_bound: Literal["none", "rule"] = "none"
     distill_weight: Annotated[float, Range(0.0, 1.0)] = 0.0  # 0 = pure InfoNCE, 1 = pure KL distillation
     query_max_length: Annotated[int, Range(8, 32768)] = 64  # query tokens in training
     passage_max_length: Annotated[int, Range(8, 32768)] = 256  # passage tokens in training

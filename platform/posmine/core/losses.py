@@ -44,6 +44,28 @@ def _with_positive(neg_mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([neg_mask.new_ones(neg_mask.shape[0], 1), neg_mask], 1)  # (B, 1+k)
 
 
+def teacher_bound_mask(teacher_q: torch.Tensor, teacher_docs: torch.Tensor,
+                       valid: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """In-batch documents the mining rule would have dropped, laid out as `in_batch_logits`.
+
+    Args:
+        teacher_q: (B, d) the teacher's query vectors; teacher_docs: (B, 1 + k, d) its vectors of
+        each row's positive and hard negatives; valid: (B, 1 + k) True where a document exists;
+        bound: (B,) each example's exclusive upper bound on a negative's teacher score
+        (`mining.rule_threshold` of its anchor).
+
+    Returns:
+        (B, B * (1 + k)) True where query i's teacher scores document j at or above i's bound and
+        j is another row's: a likely false negative. A row's own block is the miner's to judge.
+    """
+    b, width, d = teacher_docs.shape
+    scores = teacher_q @ teacher_docs.reshape(b * width, d).T  # (B, B*(1+k))
+    over = (scores >= bound[:, None]) & valid.reshape(1, -1)
+    rows = torch.arange(b, device=over.device)
+    own = rows.repeat_interleave(width)[None, :] == rows[:, None]  # (B, B*(1+k))
+    return over & ~own
+
+
 def info_nce(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over the batch of -log softmax(logits / T)[label]."""
     return F.cross_entropy(logits / temperature, labels)
@@ -68,13 +90,16 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, neg_mask
                      teacher_scores: torch.Tensor | None, *, temperature: float,
                      in_batch_negatives: bool, distill_weight: float = 0.0,
                      teacher_temperature: float | None = None,
-                     known_positives: torch.Tensor | None = None) -> torch.Tensor:
+                     known_positives: torch.Tensor | None = None,
+                     bounded: torch.Tensor | None = None) -> torch.Tensor:
     """(1 - w) * InfoNCE + w * KL(teacher || student), w = `distill_weight`.
 
     `teacher_scores` (B, 1 + k) are the mining stage's positive and negative teacher scores.
     `known_positives` (B, B * (1 + k)), laid out as `in_batch_logits`' columns, is True where a
     batch document is a labelled positive of the query (never its own label column): such a
     document is left out of that query's softmax, as a hard and as an in-batch negative.
+    `bounded`, laid out alike (`teacher_bound_mask`), leaves out the in-batch documents the
+    mining rule would have dropped.
     """
     b, k = neg_mask.shape
     own = own_logits(q, p, n, neg_mask)  # (B, 1+k)
@@ -90,6 +115,8 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, neg_mask
             logits, labels = in_batch_logits(q, p, n, neg_mask)
             if known_positives is not None:
                 logits = logits.masked_fill(known_positives, float("-inf"))
+            if bounded is not None:
+                logits = logits.masked_fill(bounded, float("-inf"))
         else:
             logits, labels = own, torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         loss = (1 - distill_weight) * info_nce(logits, labels, temperature)

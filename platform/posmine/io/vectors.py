@@ -68,6 +68,19 @@ def check_vectors(ids: list[str], mat: np.ndarray, where: str, dim: int | None =
                              f"{ids[int(bad.argmax())]!r}")
 
 
+def vectors_for(url: str, ids: set[str]) -> dict[str, np.ndarray]:
+    """{id: (dim,) float32} of the listed ids in an embeddings file or folder, read one file at a
+    time so that only the wanted vectors are held."""
+    wanted = pa.array(sorted(ids), pa.string())
+    out: dict[str, np.ndarray] = {}
+    for part in storage.parquet_files(url):
+        table = storage.read_parquet(part)
+        table = table.filter(pc.is_in(table.column("id"), wanted))
+        mat = embedding_matrix(table).astype(np.float32)  # (n, dim)
+        out.update(zip(table.column("id").to_pylist(), mat, strict=True))
+    return out
+
+
 def embedding_dim(url: str) -> int:
     """The vector size of an embeddings Parquet file, from its schema alone."""
     import pyarrow.parquet as pq

@@ -52,7 +52,7 @@ from posmine.stages import evaluate, lifecycle, remote
 from posmine.stages import mine as mine_stage
 from posmine.stages.evaluate import qrels_dict
 from posmine.stages.train.loop import fit, restore, save
-from posmine.stages.train.plan import epoch_batches, expand, total_steps
+from posmine.stages.train.plan import TeacherBound, attach_teacher, epoch_batches, expand, total_steps
 from posmine.stages.train.trainer import StudentTrainer
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,8 @@ def trial(config: dict[str, Any], shared: Shared) -> None:
         raise ValueError(f"trial {mining.rule}: the filter left no training examples")
     # The student trains on as many negatives as this trial mines.
     train_cfg = dataclasses.replace(cfg.train, num_negatives=mining.num_negatives, num_workers=1)
+    if train_cfg.in_batch_bound == "rule":  # held to this trial's rule
+        attach_teacher(rows, TeacherBound(shared.embed_dir, mining))
     steps = total_steps(train_cfg, rows)
     torch.set_num_threads(max(1, int(cfg.tune.cpus_per_trial)))
     trainer = StudentTrainer(train_cfg, steps, pick_device("auto"))

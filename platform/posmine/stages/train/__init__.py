@@ -32,7 +32,7 @@ from posmine.io import storage, tracking
 from posmine.models.backbone import model_fingerprint, resolve_model
 from posmine.stages import faults, lifecycle, remote
 from posmine.stages.train.loop import StepTimer, fit, restore, save
-from posmine.stages.train.plan import plan_counts, planned_batches
+from posmine.stages.train.plan import TeacherBound, attach_teacher, plan_counts, planned_batches
 from posmine.stages.train.saving import model_files
 from posmine.stages.train.trainer import StudentTrainer
 
@@ -144,6 +144,8 @@ def _train(config: dict[str, Any]) -> None:
     done_before, steps = trainer.step_no, config["steps"]
     # only the mined rows that steps done_before+1..steps use are read and expanded
     batches, _ = planned_batches(config["mined_url"], cfg, done_before, steps, world)
+    if config["bound"] is not None:
+        attach_teacher((r for b in batches for r in b), config["bound"])
     curve: list[list[float]] = []  # [step, mean loss of the last log_every steps]
     timer = StepTimer()
     tracker = (tracking.open_tracker(cfg.track, config["target"], config["out_dir"], to_dict(cfg),
@@ -160,10 +162,11 @@ def _train(config: dict[str, Any]) -> None:
     with _naming(storage.join(config["target"], "ray")):  # where Ray Train writes checkpoints
         losses = fit(trainer, batches, steps, after_step, rank, world)
     tracker.close()
-    masked = _sum_over_workers([trainer.masked["hard"], trainer.masked["in_batch"]])
+    masked = _sum_over_workers([trainer.masked[k] for k in ("hard", "in_batch", "in_batch_bound")])
     final = {"step": trainer.step_no, "loss": float(np.mean(losses[-10:] or [0.0])),
              "resumed_from": done_before, "steady_samples_per_s": timer.rate(), "done": 1,
-             "masked_hard": masked[0], "masked_in_batch": masked[1], "loss_curve": curve}
+             "masked_hard": masked[0], "masked_in_batch": masked[1],
+             "masked_in_batch_bound": masked[2], "loss_curve": curve}
     with tempfile.TemporaryDirectory() as d:
         trainer.export(d if rank == 0 else None)  # sharded: a collective every worker joins
         if rank == 0:
@@ -208,13 +211,24 @@ def _report(trainer: StudentTrainer, losses: list[float], steps: int, cfg: Train
 
 
 def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
-        name: str = "train") -> dict[str, Any]:
-    """Fine-tune on `<mined_dir>/mined.parquet` with a TorchTrainer (skipped when current)."""
+        name: str = "train", bound: TeacherBound | None = None) -> dict[str, Any]:
+    """Fine-tune on `<mined_dir>/mined.parquet` with a TorchTrainer (skipped when current).
+
+    `bound`: the teacher's embeddings and the mining rule, which `train.in_batch_bound=rule`
+    holds in-batch negatives to (the pipeline passes the ones that mined `mined_dir`).
+    """
+    if cfg.in_batch_bound == "rule" and bound is None:
+        raise ValueError("train.in_batch_bound=rule needs the teacher's embeddings and the mining "
+                         "rule; run the train stage through the pipeline (posmine train)")
+    bound = bound if cfg.in_batch_bound == "rule" else None
     # Ray Train runs workers in its own artifact folder: a relative path would land there.
     out_dir, mined_dir = absolute_path(out_dir), absolute_path(mined_dir)
+    if bound is not None:
+        bound = dataclasses.replace(bound, embed_dir=absolute_path(bound.embed_dir))
     target = storage.join(out_dir, name)
     # the starting weights too; tracking changes nothing the stage writes
-    key = config_hash(dataclasses.replace(cfg, track="none"), model_fingerprint(cfg.model), upstream)
+    key = config_hash(dataclasses.replace(cfg, track="none"), model_fingerprint(cfg.model), upstream,
+                      *([to_dict(bound.mining)] if bound is not None else []))
 
     def work() -> lifecycle.Done:
         resolve_model(cfg.model)  # a missing student folder fails here, not in every worker
@@ -227,6 +241,7 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
         _drop_unfinished_checkpoints(target)  # an earlier run's, killed mid-write
         try:
             metrics = _fit(cfg, key, target, {"cfg": cfg, "steps": steps, "mined_url": mined_url,
+                                              "bound": bound,
                                               "model_dir": storage.join(target, "model"),
                                               "target": target, "out_dir": out_dir, "key": key})
         except Exception as e:  # several workers with no retry left fail the run instead
@@ -244,6 +259,8 @@ def run(cfg: TrainConfig, mined_dir: str, out_dir: str, upstream: str,
                    # attempt when a worker was restarted)
                    "masked_hard_negatives": metrics.get("masked_hard"),
                    "masked_in_batch_pairs": metrics.get("masked_in_batch"),
+                   # in-batch pairs the teacher's bound left out besides (train.in_batch_bound)
+                   "masked_in_batch_bound": metrics.get("masked_in_batch_bound"),
                    # the last attempt's steps (from resumed_from_step on after a restart)
                    "loss_curve": metrics.get("loss_curve", [])},
             extra={"model_dir": storage.join(target, "model"), "train": to_dict(cfg)},

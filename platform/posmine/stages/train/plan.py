@@ -7,16 +7,27 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from posmine.config import TrainConfig
-from posmine.core.mining import query_rng, text_hash
+from posmine.config import MiningConfig, TrainConfig
+from posmine.core.mining import anchors, query_rng, rule_threshold, text_hash
 from posmine.io import storage
+from posmine.io.vectors import vectors_for
 
 Row = dict[str, Any]  # query_id, query, positive, negatives, scores ([s+] + negatives'), hashes
+
+
+@dataclass(frozen=True)
+class TeacherBound:
+    """`train.in_batch_bound=rule`: the teacher's embeddings (the embed stage's folder) and the
+    mining rule whose bound in-batch negatives are held to."""
+
+    embed_dir: str
+    mining: MiningConfig
 
 
 def expand(batch: pa.Table | dict[str, Any]) -> list[Row]:
@@ -42,7 +53,7 @@ def expand(batch: pa.Table | dict[str, Any]) -> list[Row]:
                         "positive_id": pid, "positive": p, "negatives": negatives,
                         "negative_ids": neg_id_col[i],
                         "positive_hash": text_hash(p), "negative_hashes": neg_hashes,
-                        "known": frozenset(known),
+                        "known": frozenset(known), "anchor_ids": pos_id_col[i],
                         "scores": [float(ps), *map(float, cols["negative_scores"][i])]})
     return out
 
@@ -160,3 +171,31 @@ def plan_counts(cfg: TrainConfig, mined_url: str, world: int) -> tuple[int, int,
     if not examples:
         raise ValueError(f"{storage.redact(mined_url)}: no training examples")
     return len(examples), len({e["query_id"] for e in examples}), total_steps(cfg, examples, world)
+
+
+def attach_teacher(rows: Iterable[Row], bound: TeacherBound) -> None:
+    """Give each example (in place) the teacher's vectors of its query (`teacher_query`, (d,))
+    and of its positive and negatives (`teacher_docs`, (1 + n, d)), and its `bound`: the mining
+    rule's threshold on the anchor, scored from those vectors as `mining.anchors` takes it (the
+    example's own positive with anchor=pair, else the mined row's positives)."""
+    rows = list({id(r): r for r in rows}.values())  # an example recurs across epochs
+    if any(r.get("positive_id") is None or r.get("negative_ids") is None for r in rows):
+        raise ValueError("train.in_batch_bound=rule needs the mined rows' document ids "
+                         "(positive_ids, negative_ids), which these rows lack")
+    docs = {d for r in rows for d in (*r["anchor_ids"], *r["negative_ids"])}
+    qvec = vectors_for(storage.join(bound.embed_dir, "queries"), {r["query_id"] for r in rows})
+    dvec = vectors_for(storage.join(bound.embed_dir, "corpus"), docs)
+    for r in rows:
+        if r["query_id"] not in qvec:
+            raise ValueError(f"{storage.redact(bound.embed_dir)}: no teacher vector for query "
+                             f"{r['query_id']!r}")
+        if missing := next((d for d in (*r["anchor_ids"], *r["negative_ids"]) if d not in dvec), None):
+            raise ValueError(f"{storage.redact(bound.embed_dir)}: no teacher vector for document "
+                             f"{missing!r} (query {r['query_id']!r})")
+        q = qvec[r["query_id"]]  # (d,)
+        scores = np.stack([dvec[d] for d in r["anchor_ids"]]) @ q  # (P,)
+        s_plus = (float(scores[r["anchor_ids"].index(r["positive_id"])])
+                  if bound.mining.anchor == "pair" else anchors(scores, bound.mining.anchor)[0][1])
+        r["teacher_query"] = q
+        r["teacher_docs"] = np.stack([dvec[d] for d in (r["positive_id"], *r["negative_ids"])])
+        r["bound"] = float(rule_threshold(np.array([s_plus]), bound.mining)[0])

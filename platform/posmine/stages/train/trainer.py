@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from posmine.config import TrainConfig
-from posmine.core.losses import contrastive_loss
+from posmine.core.losses import contrastive_loss, teacher_bound_mask
 from posmine.models import backbone
 from posmine.models.backbone import resolve_model
 from posmine.stages.train.plan import Row
@@ -43,6 +43,23 @@ def masked_counts(known: np.ndarray, k: int) -> tuple[int, int]:
     b = known.shape[0]
     own = known.reshape(b, b, 1 + k)[np.arange(b), np.arange(b)]  # (B, 1+k)
     return int(known.sum() - own.sum()), int(own.sum())
+
+
+def teacher_bound(rows: Sequence[Row], k: int) -> torch.Tensor:
+    """`losses.teacher_bound_mask` of a batch whose rows carry the teacher's vectors and bound
+    (`plan.attach_teacher`): (B, B * (1 + k)) bool."""
+    if any("teacher_query" not in r for r in rows):
+        raise ValueError("train.in_batch_bound=rule: the batch's rows carry no teacher vectors "
+                         "(plan.attach_teacher gives them)")
+    b, dim = len(rows), len(rows[0]["teacher_query"])
+    docs = np.zeros((b, 1 + k, dim), np.float32)  # (B, 1+k, d)
+    valid = np.zeros((b, 1 + k), bool)
+    for i, r in enumerate(rows):
+        n = min(1 + k, 1 + len(r["negatives"]))  # the positive and the negatives the loss uses
+        docs[i, :n], valid[i, :n] = r["teacher_docs"][:n], True
+    query = np.stack([r["teacher_query"] for r in rows]).astype(np.float32)  # (B, d)
+    bound = np.array([r["bound"] for r in rows], np.float32)  # (B,)
+    return teacher_bound_mask(*(torch.from_numpy(x) for x in (query, docs, valid, bound)))
 
 
 def _all_gather(local: torch.Tensor, sizes: list[int], rank: int) -> list[torch.Tensor]:
@@ -105,8 +122,9 @@ class StudentTrainer:
         self.rank, self.world = ((dist.get_rank(), dist.get_world_size())
                                  if dist.is_available() and dist.is_initialized() else (0, 1))
         self.batch: list[Row] = []  # the global batch of the step in progress
-        # Known positives masked out of the loss so far: as a hard negative, as an in-batch one.
-        self.masked = {"hard": 0, "in_batch": 0}
+        # Known positives masked out of the loss so far: as a hard negative, as an in-batch one;
+        # and the in-batch pairs the teacher's bound masked besides (`train.in_batch_bound`).
+        self.masked = {"hard": 0, "in_batch": 0, "in_batch_bound": 0}
 
     def _adapted(self, model: Any) -> Any:
         """`model` with `train.lora`'s adapters, or as it is when every weight trains."""
@@ -181,18 +199,27 @@ class StudentTrainer:
         n = d.new_zeros(b * k, d.shape[1])
         n[neg_mask.reshape(-1).to(self.device)] = d[b:]
         teacher = torch.tensor([(r["scores"] + [0.0] * k)[:1 + k] for r in rows], device=self.device)
-        known = None
+        counted = not gathered or self.rank == 0  # a gathered batch is counted once, not per worker
+        known = bounded = None
         if cfg.mask_known_positives:
             mask = known_positive_mask(rows, k)  # (B, B*(1+k))
             in_batch, hard = masked_counts(mask, k)
-            if not gathered or self.rank == 0:  # a gathered batch is counted once, not per worker
+            if counted:
                 self.masked["hard"] += hard
                 self.masked["in_batch"] += in_batch if cfg.in_batch_negatives else 0
-            known = torch.from_numpy(mask).to(self.device)
+            known = torch.from_numpy(mask)
+        if cfg.in_batch_bound == "rule" and cfg.in_batch_negatives:
+            bounded = teacher_bound(rows, k)  # (B, B*(1+k))
+            if counted:
+                self.masked["in_batch_bound"] += int((bounded if known is None
+                                                      else bounded & ~known).sum())
+            bounded = bounded.to(self.device)
         return contrastive_loss(q, p, n.reshape(b, k, d.shape[1]), neg_mask.to(self.device), teacher,
                                 temperature=cfg.temperature,
                                 in_batch_negatives=cfg.in_batch_negatives,
-                                distill_weight=cfg.distill_weight, known_positives=known)
+                                distill_weight=cfg.distill_weight,
+                                known_positives=None if known is None else known.to(self.device),
+                                bounded=bounded)
 
     def _gathered(self, rows: list[Row], q: torch.Tensor,
                   d: torch.Tensor) -> tuple[list[Row], torch.Tensor, torch.Tensor]:
