@@ -56,6 +56,8 @@ def _cfg(dataset: str, model: str, out: Path, extra: list[str]) -> Config:
     pytest.param("cranfield", [], id="cranfield"),
     pytest.param("cranfield", ["mining.dedup_text=exact", "mining.anchor=max", "mining.window=rank"],
                  id="cranfield-exact-max-rank"),
+    # grades 1 and 2 of 4 judged but not positives: never negatives, masked in training
+    pytest.param("cranfield", ["data.min_positive_score=3"], id="cranfield-graded"),
 ])
 def test_mine_stage_on_shards_equals_the_one_process_reference(
         ray_local: None, tiny_model: str, outputs: Path, dataset: str, extra: list[str],
@@ -81,6 +83,15 @@ def test_mine_stage_on_shards_equals_the_one_process_reference(
     assert have == want
     if dataset == "scifact":  # one positive per query
         assert want["positives"] == want["examples"]
+    elif cfg.data.min_positive_score > 1:
+        judged = prepared.judged_by_query(data_dir, "train")
+        assert want["judged_below_min"] == sum(len(j) for q, j in judged.items()
+                                               if q in {r["query_id"] for r in got}) > 0
+        assert want["removed_judged"] > 0  # the random teacher ranks some among the candidates
+        for r in got:
+            weak = set(judged.get(r["query_id"], ()))
+            assert not weak & set(r["negative_ids"]) and not weak & set(r["positive_ids"])
+            assert weak <= set(r["query_positive_ids"])  # masked as known positives in training
     else:
         assert want["positives"] > 3 * want["queries_in"]
 

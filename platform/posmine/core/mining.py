@@ -51,6 +51,8 @@ class QueryCandidates:
     # (K,) one per candidate, and the keys of the query's own text and its positives' texts.
     cand_keys: np.ndarray | None = None
     banned_keys: np.ndarray | None = None
+    # Documents judged under `data.min_positive_score`: never negatives, never anchors.
+    judged_ids: Sequence[str] = ()
 
 
 @dataclass
@@ -70,6 +72,8 @@ class MiningStats:
     removed_positive: int = 0
     removed_self: int = 0
     removed_duplicate_text: int = 0
+    removed_judged: int = 0  # candidates judged under data.min_positive_score
+    judged_below_min: int = 0  # such judgements of the mined queries
     dropped_by_rule: int = 0  # the likely false negatives, counted once per example
     negatives_kept: int = 0
     positives: int = 0
@@ -232,7 +236,7 @@ def window_end(q: QueryCandidates, cfg: MiningConfig) -> int | None:
     s_plus = np.array([s for _, s in anchors(np.asarray(q.pos_scores), cfg.anchor)])
     low = rule_threshold(s_plus, cfg).min(initial=np.inf)
     scores = np.asarray(q.cand_scores)  # (K,)
-    other = ~np.isin(np.asarray(q.cand_ids, dtype=object), [*q.pos_ids, q.query_id])
+    other = ~np.isin(np.asarray(q.cand_ids, dtype=object), [*q.pos_ids, *q.judged_ids, q.query_id])
     below = np.flatnonzero(other & (scores < low))
     if len(below) < cfg.top_k:
         return None
@@ -299,7 +303,7 @@ def select(survivors: np.ndarray, scores: np.ndarray, cfg: MiningConfig,
 def eligible_mask(q: QueryCandidates, texts: Mapping[str, str] | None, query_text: str,
                   cfg: MiningConfig, stats: MiningStats) -> np.ndarray:
     """(K,) bool: candidates that may be negatives at all (counts what it removes)."""
-    pos = set(q.pos_ids)
+    pos, judged = set(q.pos_ids), set(q.judged_ids) - set(q.pos_ids)
     norm = (lambda t: t) if cfg.dedup_text == "exact" else normalize_text
     texts = texts or {}
     banned = set()
@@ -309,6 +313,8 @@ def eligible_mask(q: QueryCandidates, texts: Mapping[str, str] | None, query_tex
     for i, d in enumerate(q.cand_ids):
         if d in pos:
             stats.removed_positive += 1
+        elif d in judged:
+            stats.removed_judged += 1
         elif d == q.query_id:
             stats.removed_self += 1  # BEIR datasets where queries are also documents
         elif banned and d in texts and norm(texts[d]) in banned:
@@ -323,14 +329,17 @@ def eligible_by_keys(q: QueryCandidates, stats: MiningStats) -> np.ndarray:
     """(K,) bool, as `eligible_mask` decides, with texts compared by their precomputed keys
     (`q.cand_keys`, `q.banned_keys`) instead of normalised per candidate: the fast path."""
     assert q.cand_keys is not None and q.banned_keys is not None
-    pos = set(q.pos_ids)
+    pos, judged = set(q.pos_ids), set(q.judged_ids)
     is_pos = np.fromiter((d in pos for d in q.cand_ids), bool, len(q.cand_ids))  # (K,)
-    is_self = np.fromiter((d == q.query_id for d in q.cand_ids), bool, len(q.cand_ids)) & ~is_pos
-    is_dup = np.isin(q.cand_keys, q.banned_keys) & ~is_pos & ~is_self
+    is_judged = np.fromiter((d in judged for d in q.cand_ids), bool, len(q.cand_ids)) & ~is_pos
+    is_self = np.fromiter((d == q.query_id for d in q.cand_ids), bool,
+                          len(q.cand_ids)) & ~is_pos & ~is_judged
+    is_dup = np.isin(q.cand_keys, q.banned_keys) & ~is_pos & ~is_judged & ~is_self
     stats.removed_positive += int(is_pos.sum())
+    stats.removed_judged += int(is_judged.sum())
     stats.removed_self += int(is_self.sum())
     stats.removed_duplicate_text += int(is_dup.sum())
-    return ~(is_pos | is_self | is_dup)
+    return ~(is_pos | is_judged | is_self | is_dup)
 
 
 def anchors(pos_scores: np.ndarray, mode: str) -> list[tuple[np.ndarray, float]]:
@@ -376,6 +385,7 @@ def filter_batch(batch: Sequence[QueryCandidates], cfg: MiningConfig,
                            else eligible_mask(q, texts, qtext, cfg, stats))
         stats.candidates += n
         stats.positives += len(q.pos_ids)
+        stats.judged_below_min += len(q.judged_ids)
         stats.positives_not_in_topk += len(set(q.pos_ids) - set(q.cand_ids))
         for pos, s_plus in anchors(np.asarray(q.pos_scores), cfg.anchor):
             examples.append((i, pos))
@@ -430,7 +440,8 @@ def choose(f: Filtered, cfg: MiningConfig, stats: MiningStats) -> list[dict[str,
             "positive_scores": [float(q.pos_scores[j]) for j in pos],
             "negative_ids": [q.cand_ids[j] for j in chosen],
             "negative_scores": [float(f.scores[i, j]) for j in chosen],
-            "query_positive_ids": list(q.pos_ids),
+            # what training masks as known positives: the judged under the grade too
+            "query_positive_ids": [*q.pos_ids, *(d for d in q.judged_ids if d not in q.pos_ids)],
         })
     stats.hist_kept += _hist(np.concatenate([np.zeros(0), *kept_scores]))
     stats.examples_out += len(rows)

@@ -1,7 +1,9 @@
 """The prepared data folder, as the data stage writes it and every later stage reads it:
 `corpus/part-*.parquet`, `queries.parquet/part-*.parquet` (a folder of parts, so that no later
 stage holds every query at once), `qrels/<split>.parquet`, `negatives.parquet` (the training
-file's own negatives) and the manifest's per-split count of the most positives of one query.
+file's own negatives), `judged/<split>.parquet` (the mined split's judgements under
+`data.min_positive_score`: never negatives, never positives) and the manifest's per-split count
+of the most positives of one query.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from posmine.io.inputs import (
 )
 
 NEGATIVES = "negatives.parquet"  # query_id, doc_ids: negatives the training file brought
+JUDGED = "judged"  # judged/<split>.parquet: judgements under data.min_positive_score
 QUERIES = "queries.parquet"  # a folder of parts
 MAX_POSITIVES = "max_positives"  # manifest stats: split -> the most positives of one query
 
@@ -81,6 +84,26 @@ def positives_by_query(qrels: pa.Table) -> dict[str, list[str]]:
                        strict=True):
         if s > 0:
             out.setdefault(q, []).append(d)
+    return out
+
+
+def split_by_grade(qrels: pa.Table, min_score: int) -> tuple[pa.Table, pa.Table]:
+    """(positives: score >= min_score, judged below it: 0 < score < min_score) of `qrels`;
+    rows of score 0 or less (judged irrelevant) go with the positives' table, as before."""
+    weak = pc.and_(pc.greater(qrels.column("score"), 0), pc.less(qrels.column("score"), min_score))
+    return qrels.filter(pc.invert(weak)), qrels.filter(weak)
+
+
+def judged_by_query(data_dir: str, split: str) -> dict[str, list[str]]:
+    """The documents judged under `data.min_positive_score` per query of `split` ({} if none)."""
+    url = storage.join(data_dir, JUDGED, f"{split}.parquet")
+    if not storage.exists(url):
+        return {}
+    out: dict[str, list[str]] = {}
+    table = storage.read_parquet(url, ["query_id", "doc_id"])
+    for q, d in zip(table.column("query_id").to_pylist(), table.column("doc_id").to_pylist(),
+                    strict=True):
+        out.setdefault(q, []).append(d)
     return out
 
 

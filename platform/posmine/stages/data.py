@@ -20,7 +20,15 @@ from posmine.io.inputs import (
     sample_queries,
     split_queries,
 )
-from posmine.io.prepared import MAX_POSITIVES, NEGATIVES, QUERIES, max_positives, sort_by_length
+from posmine.io.prepared import (
+    JUDGED,
+    MAX_POSITIVES,
+    NEGATIVES,
+    QUERIES,
+    max_positives,
+    sort_by_length,
+    split_by_grade,
+)
 from posmine.stages import lifecycle
 
 log = logging.getLogger(__name__)
@@ -76,6 +84,25 @@ def share_positives_by_text(qrels: pa.Table, queries: pa.Table) -> tuple[pa.Tabl
     return pa.concat_tables([qrels, pa.Table.from_pylist(extra, schema=qrels.schema)]), gained
 
 
+def _write_judged(prepared: dict[str, pa.Table], cfg: DataConfig, target: str) -> dict[str, Any]:
+    """With `data.min_positive_score` above 1: the mined split's judgements under it leave its
+    qrels (in place in `prepared`) for `judged/<split>.parquet`. Returns the counts ({} if off)."""
+    if cfg.min_positive_score <= 1 or cfg.split not in prepared:
+        return {}
+    table = prepared[cfg.split]
+    positives, judged = split_by_grade(table, cfg.min_positive_score)
+    prepared[cfg.split] = positives
+    storage.write_parquet(judged, storage.join(target, JUDGED, f"{cfg.split}.parquet"))
+    before = set(table.filter(pc.greater(table.column("score"), 0)).column("query_id").to_pylist())
+    after = set(positives.filter(pc.greater(positives.column("score"), 0)).column("query_id").to_pylist())
+    counts = {"min_positive_score": cfg.min_positive_score, "split": cfg.split,
+              "positives": positives.filter(pc.greater(positives.column("score"), 0)).num_rows,
+              "judged_below": judged.num_rows, "queries_left_without_positive": len(before - after)}
+    log.info("data: %s: %d judgements at or above %d are positives, %d below it are never negatives",
+             cfg.split, counts["positives"], cfg.min_positive_score, judged.num_rows)
+    return counts
+
+
 # ---------------------------------------------------------------- the data stage
 
 
@@ -93,8 +120,8 @@ def run(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
     inputs = sources.input_fingerprints(cfg)
 
     def work() -> lifecycle.Done:
-
-        for old in ("corpus", QUERIES, "qrels", NEGATIVES):  # an earlier dataset's files must not outlive it
+        # an earlier dataset's files must not outlive it
+        for old in ("corpus", QUERIES, "qrels", NEGATIVES, JUDGED):
             storage.remove(storage.join(target, old))
         fmt = sources.detect(cfg.path) if cfg.format == "auto" else cfg.format
         log.debug("data: reading %s as %s", storage.redact(cfg.path), fmt)
@@ -127,6 +154,7 @@ def run(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
             if shared:
                 log.info("data: %d %s queries gained the positives of queries of the same text",
                          shared, cfg.split)
+        graded = _write_judged(prepared, cfg, target)
         for split, table in prepared.items():
             storage.write_parquet(table, storage.join(target, "qrels", f"{split}.parquet"))
         rows = {"corpus": n_corpus, "queries": queries.num_rows,
@@ -134,10 +162,12 @@ def run(cfg: DataConfig, out_dir: str) -> dict[str, Any]:
         return lifecycle.Done(rows, stats={"warnings": warnings.counts, "source": source,
                                          "dev_source": "file" if "dev" in qrels else "heldout",
                                          "queries_given_same_text_positives": shared,
+                                         "graded": graded,
                                          MAX_POSITIVES: {s: max_positives(t)
                                                          for s, t in prepared.items()}},
                             extra={"inputs": inputs},
-                            outputs=[*outputs, *(f"qrels/{s}.parquet" for s in prepared)])
+                            outputs=[*outputs, *(f"qrels/{s}.parquet" for s in prepared),
+                                     *([f"{JUDGED}/{cfg.split}.parquet"] if graded else [])])
 
     return lifecycle.run_stage(target, "data", config_hash(cfg, inputs), work,
                              current_because="the inputs' content and the data settings are unchanged")

@@ -59,7 +59,7 @@ def run(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str], out_dir: str
     def work() -> lifecycle.Done:
         out = storage.join(target, MINED)
         storage.remove(out)  # shards of an interrupted run are redone, not mixed in
-        stats, examples = mine_shards(cfg, data_dir, cand_dirs, out)
+        stats, examples = mine_shards(cfg, data_dir, cand_dirs, out, split)
         return _done(cfg, examples, stats, f"mine {split}",
                      {"rule": cfg.rule, "mining": to_dict(cfg), "split": split,
                       "candidate_dirs": [storage.redact(d) for d in cand_dirs]})
@@ -68,7 +68,7 @@ def run(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str], out_dir: str
 
 
 def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
-                out: str) -> tuple[dict[str, Any], int]:
+                out: str, split: str = "train") -> tuple[dict[str, Any], int]:
     """Map `MineShard` over every candidate shard on Ray Data (here, under `LOCAL_CANDIDATES`);
     returns the summed stats and the number of examples written. The driver sees one small row
     of stats per shard."""
@@ -79,9 +79,10 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
         # with it, also when a shard fails (an error kept in the driver, in a notebook or a
         # test, would otherwise keep the pool's CPUs and the next stage would wait for them).
         remote.ensure_ray()
-        return remote.in_task(_mine_on_pool, cfg, data_dir, out, list(cand_dirs), shards)
+        return remote.in_task(_mine_on_pool, cfg, data_dir, out, list(cand_dirs), shards, split)
     stats = mining.MiningStats()  # little work: no pool to start, the texts read here
-    result = MineShard(cfg, out, TextStore(data_dir, cfg.dedup_text, in_process=True), list(cand_dirs))(
+    result = MineShard(cfg, out, TextStore(data_dir, cfg.dedup_text, in_process=True), list(cand_dirs),
+                       (data_dir, split))(
         pa.table({"round": [s["round"] for s in shards], "url": [s["url"] for s in shards]},
                  schema=pa.schema([("round", pa.int64()), ("url", pa.string())])))
     for st in result.column("stats").to_pylist():
@@ -103,7 +104,7 @@ def _mine_here(data_dir: str, urls: Sequence[str]) -> bool:
 
 
 def _mine_on_pool(cfg: MiningConfig, data_dir: str, out: str, cand_dirs: list[str],
-                  shards: list[dict[str, Any]]) -> tuple[dict[str, Any], int]:
+                  shards: list[dict[str, Any]], split: str) -> tuple[dict[str, Any], int]:
     """The actor pool's pass over the shards, the texts in a `TextStore`: the summed stats and
     the examples written."""
     import ray
@@ -115,7 +116,8 @@ def _mine_on_pool(cfg: MiningConfig, data_dir: str, out: str, cand_dirs: list[st
     ctx.execution_options.preserve_order = True
     ctx.raise_original_map_exception = True  # the shard's own error, naming it
     ds = ray.data.from_items(shards).map_batches(
-        MineShard, fn_constructor_kwargs={"cfg": cfg, "out": out, "store": store, "cand_dirs": cand_dirs},
+        MineShard, fn_constructor_kwargs={"cfg": cfg, "out": out, "store": store, "cand_dirs": cand_dirs,
+                                          "split": (data_dir, split)},
         batch_size=1, batch_format="pyarrow", num_cpus=1,
         compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(len(shards), cpus))))
     stats, examples = mining.MiningStats(), 0
@@ -142,10 +144,13 @@ class MineShard:
 
     `cand_dirs`: every search round's stage, shallowest first. A query searched again deeper
     keeps only its deepest list: round j skips the query ids of the rounds after it, read here
-    (not in the driver) the first time a shard of round j comes."""
+    (not in the driver) the first time a shard of round j comes. `split`: (data folder, split)
+    whose judgements under `data.min_positive_score` its queries are given."""
 
-    def __init__(self, cfg: MiningConfig, out: str, store: TextStore, cand_dirs: list[str]) -> None:
+    def __init__(self, cfg: MiningConfig, out: str, store: TextStore, cand_dirs: list[str],
+                 split: tuple[str, str]) -> None:
         self.cfg, self.out, self.store, self.cand_dirs = cfg, out, store, cand_dirs
+        self.judged = prepared.judged_by_query(*split)
         self.later: dict[int, pa.Array] = {}
         self.scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
 
@@ -163,7 +168,7 @@ class MineShard:
             except (OSError, pa.ArrowException) as e:
                 raise ValueError(f"{storage.redact(url)}: cannot read this candidate shard: {e}") from e
             table = table.filter(pc.invert(pc.is_in(table.column("query_id"), value_set=self._later(j))))
-            rows, st = mine_table(self.cfg, table, self.store, self.scorer)
+            rows, st = mine_table(self.cfg, table, self.store, self.scorer, self.judged)
             name = f"part-{j}-{url.rsplit('/', 1)[-1].removeprefix('part-')}"
             storage.write_parquet(pa.Table.from_pylist(rows, schema=schemas.MINED),
                                   storage.join(self.out, name), row_group_size=ROW_GROUP)
@@ -173,19 +178,25 @@ class MineShard:
         return pa.table({"shard": names, "examples": counts, "stats": stats})
 
 
-def shard_queries(table: pa.Table) -> list[mining.QueryCandidates]:
-    """A candidate shard's rows as the pure miner's input (positives and scores from the shard)."""
+def shard_queries(table: pa.Table, judged: Mapping[str, Sequence[str]] | None = None
+                  ) -> list[mining.QueryCandidates]:
+    """A candidate shard's rows as the pure miner's input (positives and scores from the shard;
+    `judged`: each query's documents judged under `data.min_positive_score`)."""
     cols = {c: table.column(c).to_pylist() for c in ("query_id", "doc_ids", "scores", "positive_ids",
                                                      "positive_scores")}
-    return [mining.QueryCandidates(q, d, np.asarray(s, np.float64), p, np.asarray(ps, np.float32))
+    judged = judged or {}
+    return [mining.QueryCandidates(q, d, np.asarray(s, np.float64), p, np.asarray(ps, np.float32),
+                                   judged_ids=judged.get(q, ()))
             for q, d, s, p, ps in zip(*cols.values(), strict=True)]
 
 
 def mine_table(cfg: MiningConfig, table: pa.Table, store: TextStore,
-               scorer: CrossEncoderScorer | None = None) -> tuple[list[dict[str, Any]], mining.MiningStats]:
+               scorer: CrossEncoderScorer | None = None,
+               judged: Mapping[str, Sequence[str]] | None = None
+               ) -> tuple[list[dict[str, Any]], mining.MiningStats]:
     """Mine one candidate shard: windows cut, duplicate keys and texts fetched from `store`."""
     stats = mining.MiningStats()
-    queries = shard_queries(table)
+    queries = shard_queries(table, judged)
     if cfg.existing_negatives == "candidates":
         listed = dict(zip(table.column("query_id").to_pylist(),
                           zip(table.column("file_negative_ids").to_pylist(),
@@ -242,10 +253,12 @@ def _add_texts(rows: list[dict[str, Any]], store: TextStore) -> None:
 
 
 def _query_candidates(c: Mapping[str, Any], positives: Mapping[str, list[str]],
-                      pos_scores: Mapping[str, np.ndarray]) -> mining.QueryCandidates:
+                      pos_scores: Mapping[str, np.ndarray],
+                      judged: Mapping[str, list[str]]) -> mining.QueryCandidates:
     return mining.QueryCandidates(c["query_id"], c["doc_ids"], np.asarray(c["scores"], np.float64),
                                   positives.get(c["query_id"], []),
-                                  pos_scores.get(c["query_id"], np.zeros(0)))
+                                  pos_scores.get(c["query_id"], np.zeros(0)),
+                                  judged_ids=judged.get(c["query_id"], ()))
 
 
 def unfilled(cfgs: Sequence[MiningConfig], cand_dir: str, depth: int) -> pa.Array:
@@ -274,12 +287,14 @@ def mine_rows(cfg: MiningConfig, data_dir: str, embed_dir: str, cand_dirs: Seque
     scores = positive_scores(embed_dir, {q: ps + listed.get(q, []) for q, ps in positives.items()})
     pos_scores = {q: s[:len(positives[q])] for q, s in scores.items()}
     stats = mining.MiningStats()
-    queries = [_query_candidates(c, positives, pos_scores) for c in read_candidates(cand_dirs)]
+    judged = prepared.judged_by_query(data_dir, split)
+    queries = [_query_candidates(c, positives, pos_scores, judged) for c in read_candidates(cand_dirs)]
     if listed:
         queries = _join_file_negatives(queries, listed, {q: scores[q][len(positives[q]):] for q in listed},
                                        stats)
     queries = [mining.cut_to_window(q, cfg) for q in queries]
-    need = {d for q in queries for d in q.cand_ids} | {d for p in positives.values() for d in p}
+    need = ({d for q in queries for d in q.cand_ids} | {d for p in positives.values() for d in p}
+            | {d for j in judged.values() for d in j})
     texts = prepared.read_texts(storage.join(data_dir, "corpus"), need)
     qtexts = prepared.read_texts(storage.join(data_dir, prepared.QUERIES), {q.query_id for q in queries})
     scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
