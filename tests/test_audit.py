@@ -151,3 +151,48 @@ def test_cli_audit_on_a_small_beir_dataset(ray_local: None, tiny_beir: str, tiny
     (folder / "report.html").unlink()
     assert cli.main(["report", str(folder)]) == 0  # the page again, from the audit's files
     assert (folder / "report.html").read_text() == page
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["here", "pool"])
+def test_the_stage_on_shards_equals_the_one_process_reference(
+        ray_local: None, tiny_model: str, tmp_path_factory: pytest.TempPathFactory, pool: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cranfield (graded, 7 positives per query) with a random teacher: the stage, shard by
+    shard (here, and on the actor pool), counts what `audit_rows` counts reading every
+    candidate and text in one process."""
+    from posmine import pipeline
+    from posmine.config import default_beir_dir
+    from posmine.io import prepared
+    from posmine.io.candidates import candidate_shards, read_candidates
+    from posmine.io.vectors import positive_scores
+    from posmine.stages import audit as audit_stage
+
+    out = tmp_path_factory.mktemp("audit-scale")
+    cfg = load_config(None, [f"data.path={default_beir_dir('cranfield')}", f"teacher.model={tiny_model}",
+                             "teacher.max_length=32", "teacher.cpus_per_actor=0.5",
+                             "teacher.torch_threads=1", "index.query_batch_size=40",
+                             "mining.max_depth=256", "audit.anchors=[pair, max]",
+                             f"output.dir={out}"])
+    if pool:
+        monkeypatch.setattr(audit_stage, "LOCAL_CANDIDATES", 0)
+    got = pipeline.audit(cfg)["stats"]
+    grid = settings(cfg.mining, cfg.audit)
+    data_dir, _ = pipeline.prepare(cfg)
+    cand_dirs, _, _ = pipeline.candidates(cfg, cfg.teacher, [m for _, m in grid])
+    assert len([u for d in cand_dirs for u in candidate_shards(d)]) > 2  # several shards
+    positives = prepared.positives_by_query(prepared.read_prepared_qrels(data_dir, "train"))
+    split = hide_positives(positives, cfg.audit.hide_fraction, cfg.audit.seed)
+    scores = positive_scores(pipeline.embed(cfg)["dir"], positives)
+    pos_score = {q: dict(zip(positives[q], map(float, scores[q]), strict=True)) for q in split}
+    cands = read_candidates(cand_dirs)
+    texts = prepared.read_texts(f"{data_dir}/corpus")
+    qtexts = prepared.read_texts(f"{data_dir}/{prepared.QUERIES}")
+    want = audit_stage.audit_rows(grid, cands, split, pos_score, texts, qtexts)
+    assert got["queries_audited"] == len(split) and got["hidden_positives"] == sum(
+        len(h) for _, h in split.values())
+    assert len(got["settings"]) == len(want) == 15
+    for g, w in zip(got["settings"], want, strict=True):
+        assert {k: v for k, v in g.items() if "score" not in k} == {
+            k: v for k, v in w.items() if "score" not in k}, w["setting"]
+        assert g["kept_score_sum"] == pytest.approx(w["kept_score_sum"])
+    assert sum(r["hidden_kept"] for r in want) > 0  # the random teacher keeps some: a real count

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 import posmine.report as report
 from posmine.config import (
+    AuditConfig,
     Config,
     MiningConfig,
     TeacherConfig,
@@ -135,33 +136,94 @@ def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig
     `<name>-t<i>` and `mining.combine` merges them into `<name>`.
     """
     teacher, mining = teacher or cfg.teacher, mining or cfg.mining
+    mining, picked = resolve_auto(cfg, teacher, mining)
     extra = resolve_teachers(cfg)[1:] if extra_teachers is None else list(extra_teachers)
     if not extra:
-        return _mine_one(cfg, teacher, mining, name)
-    parts = [_mine_one(cfg, t, mining, f"{name}-t{i}") for i, t in enumerate([teacher, *extra])]
+        return _mine_one(cfg, teacher, mining, name, picked)
+    parts = [_mine_one(cfg, t, mining, f"{name}-t{i}", picked) for i, t in enumerate([teacher, *extra])]
     manifest = mine_stage.combine(mining, parts, cfg.output.dir, name=name)
     manifest["dir"] = storage.join(cfg.output.dir, name)
     return manifest
 
 
-def _mine_one(cfg: Config, teacher: TeacherConfig, mining: MiningConfig, name: str) -> dict[str, Any]:
+def _mine_one(cfg: Config, teacher: TeacherConfig, mining: MiningConfig, name: str,
+              picked: dict[str, Any] | None = None) -> dict[str, Any]:
     data_dir, _ = prepare(cfg)
     cand_dirs, upstream, _ = candidates(cfg, teacher, [mining])
     manifest = mine_stage.run(mining, data_dir, cand_dirs, cfg.output.dir,
-                              cfg.data.split, upstream=upstream, name=name)
+                              cfg.data.split, upstream=upstream, name=name, auto=picked)
     manifest["dir"] = storage.join(cfg.output.dir, name)
     return manifest
 
 
-def audit(cfg: Config) -> dict[str, Any]:
-    """data -> embed -> search (deep enough for every setting) -> audit of `cfg.audit.grid`."""
+def audit(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig | None = None,
+          audit_cfg: AuditConfig | None = None) -> dict[str, Any]:
+    """data -> embed -> search (deep enough for every setting) -> audit of `cfg.audit.grid`
+    (defaults: the config's teacher, mining and audit)."""
+    teacher, mining, audit_cfg = teacher or cfg.teacher, mining or cfg.mining, audit_cfg or cfg.audit
     data_dir, _ = prepare(cfg)
-    grid = audit_stage.settings(cfg.mining, cfg.audit)
+    grid = audit_stage.settings(mining, audit_cfg)
     # Deep enough for every setting's windows with all positives as anchors; hiding some can
     # lower a `max` or `mean` anchor below that, and the audit then counts those examples short.
-    dirs, key, _ = candidates(cfg, cfg.teacher, [m for _, m in grid])
-    return audit_stage.run(cfg.audit, grid, data_dir, embed_stage.stage_dir(cfg.output.dir, cfg.teacher),
-                           dirs, cfg.output.dir, cfg.data.split, key)
+    dirs, key, _ = candidates(cfg, teacher, [m for _, m in grid])
+    return audit_stage.run(audit_cfg, grid, data_dir, dirs, cfg.output.dir, cfg.data.split, key)
+
+
+# The values `mining.perc: auto` and `mining.margin: auto` choose from, tightest first.
+AUTO_VALUES = {"perc": (0.80, 0.85, 0.90, 0.925, 0.95, 0.975, 0.99),
+               "margin": (0.20, 0.15, 0.10, 0.075, 0.05, 0.025, 0.01)}
+AUTO_RULE = {"perc": "topk_percpos", "margin": "topk_marginpos"}
+MAX_SHORT = 0.2  # the most examples short of negatives an automatic pick may leave
+
+
+def resolve_auto(cfg: Config, teacher: TeacherConfig, mining: MiningConfig
+                 ) -> tuple[MiningConfig, dict[str, Any] | None]:
+    """`mining` with `perc: auto` or `margin: auto` replaced by a number, and why (None when
+    neither is auto). The audit hides half of each query's positives and counts, for each of
+    `AUTO_VALUES`, the share of kept negatives that are hidden positives; the loosest value with
+    at most `mining.max_fn_rate` of them and at most 20% of examples short wins. Data with one
+    positive per query has nothing to hide: the default stays."""
+    auto = [n for n in ("perc", "margin") if getattr(mining, n) == "auto"]
+    if not auto:
+        return mining, None
+    defaults: dict[str, Any] = {n: MiningConfig.__dataclass_fields__[n].default for n in auto}
+    fixed = dataclasses.replace(mining, **defaults)
+    name = next((n for n in auto if AUTO_RULE[n] == mining.rule), None)
+    if name is None:
+        return fixed, {"picked": defaults, "why": f"mining.rule={mining.rule} reads neither; the defaults"}
+    data_dir, _ = prepare(cfg)
+    if prepared.split_max_positives(data_dir, cfg.data.split) < 2:
+        return fixed, {"param": name, "picked": defaults[name],
+                       "why": "one positive per query: nothing to hide and count; the default"}
+    grid = tuple({"rule": mining.rule, name: v} for v in AUTO_VALUES[name])
+    rows = audit(cfg, teacher, fixed, dataclasses.replace(cfg.audit, grid=grid,
+                                                          anchors=(mining.anchor,)))["stats"]["settings"]
+    value, why = pick_auto(rows, AUTO_VALUES[name], mining.max_fn_rate)
+    log.info("mining.%s=auto: %s (%s)", name, value, why)
+    table = [{name: v, "fn_rate": round(r["fn_rate"], 4),
+              "short_share": round(r["examples_short"] / max(1, r["examples"]), 4)}
+             for v, r in zip(AUTO_VALUES[name], rows, strict=True)]
+    picked = dataclasses.replace(mining, **{**defaults, name: value})
+    return picked, {"param": name, "picked": value, "why": why, "audit": table}
+
+
+def pick_auto(rows: Sequence[dict[str, Any]], values: Sequence[float], max_fn_rate: float
+              ) -> tuple[float, str]:
+    """The loosest of `values` (tightest first, one audit row each) within `max_fn_rate` and
+    `MAX_SHORT`; else the one with the fewest false negatives among those not too short."""
+    short = [r["examples_short"] / max(1, r["examples"]) for r in rows]
+    fits = [i for i, r in enumerate(rows) if r["fn_rate"] <= max_fn_rate and short[i] <= MAX_SHORT]
+    if fits:
+        i = fits[-1]
+        return values[i], (f"the loosest with a false-negative rate of {rows[i]['fn_rate']:.1%} "
+                           f"<= max_fn_rate {max_fn_rate:.0%} and {short[i]:.0%} of examples short")
+    full = [i for i in range(len(rows)) if short[i] <= MAX_SHORT]
+    if not full:
+        i = 0
+        return values[i], f"every value leaves over {MAX_SHORT:.0%} of examples short; the tightest"
+    i = min(full, key=lambda j: rows[j]["fn_rate"])
+    return values[i], (f"none within max_fn_rate {max_fn_rate:.0%}: the fewest false negatives "
+                       f"({rows[i]['fn_rate']:.1%}) with at most {MAX_SHORT:.0%} of examples short")
 
 
 def evaluate(cfg: Config, model: str | None = None) -> dict[str, Any]:
@@ -185,6 +247,7 @@ def train(cfg: Config) -> dict[str, Any]:
         suffix = f"-{i}" if len(stages) > 1 else ""
         if remine and i > 0:
             teacher = student_view(cfg, student)
+        mining, _ = resolve_auto(cfg, teacher, mining)  # the bound below reads the number
         # The extra teachers join the configured teacher, not a re-mining student.
         mined = mine(cfg, teacher, mining, name=f"mine{suffix}",
                      extra_teachers=None if teacher == cfg.teacher else ())

@@ -40,6 +40,8 @@ def check_ranges(cfg: Any, section: str) -> None:
             continue
         items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
         for i, v in items:
+            if isinstance(v, str):  # a word the field allows besides numbers ("auto")
+                continue
             if not bounds.lo <= v <= bounds.hi:
                 key = f"{section}.{f.name}" + ("" if i is None else f"[{i}]")
                 raise ConfigError(f"{key} must be in [{bounds.lo:g}, {bounds.hi:g}], got {v!r}")

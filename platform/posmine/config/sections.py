@@ -179,8 +179,12 @@ class MiningConfig:
     # weak positive's example with candidates that outscore it, the false negatives. With the
     # survivors window (below) a weak positive's example still gets its negatives.
     anchor: Anchor = "pair"
-    perc: Annotated[float, Range(0.0, 1.0)] = 0.95  # topk_percpos: keep s < s+ * perc
-    margin: Annotated[float, Range(0.0, 2.0)] = 0.05  # topk_marginpos: keep s < s+ - margin
+    # topk_percpos: keep s < s+ * perc. auto: picked from labels before mining (the audit's
+    # hide-and-count on the mined split): the loosest value whose false-negative rate is at
+    # most max_fn_rate with at most 20% of examples short; the default with one positive a query.
+    perc: Annotated[float | Literal["auto"], Range(0.0, 1.0)] = 0.95
+    margin: Annotated[float | Literal["auto"], Range(0.0, 2.0)] = 0.05  # topk_marginpos: s < s+ - margin
+    max_fn_rate: Annotated[float, Range(0.0, 1.0)] = 0.10  # perc/margin auto: most false negatives
     threshold: Annotated[float, Range(-10**6, 10**6)] = 0.7  # topk_abs: keep s < threshold
     shift: Annotated[int, Range(0, 100_000)] = 10  # topk_shifted: keep rank > shift
     num_negatives: Annotated[int, Range(1, 10_000)] = 4  # hard negatives per training example

@@ -146,14 +146,22 @@ def describe_rule(mining: Mapping[str, Any]) -> str:
     return f"{rule} ({used})" if used else rule
 
 
+def number(cfg: MiningConfig, name: str) -> float:
+    """`mining.perc` or `mining.margin` as a number; `auto` is picked before mining starts."""
+    value = getattr(cfg, name)
+    if isinstance(value, str):
+        raise ValueError(f"mining.{name}={value}: pick the value first (pipeline.resolve_auto)")
+    return float(value)
+
+
 def rule_threshold(anchor: np.ndarray, cfg: MiningConfig) -> np.ndarray:
     """Per-query exclusive upper bound on kept scores: (nq,) -> (nq,); +inf for rank rules."""
     if cfg.rule == "topk_abs":
         bound = np.full_like(anchor, cfg.threshold)
     elif cfg.rule == "topk_marginpos":
-        bound = anchor - cfg.margin
+        bound = anchor - number(cfg, "margin")
     elif cfg.rule == "topk_percpos":
-        bound = anchor - np.abs(anchor) * (1.0 - cfg.perc)
+        bound = anchor - np.abs(anchor) * (1.0 - number(cfg, "perc"))
     else:
         bound = np.full_like(anchor, np.inf)
     if cfg.max_score is None:
@@ -209,9 +217,9 @@ def rule_keep_reference(scores: Sequence[float], eligible: Sequence[bool], ancho
         elif cfg.rule == "topk_abs":
             passes = s < cfg.threshold
         elif cfg.rule == "topk_marginpos":
-            passes = s < anchor - cfg.margin
+            passes = s < anchor - number(cfg, "margin")
         else:
-            passes = s < anchor - abs(anchor) * (1 - cfg.perc)
+            passes = s < anchor - abs(anchor) * (1 - number(cfg, "perc"))
         passes = passes and (cfg.max_score is None or s <= cfg.max_score)
         passes = passes and (cfg.min_score is None or s >= cfg.min_score)
         if not ok or (survivor_window(cfg) and not passes):

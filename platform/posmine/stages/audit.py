@@ -7,8 +7,10 @@ candidates, and the audit counts how many hidden positives each setting keeps as
 false negatives), how many its rule drops (what the filter catches) and what it drops besides
 (the cost). Queries with a single positive have nothing to hide and are counted apart.
 
-Reads the data stage's qrels and texts, the embed stage's vectors (positive scores) and the
-search stages' candidates; writes `<out>/audit/<hash>/`: `audit.json` and `audit.csv` (one row
+The stage runs as the mine stage does: over the search stages' candidate shards (which hold
+each query's positives and their teacher scores) on a Ray Data actor pool, every setting in one
+pass per shard, the texts' duplicate keys from `TextShard` actors, the counts summed last; the
+driver holds one small row per shard. Writes `<out>/audit/<hash>/`: `audit.json` and `audit.csv` (one row
 per setting), `tradeoff.png` (false-negative rate against negatives kept per example and
 against their mean teacher score), `fn_vs_perc.png`
 (false-negative rate against TopK-PercPos's `perc`, one line per anchor), `report.html`, and
@@ -21,18 +23,19 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 import posmine.report as report
 from posmine.config import AuditConfig, MiningConfig, config_hash, to_dict
 from posmine.core import mining
-from posmine.io import prepared, storage
-from posmine.io.candidates import read_candidates
-from posmine.io.vectors import positive_scores
-from posmine.stages import lifecycle
+from posmine.io import storage
+from posmine.io.candidates import Rounds, few_candidates, read_shard, shard_list, shard_queries, with_keys
+from posmine.io.textstore import TextStore
+from posmine.stages import lifecycle, remote
 
 ANCHORED = ("topk_marginpos", "topk_percpos")  # the rules that use s+
 COLUMNS = report.AUDIT_COLUMNS  # one row per setting, in audit.csv and on the page
@@ -78,6 +81,11 @@ class Counts:
     dropped: int = 0  # every candidate the rule dropped
     kept_score_sum: float = 0.0  # teacher scores of the kept negatives: how hard they are
 
+    def add(self, other: Mapping[str, Any]) -> None:
+        """Add another shard's counts (`dataclasses.asdict` of its `Counts`)."""
+        for k, v in other.items():
+            setattr(self, k, getattr(self, k) + v)
+
     def row(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self),
                 "kept_mean_score": self.kept_score_sum / max(1, self.negatives_kept),
@@ -95,16 +103,21 @@ def audit_batch(batch: Sequence[mining.QueryCandidates], hidden: Mapping[str, se
     stats = mining.MiningStats()
     f = mining.filter_batch(batch, cfg, texts, query_texts, stats)
     rows = mining.choose(f, cfg, stats)  # too_few=keep: one row per example
-    for e, ((i, _), row) in enumerate(zip(f.examples, rows, strict=True)):
-        q, h = f.queries[i], hidden.get(f.queries[i].query_id, set())
-        is_hidden = np.array([d in h for d in q.cand_ids] + [False] * (f.scores.shape[1] - len(q.cand_ids)))
-        counts.examples += 1
+    is_hidden = np.zeros(f.scores.shape, bool)  # (nq, K) per query, not per example
+    for i, q in enumerate(f.queries):
+        h = hidden.get(q.query_id, set())
+        is_hidden[i, :len(q.cand_ids)] = [d in h for d in q.cand_ids]
+    qrow = np.array([i for i, _ in f.examples], np.int64)  # (ne,)
+    hid = is_hidden[qrow]  # (ne, K)
+    counts.examples += len(rows)
+    counts.hidden_in_window += int((hid & (f.keep | f.dropped)).sum())
+    counts.hidden_dropped += int((hid & f.dropped).sum())
+    counts.dropped += int(f.dropped.sum())
+    for (i, _), row in zip(f.examples, rows, strict=True):
+        h = hidden.get(f.queries[i].query_id, set())
         counts.examples_short += len(row["negative_ids"]) < cfg.num_negatives
         counts.negatives_kept += len(row["negative_ids"])
-        counts.hidden_in_window += int((is_hidden & (f.keep[e] | f.dropped[e])).sum())
         counts.hidden_kept += sum(d in h for d in row["negative_ids"])
-        counts.hidden_dropped += int((is_hidden & f.dropped[e]).sum())
-        counts.dropped += int(f.dropped[e].sum())
         counts.kept_score_sum += sum(row["negative_scores"])
     return counts
 
@@ -113,7 +126,8 @@ def audit_rows(grid: Sequence[tuple[str, MiningConfig]], cands: Sequence[Mapping
                split_positives: Mapping[str, tuple[list[str], set[str]]],
                pos_score: Mapping[str, Mapping[str, float]], texts: Mapping[str, str],
                qtexts: Mapping[str, str]) -> list[dict[str, Any]]:
-    """One row per setting over the audited queries' candidates (pure; the stage reads files)."""
+    """One row per setting over the audited queries' candidates, in one process with every
+    text normalised per candidate: the reference the stage (`audit_table` per shard) is held to."""
     out = []
     hidden = {q: h for q, (_, h) in split_positives.items()}
     for label, m in grid:
@@ -125,40 +139,140 @@ def audit_rows(grid: Sequence[tuple[str, MiningConfig]], cands: Sequence[Mapping
             q = mining.QueryCandidates(c["query_id"], c["doc_ids"], np.asarray(c["scores"], np.float64),
                                        visible, np.array([pos_score[c["query_id"]][p] for p in visible]))
             batch.append(mining.cut_to_window(q, m))  # as the mine stage does
-        counts = audit_batch(batch, hidden, m, texts, qtexts)
-        param = {"topk_shifted": m.shift, "topk_abs": m.threshold, "topk_marginpos": m.margin,
-                 "topk_percpos": m.perc}.get(m.rule)
-        out.append({"setting": label, "rule": m.rule, "anchor": m.anchor if m.rule in ANCHORED else "",
-                    "param": param, "window": m.window if mining.survivor_window(m) else "rank",
-                    **counts.row()})
+        out.append(setting_row(label, m, audit_batch(batch, hidden, m, texts, qtexts)))
     return out
 
 
-def run(cfg: AuditConfig, grid: Sequence[tuple[str, MiningConfig]], data_dir: str, embed_dir: str,
+def setting_row(label: str, m: MiningConfig, counts: Counts) -> dict[str, Any]:
+    """A setting's line of audit.csv: what it is and its counts."""
+    param = {"topk_shifted": m.shift, "topk_abs": m.threshold, "topk_marginpos": m.margin,
+             "topk_percpos": m.perc}.get(m.rule)
+    return {"setting": label, "rule": m.rule, "anchor": m.anchor if m.rule in ANCHORED else "",
+            "param": param, "window": m.window if mining.survivor_window(m) else "rank",
+            **counts.row()}
+
+
+# Candidate cells (examples x list length) per call of the pure miner: an example's arrays are
+# as long as its query's list, and queries with dozens of positives searched deep multiply them.
+CELLS = 1 << 22
+
+
+def audit_table(grid: Sequence[tuple[str, MiningConfig]], cfg: AuditConfig, table: pa.Table,
+                store: TextStore) -> dict[str, Any]:
+    """One candidate shard: its queries' positives split into visible and hidden, then every
+    setting of `grid` over the same candidates. Returns the shard's counts per setting (as
+    dicts) and its query counts, for the driver to sum."""
+    queries = shard_queries(table)
+    split = hide_positives({q.query_id: list(q.pos_ids) for q in queries}, cfg.hide_fraction, cfg.seed)
+    visible = []
+    for q in queries:
+        if q.query_id in split:
+            score = dict(zip(q.pos_ids, q.pos_scores.tolist(), strict=True))
+            shown = split[q.query_id][0]
+            visible.append(dataclasses.replace(q, pos_ids=shown,
+                                               pos_scores=np.array([score[p] for p in shown])))
+    visible = with_keys(visible, store, grid[0][1].dedup_text)  # visible positives' texts banned
+    hidden = {q: h for q, (_, h) in split.items()}
+    counts = {label: Counts() for label, _ in grid}
+    for label, m in grid:
+        cut = [mining.cut_to_window(q, m) for q in visible]
+        for chunk in _chunks(cut):
+            audit_batch(chunk, hidden, m, counts=counts[label])
+    return {"counts": {label: dataclasses.asdict(c) for label, c in counts.items()},
+            "audited": len(split), "single": sum(len(q.pos_ids) == 1 for q in queries),
+            "hidden": sum(len(h) for h in hidden.values())}
+
+
+def _chunks(queries: Sequence[mining.QueryCandidates]) -> Iterator[list[mining.QueryCandidates]]:
+    """Runs of queries holding at most `CELLS` (examples x candidates) each (one at least)."""
+    chunk: list[mining.QueryCandidates] = []
+    cells = 0
+    for q in queries:
+        size = max(1, len(q.pos_ids)) * len(q.cand_ids)
+        if chunk and cells + size > CELLS:
+            yield chunk
+            chunk, cells = [], 0
+        chunk.append(q)
+        cells += size
+    if chunk:
+        yield chunk
+
+
+class AuditShard:
+    """Ray Data actor: `audit_table` over one candidate shard per call (a query searched again
+    deeper is audited on its deepest list only)."""
+
+    def __init__(self, grid: list[tuple[str, MiningConfig]], cfg: AuditConfig, store: TextStore,
+                 cand_dirs: list[str]) -> None:
+        self.grid, self.cfg, self.store, self.rounds = grid, cfg, store, Rounds(cand_dirs)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = [json.dumps(audit_table(self.grid, self.cfg, self.rounds.deepest(j, read_shard(url)),
+                                      self.store))
+               for j, url in zip(batch.column("round").to_pylist(), batch.column("url").to_pylist(),
+                                 strict=True)]
+        return pa.table({"result": out})
+
+
+# Below this many candidates over a corpus one text shard holds, the shards are audited here.
+LOCAL_CANDIDATES = 1 << 18
+
+
+def audit_shards(grid: Sequence[tuple[str, MiningConfig]], cfg: AuditConfig, data_dir: str,
+                 cand_dirs: Sequence[str]) -> dict[str, Any]:
+    """Every shard's `audit_table`, summed: on a Ray Data actor pool in a Ray task (here,
+    shard after shard, for few candidates). The driver holds one small row per shard."""
+    shards = shard_list(cand_dirs)
+    if len(shards) > 1 and not few_candidates(data_dir, [s["url"] for s in shards], LOCAL_CANDIDATES):
+        remote.ensure_ray()
+        return remote.in_task(_audit_on_pool, list(grid), cfg, data_dir, list(cand_dirs), shards,
+                              grid[0][1].dedup_text)
+    store = TextStore(data_dir, grid[0][1].dedup_text, in_process=True)
+    rows = AuditShard(list(grid), cfg, store, list(cand_dirs))(pa.table(
+        {"round": [s["round"] for s in shards], "url": [s["url"] for s in shards]},
+        schema=pa.schema([("round", pa.int64()), ("url", pa.string())])))
+    return _summed(grid, (json.loads(r) for r in rows.column("result").to_pylist()))
+
+
+def _audit_on_pool(grid: list[tuple[str, MiningConfig]], cfg: AuditConfig, data_dir: str,
+                   cand_dirs: list[str], shards: list[dict[str, Any]], dedup: str) -> dict[str, Any]:
+    store = TextStore(data_dir, dedup)
+    try:
+        return _summed(grid, (json.loads(r["result"]) for r in remote.map_shards(
+            AuditShard, {"grid": grid, "cfg": cfg, "store": store, "cand_dirs": cand_dirs},
+            shards, "audit")))
+    finally:
+        store.close()
+
+
+def _summed(grid: Sequence[tuple[str, MiningConfig]], results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The shards' counts added up: per setting, and the query counts."""
+    counts = {label: Counts() for label, _ in grid}
+    total = {"audited": 0, "single": 0, "hidden": 0}
+    for r in results:
+        for label, c in r["counts"].items():
+            counts[label].add(c)
+        for k in total:
+            total[k] += r[k]
+    return {**total, "rows": [setting_row(label, m, counts[label]) for label, m in grid]}
+
+
+def run(cfg: AuditConfig, grid: Sequence[tuple[str, MiningConfig]], data_dir: str,
         cand_dirs: Sequence[str], out_dir: str, split: str, upstream: str) -> dict[str, Any]:
     """The audit stage (skipped when current); returns its manifest with its folder as "dir"."""
     key = config_hash(cfg, [to_dict(m) for _, m in grid], upstream, split)
     target = storage.join(out_dir, "audit", key)
 
     def work() -> lifecycle.Done:
-        positives = prepared.positives_by_query(prepared.read_prepared_qrels(data_dir, split))
-        split_pos = hide_positives(positives, cfg.hide_fraction, cfg.seed)
-        scores = positive_scores(embed_dir, positives)
-        pos_score = {q: dict(zip(positives[q], map(float, scores[q]), strict=True)) for q in split_pos}
-        cands = read_candidates(cand_dirs)
-        need = {d for c in cands if c["query_id"] in split_pos for d in c["doc_ids"]}
-        texts = prepared.read_texts(storage.join(data_dir, "corpus"), need | set().union(*positives.values()))
-        qtexts = prepared.read_texts(storage.join(data_dir, prepared.QUERIES), set(split_pos))
-        rows = audit_rows(grid, cands, split_pos, pos_score, texts, qtexts)
+        summed = audit_shards(grid, cfg, data_dir, cand_dirs)
         summary = {"split": split, "hide_fraction": cfg.hide_fraction, "seed": cfg.seed,
-                   "queries_audited": len(split_pos),
-                   "queries_single_positive": sum(len(p) == 1 for p in positives.values()),
-                   "hidden_positives": sum(len(h) for _, h in split_pos.values()),
-                   "settings": rows}
+                   "queries_audited": summed["audited"],
+                   "queries_single_positive": summed["single"],
+                   "hidden_positives": summed["hidden"], "settings": summed["rows"]}
         write_outputs(target, summary)
-        return lifecycle.Done({"queries": len(split_pos), "settings": len(rows)}, stats=summary,
-                            outputs=["audit.json", "audit.csv", "tradeoff.png", "fn_vs_perc.png",
-                                     "report.html"])
+        return lifecycle.Done({"queries": summed["audited"], "settings": len(summed["rows"])},
+                              stats=summary, outputs=["audit.json", "audit.csv", "tradeoff.png",
+                                                      "fn_vs_perc.png", "report.html"])
 
     manifest = lifecycle.run_stage(target, "audit", key, work)
     return {**manifest, "dir": target}

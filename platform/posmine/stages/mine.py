@@ -24,14 +24,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from tqdm import tqdm
 
 from posmine.config import MiningConfig, config_hash, to_dict
 from posmine.core import mining
 from posmine.io import prepared, schemas, storage
-from posmine.io.candidates import candidate_shards, candidates_in, read_candidates
-from posmine.io.textstore import DOCS_PER_SHARD, TextStore
+from posmine.io.candidates import (
+    Rounds,
+    candidate_shards,
+    few_candidates,
+    read_candidates,
+    read_shard,
+    shard_list,
+    shard_queries,
+    with_keys,
+)
+from posmine.io.textstore import TextStore
 from posmine.io.vectors import positive_scores
 from posmine.models.rescore import CrossEncoderScorer, rescore
 from posmine.stages import lifecycle, remote
@@ -48,11 +55,13 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str], out_dir: str,
-        split: str, upstream: str, name: str = "mine") -> dict[str, Any]:
+        split: str, upstream: str, name: str = "mine",
+        auto: dict[str, Any] | None = None) -> dict[str, Any]:
     """Mine `split` into `<out_dir>/<name>` (skipped when current); returns the manifest.
 
     `cand_dirs`: the search stages to read, shallowest first; a query's list in a later one
-    (searched deeper) replaces its earlier one.
+    (searched deeper) replaces its earlier one. `auto`: how `perc: auto` (or `margin: auto`)
+    was picked, for the manifest.
     """
     target = storage.join(out_dir, name)
 
@@ -62,7 +71,8 @@ def run(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str], out_dir: str
         stats, examples = mine_shards(cfg, data_dir, cand_dirs, out, split)
         return _done(cfg, examples, stats, f"mine {split}",
                      {"rule": cfg.rule, "mining": to_dict(cfg), "split": split,
-                      "candidate_dirs": [storage.redact(d) for d in cand_dirs]})
+                      "candidate_dirs": [storage.redact(d) for d in cand_dirs],
+                      **({"auto": auto} if auto else {})})
 
     return lifecycle.run_stage(target, "mine", config_hash(cfg, upstream, split), work)
 
@@ -72,9 +82,8 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
     """Map `MineShard` over every candidate shard on Ray Data (here, under `LOCAL_CANDIDATES`);
     returns the summed stats and the number of examples written. The driver sees one small row
     of stats per shard."""
-    shards: list[dict[str, Any]] = [{"round": j, "url": u} for j, d in enumerate(cand_dirs)
-                                    for u in candidate_shards(d)]
-    if len(shards) > 1 and not _mine_here(data_dir, [s["url"] for s in shards]):
+    shards = shard_list(cand_dirs)
+    if len(shards) > 1 and not few_candidates(data_dir, [s["url"] for s in shards], LOCAL_CANDIDATES):
         # The stream runs in a Ray task: its actor pool belongs to the task's worker and goes
         # with it, also when a shard fails (an error kept in the driver, in a notebook or a
         # test, would otherwise keep the pool's CPUs and the next stage would wait for them).
@@ -90,53 +99,21 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
     return stats.to_dict(), sum(result.column("examples").to_pylist())
 
 
-def _mine_here(data_dir: str, urls: Sequence[str]) -> bool:
-    """Whether these candidate shards hold fewer than `LOCAL_CANDIDATES` in all (reading their
-    footers until the count reaches it) over a corpus that one text shard holds."""
-    if prepared.parquet_rows(storage.join(data_dir, "corpus")) > DOCS_PER_SHARD:
-        return False
-    total = 0
-    for url in urls:
-        total += candidates_in(url)
-        if total >= LOCAL_CANDIDATES:
-            return False
-    return True
-
-
 def _mine_on_pool(cfg: MiningConfig, data_dir: str, out: str, cand_dirs: list[str],
                   shards: list[dict[str, Any]], split: str) -> tuple[dict[str, Any], int]:
     """The actor pool's pass over the shards, the texts in a `TextStore`: the summed stats and
     the examples written."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
-
     store = TextStore(data_dir, cfg.dedup_text)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    ctx = DataContext.get_current()  # this task's own context
-    ctx.execution_options.preserve_order = True
-    ctx.raise_original_map_exception = True  # the shard's own error, naming it
-    ds = ray.data.from_items(shards).map_batches(
-        MineShard, fn_constructor_kwargs={"cfg": cfg, "out": out, "store": store, "cand_dirs": cand_dirs,
-                                          "split": (data_dir, split)},
-        batch_size=1, batch_format="pyarrow", num_cpus=1,
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(len(shards), cpus))))
     stats, examples = mining.MiningStats(), 0
     try:
-        with tqdm(total=len(shards), desc="mine", unit="shard") as bar:
-            for row in ds.iter_rows():
-                stats.add(json.loads(row["stats"]))
-                examples += int(row["examples"])
-                bar.update(1)
+        for row in remote.map_shards(MineShard, {"cfg": cfg, "out": out, "store": store,
+                                                 "cand_dirs": cand_dirs, "split": (data_dir, split)},
+                                     shards, "mine"):
+            stats.add(json.loads(row["stats"]))
+            examples += int(row["examples"])
     finally:
         store.close()
     return stats.to_dict(), examples
-
-
-def _query_ids(cand_dirs: Sequence[str]) -> pa.Array:
-    """The distinct query ids of these search stages' candidates."""
-    cols = [storage.read_parquet(u, ["query_id"]).column("query_id")
-            for d in cand_dirs for u in candidate_shards(d)]
-    return pc.unique(pa.chunked_array(cols, pa.string()).combine_chunks())  # empty: no later round
 
 
 class MineShard:
@@ -149,25 +126,15 @@ class MineShard:
 
     def __init__(self, cfg: MiningConfig, out: str, store: TextStore, cand_dirs: list[str],
                  split: tuple[str, str]) -> None:
-        self.cfg, self.out, self.store, self.cand_dirs = cfg, out, store, cand_dirs
+        self.cfg, self.out, self.store, self.rounds = cfg, out, store, Rounds(cand_dirs)
         self.judged = prepared.judged_by_query(*split)
-        self.later: dict[int, pa.Array] = {}
         self.scorer = CrossEncoderScorer(cfg.cross_encoder) if cfg.cross_encoder else None
-
-    def _later(self, j: int) -> pa.Array:
-        if j not in self.later:
-            self.later[j] = _query_ids(self.cand_dirs[j + 1:])
-        return self.later[j]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         names, counts, stats = [], [], []
         for j, url in zip(batch.column("round").to_pylist(), batch.column("url").to_pylist(),
                           strict=True):
-            try:
-                table = storage.read_parquet(url)
-            except (OSError, pa.ArrowException) as e:
-                raise ValueError(f"{storage.redact(url)}: cannot read this candidate shard: {e}") from e
-            table = table.filter(pc.invert(pc.is_in(table.column("query_id"), value_set=self._later(j))))
+            table = self.rounds.deepest(j, read_shard(url))
             rows, st = mine_table(self.cfg, table, self.store, self.scorer, self.judged)
             name = f"part-{j}-{url.rsplit('/', 1)[-1].removeprefix('part-')}"
             storage.write_parquet(pa.Table.from_pylist(rows, schema=schemas.MINED),
@@ -176,18 +143,6 @@ class MineShard:
             counts.append(len(rows))
             stats.append(json.dumps(st.to_dict()))
         return pa.table({"shard": names, "examples": counts, "stats": stats})
-
-
-def shard_queries(table: pa.Table, judged: Mapping[str, Sequence[str]] | None = None
-                  ) -> list[mining.QueryCandidates]:
-    """A candidate shard's rows as the pure miner's input (positives and scores from the shard;
-    `judged`: each query's documents judged under `data.min_positive_score`)."""
-    cols = {c: table.column(c).to_pylist() for c in ("query_id", "doc_ids", "scores", "positive_ids",
-                                                     "positive_scores")}
-    judged = judged or {}
-    return [mining.QueryCandidates(q, d, np.asarray(s, np.float64), p, np.asarray(ps, np.float32),
-                                   judged_ids=judged.get(q, ()))
-            for q, d, s, p, ps in zip(*cols.values(), strict=True)]
 
 
 def mine_table(cfg: MiningConfig, table: pa.Table, store: TextStore,
@@ -210,32 +165,12 @@ def mine_table(cfg: MiningConfig, table: pa.Table, store: TextStore,
         need = {d for q in queries for d in [*q.cand_ids, *q.pos_ids]}
         texts = store.texts("corpus", sorted(need))
         queries = rescore(queries, scorer, texts, store.texts("queries", [q.query_id for q in queries]))
-    queries = _with_keys(queries, store, cfg.dedup_text)
+    queries = with_keys(queries, store, cfg.dedup_text)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(queries), BATCH):
         rows.extend(mining.mine(queries[start:start + BATCH], cfg, stats=stats)[0])
     _add_texts(rows, store)
     return rows, stats
-
-
-def _with_keys(queries: list[mining.QueryCandidates], store: TextStore,
-               dedup: str) -> list[mining.QueryCandidates]:
-    """Each query with its candidates' duplicate keys and the keys it bans (its own text's and
-    its positives'); nothing banned with `dedup_text=none`."""
-    from dataclasses import replace
-
-    cand = [d for q in queries for d in q.cand_ids]
-    ckeys = store.keys("corpus", cand)  # (sum K,)
-    pkeys = store.keys("corpus", [p for q in queries for p in q.pos_ids]) if dedup != "none" else None
-    qkeys = store.keys("queries", [q.query_id for q in queries]) if dedup != "none" else None
-    out, c, p = [], 0, 0
-    for i, q in enumerate(queries):
-        k, n = len(q.cand_ids), len(q.pos_ids)
-        banned = (np.zeros(0, np.int64) if pkeys is None or qkeys is None
-                  else np.concatenate([pkeys[p:p + n], qkeys[i:i + 1]]))
-        out.append(replace(q, cand_keys=ckeys[c:c + k], banned_keys=banned))
-        c, p = c + k, p + n
-    return out
 
 
 def _add_texts(rows: list[dict[str, Any]], store: TextStore) -> None:

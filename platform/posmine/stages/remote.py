@@ -19,7 +19,7 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import posmine.terminal as terminal
@@ -86,3 +86,26 @@ def in_task(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if isinstance(e.cause, BaseException):
             raise e.cause from None
         raise
+
+
+def map_shards(actor: type, kwargs: dict[str, Any], shards: list[dict[str, Any]],
+               desc: str) -> Iterator[dict[str, Any]]:
+    """`actor(**kwargs)` over the candidate shards (`{"round", "url"}` rows) on a Ray Data actor
+    pool, one shard per call and as many actors as CPUs and shards allow; yields each call's
+    result rows as they come (with a progress bar). Run it inside `in_task`: the pool belongs
+    to the task's worker and goes with it, also when a shard fails."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+    from tqdm import tqdm
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    ctx = DataContext.get_current()  # this task's own context
+    ctx.execution_options.preserve_order = True
+    ctx.raise_original_map_exception = True  # the shard's own error, naming it
+    ds = ray.data.from_items(shards).map_batches(
+        actor, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="pyarrow", num_cpus=1,
+        compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(len(shards), cpus))))
+    with tqdm(total=len(shards), desc=desc, unit="shard") as bar:
+        for row in ds.iter_rows():
+            yield row
+            bar.update(1)
