@@ -3,8 +3,9 @@
 Synthetic BEIR data (`--docs` short documents; queries with 1-3 positives each, the
 multi-positive case) and a tiny random 2-layer BERT (hidden 32, 16 tokens) as teacher and
 student. Each stage of each size runs in a fresh driver process: data -> embed -> search ->
-mine -> train
-(`train.max_steps`, default 3: training is bounded, the point is what it reads). A random
+mine -> audit -> train
+(`train.max_steps`, default 3: training is bounded, the point is what it reads; the audit
+counts every setting of the default grid, 27, over the mine stage's candidates). A random
 teacher ranks the positives anywhere, so `mining.max_depth=128` bounds the deeper searches of
 the survivors windows (the default 4096 would make every list 4096 deep). Each stage's
 driver peak RSS is its process's `ru_maxrss` (this process only, not Ray's workers: the search
@@ -67,7 +68,7 @@ def make_dataset(nq: int, nd: int) -> Path:
     return root
 
 
-STAGES = ("data", "embed", "search", "mine", "train")
+STAGES = ("data", "embed", "search", "mine", "audit", "train")
 
 
 def child(data: str, model: str, out: str, steps: str, stage: str, kind: str) -> None:
@@ -102,6 +103,10 @@ def child(data: str, model: str, out: str, steps: str, stage: str, kind: str) ->
     elif stage == "mine":
         st = pipeline.mine(cfg)["stats"]
         extra = {"candidates": st["candidates"], "examples": st["examples"]}
+    elif stage == "audit":  # every setting of the default grid (27) over the same candidates
+        st = pipeline.audit(cfg)["stats"]
+        extra = {"settings": len(st["settings"]), "queries_audited": st["queries_audited"],
+                 "examples_audited": sum(r["examples"] for r in st["settings"])}
     else:
         pipeline.train(cfg)
     seconds = round(time.perf_counter() - t0, 1)
@@ -178,6 +183,8 @@ def main() -> None:
     p.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"],
                    help="the index kind; other than flat, its recall against flat is measured")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                   help="the stages to run (each needs the ones before it)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -189,7 +196,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         stages = []
-        stages_here = [*STAGES[:3], "recall", *STAGES[3:]] if a.index != "flat" else STAGES
+        stages_here = [*STAGES[:3], "recall", *STAGES[3:]] if a.index != "flat" else list(STAGES)
+        stages_here = [s for s in stages_here if s in a.stages or s == "recall"]
         for stage in stages_here:  # each stage in a fresh driver process
             proc = subprocess.run([sys.executable, __file__, "--child", str(data), str(model),
                                    str(out), str(a.steps), stage, a.index],
