@@ -59,6 +59,12 @@ def shard_list(cand_dirs: Sequence[str]) -> list[dict[str, Any]]:
     return [{"round": j, "url": u} for j, d in enumerate(cand_dirs) for u in candidate_shards(d)]
 
 
+def shard_table(shards: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """`shard_list`'s rows as the table a shard actor is called with in this process."""
+    return pa.table({"round": [s["round"] for s in shards], "url": [s["url"] for s in shards]},
+                    schema=pa.schema([("round", pa.int64()), ("url", pa.string())]))
+
+
 def query_ids(cand_dirs: Sequence[str]) -> pa.Array:
     """The distinct query ids of these search stages' candidates."""
     cols = [storage.read_parquet(u, ["query_id"]).column("query_id")

@@ -10,11 +10,10 @@ false negatives), how many its rule drops (what the filter catches) and what it 
 The stage runs as the mine stage does: over the search stages' candidate shards (which hold
 each query's positives and their teacher scores) on a Ray Data actor pool, every setting in one
 pass per shard, the texts' duplicate keys from `TextShard` actors, the counts summed last; the
-driver holds one small row per shard. Writes `<out>/audit/<hash>/`: `audit.json` and `audit.csv` (one row
-per setting), `tradeoff.png` (false-negative rate against negatives kept per example and
-against their mean teacher score), `fn_vs_perc.png`
-(false-negative rate against TopK-PercPos's `perc`, one line per anchor), `report.html`, and
-the manifest last.
+driver holds one small row per shard. Writes `<out>/audit/<hash>/`: `audit.json` and
+`audit.csv` (one row per setting), `tradeoff.png` (false-negative rate against negatives kept
+per example and against their mean teacher score), `fn_vs_perc.png` (false-negative rate
+against TopK-PercPos's `perc`, one line per anchor), `report.html`, and the manifest last.
 """
 
 from __future__ import annotations
@@ -33,7 +32,15 @@ import posmine.report as report
 from posmine.config import AuditConfig, MiningConfig, config_hash, to_dict
 from posmine.core import mining
 from posmine.io import storage
-from posmine.io.candidates import Rounds, few_candidates, read_shard, shard_list, shard_queries, with_keys
+from posmine.io.candidates import (
+    Rounds,
+    few_candidates,
+    read_shard,
+    shard_list,
+    shard_queries,
+    shard_table,
+    with_keys,
+)
 from posmine.io.textstore import TextStore
 from posmine.stages import lifecycle, remote
 
@@ -228,9 +235,7 @@ def audit_shards(grid: Sequence[tuple[str, MiningConfig]], cfg: AuditConfig, dat
         return remote.in_task(_audit_on_pool, list(grid), cfg, data_dir, list(cand_dirs), shards,
                               grid[0][1].dedup_text)
     store = TextStore(data_dir, grid[0][1].dedup_text, in_process=True)
-    rows = AuditShard(list(grid), cfg, store, list(cand_dirs))(pa.table(
-        {"round": [s["round"] for s in shards], "url": [s["url"] for s in shards]},
-        schema=pa.schema([("round", pa.int64()), ("url", pa.string())])))
+    rows = AuditShard(list(grid), cfg, store, list(cand_dirs))(shard_table(shards))
     return _summed(grid, (json.loads(r) for r in rows.column("result").to_pylist()))
 
 

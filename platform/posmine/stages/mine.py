@@ -36,6 +36,7 @@ from posmine.io.candidates import (
     read_shard,
     shard_list,
     shard_queries,
+    shard_table,
     with_keys,
 )
 from posmine.io.textstore import TextStore
@@ -78,7 +79,7 @@ def run(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str], out_dir: str
 
 
 def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
-                out: str, split: str = "train") -> tuple[dict[str, Any], int]:
+                out: str, split: str) -> tuple[dict[str, Any], int]:
     """Map `MineShard` over every candidate shard on Ray Data (here, under `LOCAL_CANDIDATES`);
     returns the summed stats and the number of examples written. The driver sees one small row
     of stats per shard."""
@@ -91,9 +92,7 @@ def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
         return remote.in_task(_mine_on_pool, cfg, data_dir, out, list(cand_dirs), shards, split)
     stats = mining.MiningStats()  # little work: no pool to start, the texts read here
     result = MineShard(cfg, out, TextStore(data_dir, cfg.dedup_text, in_process=True), list(cand_dirs),
-                       (data_dir, split))(
-        pa.table({"round": [s["round"] for s in shards], "url": [s["url"] for s in shards]},
-                 schema=pa.schema([("round", pa.int64()), ("url", pa.string())])))
+                       (data_dir, split))(shard_table(shards))
     for st in result.column("stats").to_pylist():
         stats.add(json.loads(st))
     return stats.to_dict(), sum(result.column("examples").to_pylist())
