@@ -282,11 +282,13 @@ def report(results: Path, teacher: str, reference: str = "naive_topk") -> str:
         machine_name = next(iter(runs.values())).get("machine", "2 CPU cores").split(",")[0]
         short = [r["short_share"] for r in runs.values() if r.get("short_share") is not None]
         masked = [r["masked_in_batch"] for r in runs.values() if r.get("masked_in_batch") is not None]
+        bound = [r["masked_in_batch_bound"] for r in runs.values() if r.get("masked_in_batch_bound")]
         rows.append(f"| {row} | {per_seed} | {mean} | {delta} | {recall} | "
                     f"{mean_of(runs, 'dropped_by_rule')} | {mean_of(runs, 'negatives_kept')} | "
                     f"{mean_of(runs, 'queries_out')} | "
                     f"{f'{statistics.mean(short):.1%}' if short else ''} | "
-                    f"{f'{statistics.mean(masked):.0f}' if masked else ''} | "
+                    f"{f'{statistics.mean(masked):.0f}' if masked else ''}"
+                    f"{f' + {statistics.mean(bound):.0f} by the bound' if bound else ''} | "
                     f"{mean_of(runs, 'train_seconds')} | {machine_name} |")
     head = (f"| row | nDCG@10 by seed | mean ± sd | vs {reference}, same seeds | Recall@100 | "
             "dropped as false negatives | negatives kept | train queries | examples short of k | "
