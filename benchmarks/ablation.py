@@ -58,7 +58,7 @@ ROWS: dict[str, list[str]] = {
     "topk_percpos": ["mining.rule=topk_percpos", "mining.perc=0.95", "mining.window=rank"],
     "naive_topk": ["mining.rule=naive_topk"],
     "in_batch_only": ["mining.rule=naive_topk", "train.num_negatives=0"],
-    "st_recipe": [],
+    "st_recipe": ["data.min_positive_score=1"],  # every judged pair, as a user would give it
     "topk_marginpos": ["mining.rule=topk_marginpos", "mining.margin=0.05", "mining.window=rank"],
     "topk_abs": ["mining.rule=topk_abs", "mining.threshold=0.7", "mining.window=rank"],
     "topk_shifted": ["mining.rule=topk_shifted", "mining.shift=10"],
@@ -179,6 +179,7 @@ def run_posmine(cfg: Config, row: str, seed: int) -> dict[str, Any]:
     return {"metrics": ev["metrics"], "dropped_by_rule": dropped(stats),
             "queries_out": stats["queries_out"], "negatives_kept": stats["negatives_kept"],
             "examples": stats.get("examples"), "short_share": stats.get("short_share"),
+            "removed_judged": stats.get("removed_judged"), "auto": mined.get("auto"),
             "masked_in_batch": tstats.get("masked_in_batch_pairs"),
             "masked_hard": tstats.get("masked_hard_negatives"),
             "masked_in_batch_bound": tstats.get("masked_in_batch_bound"),
