@@ -37,20 +37,25 @@ def grad_atol(want: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 1000])
-@pytest.mark.parametrize("in_batch, distill", [(True, 0.0), (False, 0.5)])
+@pytest.mark.parametrize("in_batch, distill, bound", [(True, 0.0, "none"), (False, 0.5, "none"),
+                                                      (True, 0.0, "rule")])
 def test_grad_cache_equals_one_pass(tiny_model: str, chunk: int, in_batch: bool,
-                                    distill: float) -> None:
+                                    distill: float, bound: str) -> None:
     """Without dropout chunking changes nothing but the padding: the loss, every gradient and
-    the masked counts equal one pass over the batch (6 queries, 6 x (1 + 3) passages)."""
-    cfg = TrainConfig(model=tiny_model, batch_size=6, num_negatives=3,
-                      in_batch_negatives=in_batch, distill_weight=distill)
+    the masked counts (the teacher's in-batch bound's too) equal one pass over the batch
+    (6 queries, 6 x (1 + 3) passages)."""
+    from tests.test_in_batch_bound import bound_rows
+
+    rows = bound_rows() if bound == "rule" else ROWS
+    cfg = TrainConfig(model=tiny_model, batch_size=6, num_negatives=3, in_batch_negatives=in_batch,
+                      distill_weight=distill, in_batch_bound=bound)  # type: ignore[arg-type]
     plain = _trainer(cfg, dropout=False)
-    want = plain.backward(ROWS)
+    want = plain.backward(rows)
     cached = _trainer(replace(cfg, grad_cache_chunk=chunk), dropout=False)
-    got = cached.backward(ROWS)
+    got = cached.backward(rows)
     assert float(got) == pytest.approx(float(want), rel=1e-5)
     _assert_same(_grads(cached), _grads(plain))
-    assert cached.masked == plain.masked
+    assert cached.masked == plain.masked and (plain.masked["in_batch_bound"] > 0) == (bound == "rule")
 
 
 def test_grad_cache_replays_dropout(tiny_model: str) -> None:

@@ -1,10 +1,9 @@
 """`train.in_batch_bound=rule`: in-batch negatives held to the mining rule's bound, with the
-teacher's vectors read from the embed stage's files, against per-pair references; GradCache and
-cross-worker gathering give the same loss, gradients and counts as one plain pass."""
+teacher's vectors read from the embed stage's files, against per-pair references (GradCache:
+tests/test_grad_cache.py; gathering across workers: tests/test_gather.py)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,21 +82,6 @@ def test_without_vectors_the_rule_is_refused(tiny_model: str) -> None:
     cfg = TrainConfig(model=tiny_model, batch_size=6, num_negatives=3, in_batch_bound="rule")
     with pytest.raises(ValueError, match="in_batch_bound=rule"):
         StudentTrainer(cfg, 1, CPU).loss(ROWS)
-
-
-@pytest.mark.parametrize("chunk", [1, 7])
-def test_grad_cache_holds_the_bound(tiny_model: str, chunk: int) -> None:
-    from tests.test_grad_cache import _assert_same, _grads, _trainer
-
-    rows = bound_rows()
-    cfg = TrainConfig(model=tiny_model, batch_size=6, num_negatives=3, in_batch_bound="rule")
-    plain = _trainer(cfg, dropout=False)
-    want = plain.backward(rows)
-    cached = _trainer(replace(cfg, grad_cache_chunk=chunk), dropout=False)
-    got = cached.backward(rows)
-    assert float(got) == pytest.approx(float(want), rel=1e-5)
-    _assert_same(_grads(cached), _grads(plain))
-    assert cached.masked == plain.masked and plain.masked["in_batch_bound"] > 0
 
 
 def _write_embeddings(root: Path, vectors: dict[str, dict[str, np.ndarray]]) -> str:
