@@ -93,11 +93,11 @@ def _write_judged(prepared: dict[str, pa.Table], cfg: DataConfig, target: str) -
     positives, judged = split_by_grade(table, cfg.min_positive_score)
     prepared[cfg.split] = positives
     storage.write_parquet(judged, storage.join(target, JUDGED, f"{cfg.split}.parquet"))
-    before = set(table.filter(pc.greater(table.column("score"), 0)).column("query_id").to_pylist())
-    after = set(positives.filter(pc.greater(positives.column("score"), 0)).column("query_id").to_pylist())
+    relevant = positives.filter(pc.greater(positives.column("score"), 0))
+    left = set(judged.column("query_id").to_pylist()) - set(relevant.column("query_id").to_pylist())
     counts = {"min_positive_score": cfg.min_positive_score, "split": cfg.split,
-              "positives": positives.filter(pc.greater(positives.column("score"), 0)).num_rows,
-              "judged_below": judged.num_rows, "queries_left_without_positive": len(before - after)}
+              "positives": relevant.num_rows, "judged_below": judged.num_rows,
+              "queries_left_without_positive": len(left)}
     log.info("data: %s: %d judgements at or above %d are positives, %d below it are never negatives",
              cfg.split, counts["positives"], cfg.min_positive_score, judged.num_rows)
     return counts
