@@ -84,6 +84,8 @@ ROWS: dict[str, list[str]] = {
     "graded_3": ["data.min_positive_score=3"],
     "graded_2_bound": ["data.min_positive_score=2", "train.in_batch_bound=rule"],
     "graded_2_rank": ["data.min_positive_score=2", "mining.window=rank"],
+    # every (query, positive) pair an example each epoch, as the recipe trains
+    "graded_2_all": ["data.min_positive_score=2", "train.positives=all"],
     # perc picked from the labels (the audit on the training split, mining.max_fn_rate 0.10)
     "perc_auto": ["mining.perc=auto"],
     # the control: sentence-transformers' recipe on the grade-2-and-up pairs alone (the weaker
