@@ -1,6 +1,6 @@
 """Fixed costs of a small `posmine run`: each stage's seconds, with the small search and mine
 work in its own process (the defaults) and on Ray actors as before (`index.local_below=0`, the
-mine stage's `LOCAL_CANDIDATES=0`). Work this small is almost all fixed cost, which is what
+`remote.LOCAL_CANDIDATES=0`). Work this small is almost all fixed cost, which is what
 most of the test suite pays.
 
     python benchmarks/small_run.py --json benchmarks/results/small_run.json
@@ -27,7 +27,7 @@ from _common import emit
 REPO = Path(__file__).resolve().parents[1]
 ARMS = {  # arm -> (overrides, Python run first in the process)
     "in_process": ([], ""),
-    "actors": (["index.local_below=0"], "import posmine.stages.mine as m; m.LOCAL_CANDIDATES = 0; "),
+    "actors": (["index.local_below=0"], "import posmine.stages.remote as m; m.LOCAL_CANDIDATES = 0; "),
 }
 
 

@@ -166,6 +166,7 @@ def test_the_stage_on_shards_equals_the_one_process_reference(
     from posmine.io.candidates import candidate_shards, read_candidates
     from posmine.io.vectors import positive_scores
     from posmine.stages import audit as audit_stage
+    from posmine.stages import remote
 
     out = tmp_path_factory.mktemp("audit-scale")
     cfg = load_config(None, [f"data.path={default_beir_dir('cranfield')}", f"teacher.model={tiny_model}",
@@ -174,7 +175,7 @@ def test_the_stage_on_shards_equals_the_one_process_reference(
                              "mining.max_depth=256", "audit.anchors=[pair, max]",
                              f"output.dir={out}"])
     if pool:
-        monkeypatch.setattr(audit_stage, "LOCAL_CANDIDATES", 0)
+        monkeypatch.setattr(remote, "LOCAL_CANDIDATES", 0)
     got = pipeline.audit(cfg)["stats"]
     grid = settings(cfg.mining, cfg.audit)
     data_dir, _ = pipeline.prepare(cfg)

@@ -30,6 +30,26 @@ def test_evaluate_takes_overrides_after_the_model_and_refuses_a_missing_one_befo
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_a_call_leaves_the_loggers_as_it_found_them(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A program that calls the CLI twice: the first call's terminal handler and log file are
+    gone once it returns, so nothing writes to a stream that has closed since."""
+    import logging
+
+    root = logging.getLogger()
+    before = root.handlers[:]
+    args = ["mine", "jobs/configs/scifact.yaml", f"data.path={tmp_path / 'nope'}",
+            f"output.dir={tmp_path / 'out'}"]
+    assert main(args) == 1  # after the lease and the log file: the data stage finds no dataset
+    assert "posmine: error: " in capsys.readouterr().err
+    log_file = tmp_path / "out" / "posmine.log"
+    assert log_file.exists() and root.handlers == before
+    assert not [h for name in ("ray", "ray.train") for h in logging.getLogger(name).handlers
+                if isinstance(h, logging.FileHandler) and h.baseFilename == str(log_file)]
+    assert main(args) == 1
+    assert log_file.read_text().count("log: ") == 2  # each call wrote its own lines once
+
+
 def test_config_show_prints_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 

@@ -24,6 +24,7 @@ from posmine.io import prepared, storage
 from posmine.io.candidates import candidate_shards
 from posmine.io.textstore import TextStore, bucket
 from posmine.stages import mine as mine_stage
+from posmine.stages import remote
 from posmine.stages.evaluate import qrels_dict, run_from_candidates
 
 
@@ -67,7 +68,7 @@ def test_mine_stage_on_shards_equals_the_one_process_reference(
     # in-process run's stages current and do nothing
     cfg = _cfg(dataset, tiny_model, outputs / "actors" if on_actors else outputs, extra)
     if on_actors:
-        monkeypatch.setattr(mine_stage, "LOCAL_CANDIDATES", 0)  # the pool, however few
+        monkeypatch.setattr(remote, "LOCAL_CANDIDATES", 0)  # the pool, however few
     manifest = pipeline.mine(cfg)
     shards = storage.listdir(f"{manifest['dir']}/mined.parquet")
     assert len(shards) > 2  # several query shards, one mined shard each
@@ -133,7 +134,7 @@ def test_a_mine_stage_that_fails_midway_leaves_no_manifest_and_a_rerun_finishes(
     manifest and the error names the shard; mended, a rerun writes the same examples as a
     clean run. On the actor pool, and in this process (Cranfield's few candidates)."""
     if where == "pool":
-        monkeypatch.setattr(mine_stage, "LOCAL_CANDIDATES", 0)
+        monkeypatch.setattr(remote, "LOCAL_CANDIDATES", 0)
     cfg = _cfg("cranfield", tiny_model, outputs, ["mining.num_negatives=3"])
     dirs, upstream, _ = pipeline.candidates(cfg, cfg.teacher, [cfg.mining])
     data_dir, _ = pipeline.prepare(cfg)

@@ -167,11 +167,12 @@ def test_a_full_disk_stops_training_at_once_with_the_path(
     """The first checkpoint fills the disk: one line naming the stage and the error, no retry
     (Ray Train would retry a worker's error `max_failures` times), no manifest, no unfinished
     checkpoint; with room again the same command trains."""
+    max_failures = 5
     from posmine.cli import main
 
     args = ["train", "jobs/configs/scifact.yaml",
             *_overrides(tiny_beir, tiny_model, str(small_disk / "out"), "train.checkpoint_every=1",
-                        "train.max_failures=3")]
+                        f"train.max_failures={max_failures}")]
     assert main(["mine", *args[1:]]) == 0
     filler = small_disk / "filler"
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
@@ -186,7 +187,10 @@ def test_a_full_disk_stops_training_at_once_with_the_path(
         assert code == 1 and len(lines) == 1, err[-3000:]
         assert "the train stage stopped: " in lines[0] and "No space left on device" in lines[0]
         assert f"{small_disk}/out/train/ray" in lines[0], lines[0]  # where it was writing
-        assert (tmp_path / "train.start.calls").read_text() == "x"  # trained once: no retry
+        # No retry on the error: retried, it would start 1 + max_failures times. On a loaded
+        # machine Ray Train may restart a worker group once for its own reasons, before the error.
+        starts = len((tmp_path / "train.start.calls").read_text())
+        assert 1 <= starts <= 2 < 1 + max_failures, starts
         train = small_disk / "out" / "train"
         assert not (train / storage.MANIFEST).exists()
         assert not [p for p in train.rglob("*.safetensors") if p.stat().st_size == 0]

@@ -255,7 +255,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    terminal.setup(args.verbose)
+    with terminal.session(args.verbose):
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """One verb, its errors as one line on stderr; the exit code."""
     previous = None
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (kubectl delete, a scheduler's kill) stops as cleanly as Ctrl-C.

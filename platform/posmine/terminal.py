@@ -63,6 +63,33 @@ def setup(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+@contextlib.contextmanager
+def session(verbose: bool) -> Iterator[None]:
+    """`setup` for one CLI call; afterwards the loggers as they were and the call's log files
+    closed, so that a program (or a test) that calls the CLI again gets no handler of the last
+    call writing to a stream that has gone."""
+    root = logging.getLogger()
+    saved_root, saved_level, saved_quiet = root.handlers[:], root.level, os.environ.get(QUIET_ENV)
+    saved_ray = {name: (logging.getLogger(name).handlers[:], logging.getLogger(name).propagate)
+                 for name in RAY_LOGGERS}
+    opened = len(_FILES)
+    setup(verbose)
+    try:
+        yield
+    finally:
+        for handler in _FILES[opened:]:
+            handler.close()
+        del _FILES[opened:]
+        root.handlers = saved_root
+        root.setLevel(saved_level)
+        for name, (handlers, propagate) in saved_ray.items():
+            logging.getLogger(name).handlers, logging.getLogger(name).propagate = handlers, propagate
+        if saved_quiet is None:
+            os.environ.pop(QUIET_ENV, None)
+        else:
+            os.environ[QUIET_ENV] = saved_quiet
+
+
 def log_to_file(out_dir: str) -> str:
     """Every log line, at INFO and up, also to `<out_dir>/posmine.log` (a local file under
     `$POSMINE_CACHE/logs` when `out_dir` is object storage); returns its path."""
@@ -82,6 +109,7 @@ def log_to_file(out_dir: str) -> str:
 
 
 _FILES: list[logging.FileHandler] = []
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")  # each with its own stderr handler
 
 
 def log_file() -> str | None:
@@ -95,7 +123,7 @@ def quiet_ray() -> None:
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
-    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+    for name in RAY_LOGGERS:
         lg = logging.getLogger(name)
         kept = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)
                 or isinstance(h, logging.FileHandler)]

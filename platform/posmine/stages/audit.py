@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -34,11 +35,9 @@ from posmine.core import mining
 from posmine.io import storage
 from posmine.io.candidates import (
     Rounds,
-    few_candidates,
     read_shard,
     shard_list,
     shard_queries,
-    shard_table,
     with_keys,
 )
 from posmine.io.textstore import TextStore
@@ -221,40 +220,21 @@ class AuditShard:
         return pa.table({"result": out})
 
 
-# Below this many candidates over a corpus one text shard holds, the shards are audited here.
-LOCAL_CANDIDATES = 1 << 18
-
-
 def audit_shards(grid: Sequence[tuple[str, MiningConfig]], cfg: AuditConfig, data_dir: str,
                  cand_dirs: Sequence[str]) -> dict[str, Any]:
-    """Every shard's `audit_table`, summed: on a Ray Data actor pool in a Ray task (here,
-    shard after shard, for few candidates). The driver holds one small row per shard."""
-    shards = shard_list(cand_dirs)
-    if len(shards) > 1 and not few_candidates(data_dir, [s["url"] for s in shards], LOCAL_CANDIDATES):
-        remote.ensure_ray()
-        return remote.in_task(_audit_on_pool, list(grid), cfg, data_dir, list(cand_dirs), shards,
-                              grid[0][1].dedup_text)
-    store = TextStore(data_dir, grid[0][1].dedup_text, in_process=True)
-    rows = AuditShard(list(grid), cfg, store, list(cand_dirs))(shard_table(shards))
-    return _summed(grid, (json.loads(r) for r in rows.column("result").to_pylist()))
+    """Every shard's `audit_table`, summed (`remote.over_shards`). The driver holds one small
+    row per shard."""
+    return remote.over_shards(
+        AuditShard, {"grid": list(grid), "cfg": cfg, "cand_dirs": list(cand_dirs)},
+        shard_list(cand_dirs), data_dir, grid[0][1].dedup_text, "audit",
+        functools.partial(_summed, list(grid)))
 
 
-def _audit_on_pool(grid: list[tuple[str, MiningConfig]], cfg: AuditConfig, data_dir: str,
-                   cand_dirs: list[str], shards: list[dict[str, Any]], dedup: str) -> dict[str, Any]:
-    store = TextStore(data_dir, dedup)
-    try:
-        return _summed(grid, (json.loads(r["result"]) for r in remote.map_shards(
-            AuditShard, {"grid": grid, "cfg": cfg, "store": store, "cand_dirs": cand_dirs},
-            shards, "audit")))
-    finally:
-        store.close()
-
-
-def _summed(grid: Sequence[tuple[str, MiningConfig]], results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def _summed(grid: Sequence[tuple[str, MiningConfig]], rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """The shards' counts added up: per setting, and the query counts."""
     counts = {label: Counts() for label, _ in grid}
     total = {"audited": 0, "single": 0, "hidden": 0}
-    for r in results:
+    for r in (json.loads(row["result"]) for row in rows):
         for label, c in r["counts"].items():
             counts[label].add(c)
         for k in total:

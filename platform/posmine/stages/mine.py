@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,12 +31,10 @@ from posmine.io import prepared, schemas, storage
 from posmine.io.candidates import (
     Rounds,
     candidate_shards,
-    few_candidates,
     read_candidates,
     read_shard,
     shard_list,
     shard_queries,
-    shard_table,
     with_keys,
 )
 from posmine.io.textstore import TextStore
@@ -47,11 +45,6 @@ from posmine.stages import lifecycle, remote
 BATCH = 4096  # queries per call of the pure miner
 ROW_GROUP = 4096  # mined rows per Parquet row group
 MINED = "mined.parquet"  # a folder of shards
-# Below this many candidates (all shards, from their footers), over a corpus one text shard
-# holds, the shards are mined here, one after another, as one pool actor would: the pool's start
-# (a worker importing Ray Data and posmine, then its actor: 10-18 s on 2 cores) takes longer
-# than mining them (SciFact's 29k candidates: ~1 s).
-LOCAL_CANDIDATES = 1 << 18
 log = logging.getLogger(__name__)
 
 
@@ -80,38 +73,19 @@ def run(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str], out_dir: str
 
 def mine_shards(cfg: MiningConfig, data_dir: str, cand_dirs: Sequence[str],
                 out: str, split: str) -> tuple[dict[str, Any], int]:
-    """Map `MineShard` over every candidate shard on Ray Data (here, under `LOCAL_CANDIDATES`);
-    returns the summed stats and the number of examples written. The driver sees one small row
-    of stats per shard."""
-    shards = shard_list(cand_dirs)
-    if len(shards) > 1 and not few_candidates(data_dir, [s["url"] for s in shards], LOCAL_CANDIDATES):
-        # The stream runs in a Ray task: its actor pool belongs to the task's worker and goes
-        # with it, also when a shard fails (an error kept in the driver, in a notebook or a
-        # test, would otherwise keep the pool's CPUs and the next stage would wait for them).
-        remote.ensure_ray()
-        return remote.in_task(_mine_on_pool, cfg, data_dir, out, list(cand_dirs), shards, split)
-    stats = mining.MiningStats()  # little work: no pool to start, the texts read here
-    result = MineShard(cfg, out, TextStore(data_dir, cfg.dedup_text, in_process=True), list(cand_dirs),
-                       (data_dir, split))(shard_table(shards))
-    for st in result.column("stats").to_pylist():
-        stats.add(json.loads(st))
-    return stats.to_dict(), sum(result.column("examples").to_pylist())
+    """`MineShard` over every candidate shard (`remote.over_shards`); returns the summed stats
+    and the number of examples written. The driver sees one small row of stats per shard."""
+    return remote.over_shards(
+        MineShard, {"cfg": cfg, "out": out, "cand_dirs": list(cand_dirs), "split": (data_dir, split)},
+        shard_list(cand_dirs), data_dir, cfg.dedup_text, "mine", _totals)
 
 
-def _mine_on_pool(cfg: MiningConfig, data_dir: str, out: str, cand_dirs: list[str],
-                  shards: list[dict[str, Any]], split: str) -> tuple[dict[str, Any], int]:
-    """The actor pool's pass over the shards, the texts in a `TextStore`: the summed stats and
-    the examples written."""
-    store = TextStore(data_dir, cfg.dedup_text)
+def _totals(rows: Iterable[Mapping[str, Any]]) -> tuple[dict[str, Any], int]:
+    """The shards' stats summed, and their examples counted."""
     stats, examples = mining.MiningStats(), 0
-    try:
-        for row in remote.map_shards(MineShard, {"cfg": cfg, "out": out, "store": store,
-                                                 "cand_dirs": cand_dirs, "split": (data_dir, split)},
-                                     shards, "mine"):
-            stats.add(json.loads(row["stats"]))
-            examples += int(row["examples"])
-    finally:
-        store.close()
+    for row in rows:
+        stats.add(json.loads(row["stats"]))
+        examples += int(row["examples"])
     return stats.to_dict(), examples
 
 

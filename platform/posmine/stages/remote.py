@@ -19,10 +19,12 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import posmine.terminal as terminal
+from posmine.io.candidates import few_candidates, shard_table
+from posmine.io.textstore import TextStore
 
 T = TypeVar("T")
 # Splits with fewer queries are searched and deepened in the driver, without starting Ray: below
@@ -86,6 +88,39 @@ def in_task(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if isinstance(e.cause, BaseException):
             raise e.cause from None
         raise
+
+
+# Below this many candidates (all shards, from their footers), over a corpus one text shard
+# holds, the shards are worked here, one after another, as one pool actor would: the pool's
+# start (a worker importing Ray Data and posmine, then its actor: 10-18 s on 2 cores) takes
+# longer than mining them (SciFact's 29k candidates: ~1 s).
+LOCAL_CANDIDATES = 1 << 18
+
+
+def over_shards(actor: type, kwargs: dict[str, Any], shards: list[dict[str, Any]], data_dir: str,
+                dedup: str, desc: str, fold: Callable[[Iterable[dict[str, Any]]], T]) -> T:
+    """`fold` of the result rows of `actor(**kwargs, store=<the corpus' texts>)` called on each
+    candidate shard (`{"round", "url"}` rows): on a Ray Data actor pool in a Ray task, or here,
+    shard after shard, under `LOCAL_CANDIDATES`. The caller sees what `fold` returns, never the
+    rows. `fold` runs where the rows are: a module-level function (or a partial of one)."""
+    if len(shards) > 1 and not few_candidates(data_dir, [s["url"] for s in shards], LOCAL_CANDIDATES):
+        # The stream runs in a Ray task: its actor pool belongs to the task's worker and goes
+        # with it, also when a shard fails (an error kept in the driver, in a notebook or a
+        # test, would otherwise keep the pool's CPUs and the next stage would wait for them).
+        ensure_ray()
+        return in_task(_over_pool, actor, kwargs, shards, data_dir, dedup, desc, fold)
+    store = TextStore(data_dir, dedup, in_process=True)  # little work: the texts read here
+    return fold(actor(**kwargs, store=store)(shard_table(shards)).to_pylist())
+
+
+def _over_pool(actor: type, kwargs: dict[str, Any], shards: list[dict[str, Any]], data_dir: str,
+               dedup: str, desc: str, fold: Callable[[Iterable[dict[str, Any]]], T]) -> T:
+    """`over_shards` on the pool, the texts in `TextShard` actors for as long as it runs."""
+    store = TextStore(data_dir, dedup)
+    try:
+        return fold(map_shards(actor, {**kwargs, "store": store}, shards, desc))
+    finally:
+        store.close()
 
 
 def map_shards(actor: type, kwargs: dict[str, Any], shards: list[dict[str, Any]],
