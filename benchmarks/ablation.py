@@ -86,6 +86,10 @@ ROWS: dict[str, list[str]] = {
     "graded_2_rank": ["data.min_positive_score=2", "mining.window=rank"],
     # every (query, positive) pair an example each epoch, as the recipe trains
     "graded_2_all": ["data.min_positive_score=2", "train.positives=all"],
+    # 8 hard negatives per example for both sides (the recipe mines mining.num_negatives too):
+    # the more negatives, the more false negatives a filter has to keep out
+    "graded_2_neg8": ["data.min_positive_score=2", "mining.num_negatives=8", "train.num_negatives=8"],
+    "st_recipe_neg8": ["data.min_positive_score=1", "mining.num_negatives=8", "train.num_negatives=8"],
     # perc picked from the labels (the audit on the training split, mining.max_fn_rate 0.10)
     "perc_auto": ["mining.perc=auto"],
     # the control: sentence-transformers' recipe on the grade-2-and-up pairs alone (the weaker
