@@ -36,6 +36,8 @@ def test_a_call_leaves_the_loggers_as_it_found_them(tmp_path: Path,
     gone once it returns, so nothing writes to a stream that has closed since."""
     import logging
 
+    from posmine import terminal
+
     root = logging.getLogger()
     before = root.handlers[:]
     args = ["mine", "jobs/configs/scifact.yaml", f"data.path={tmp_path / 'nope'}",
@@ -44,7 +46,7 @@ def test_a_call_leaves_the_loggers_as_it_found_them(tmp_path: Path,
     assert "posmine: error: " in capsys.readouterr().err
     log_file = tmp_path / "out" / "posmine.log"
     assert log_file.exists() and root.handlers == before
-    assert not [h for name in ("ray", "ray.train") for h in logging.getLogger(name).handlers
+    assert not [h for name in terminal.RAY_LOGGERS for h in logging.getLogger(name).handlers
                 if isinstance(h, logging.FileHandler) and h.baseFilename == str(log_file)]
     assert main(args) == 1
     assert log_file.read_text().count("log: ") == 2  # each call wrote its own lines once
