@@ -90,6 +90,7 @@ ROWS: dict[str, list[str]] = {
     # the more negatives, the more false negatives a filter has to keep out
     "graded_2_neg8": ["data.min_positive_score=2", "mining.num_negatives=8", "train.num_negatives=8"],
     "st_recipe_neg8": ["data.min_positive_score=1", "mining.num_negatives=8", "train.num_negatives=8"],
+    "neg8": ["mining.num_negatives=8", "train.num_negatives=8"],  # the same on one-grade data
     # perc picked from the labels (the audit on the training split, mining.max_fn_rate 0.10)
     "perc_auto": ["mining.perc=auto"],
     # the control: sentence-transformers' recipe on the grade-2-and-up pairs alone (the weaker
