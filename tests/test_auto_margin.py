@@ -3,14 +3,15 @@ on the mined split, said in the mine manifest; the default where there is nothin
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from posmine import pipeline
+from posmine import pipeline, report
 from posmine.config import ConfigError, load_config
-from posmine.core.mining import rule_threshold
+from posmine.core.mining import describe_auto, rule_threshold
 from tests.conftest import write_beir
 
 VALUES = (0.80, 0.90, 0.95, 0.99)
@@ -44,6 +45,14 @@ def test_auto_is_a_config_value_and_nothing_else_is() -> None:
         rule_threshold(np.array([0.5]), cfg.mining)
 
 
+def test_a_rule_without_the_auto_value_keeps_the_default_and_says_so() -> None:
+    cfg = load_config(None, ["mining.rule=naive_topk", "mining.perc=auto", "mining.margin=auto"])
+    mining, auto = pipeline.resolve_auto(cfg, cfg.teacher, cfg.mining)
+    assert (mining.perc, mining.margin) == (0.95, 0.05)
+    assert describe_auto(auto) == ("mining.perc=auto, mining.margin=auto: mining.rule=naive_topk "
+                                   "reads neither; the defaults")
+
+
 MULTI = {"train": [(f"q{i}", f"d{(i * 3 + j) % 40}", 1) for i in range(8) for j in range(4)],
          "test": [(f"q{i}", f"d{(i * 3 + 1) % 40}", 1) for i in range(8, 12)]}
 
@@ -60,6 +69,8 @@ def test_mine_picks_perc_from_labels_and_says_why(ray_local: None, tiny_model: s
     manifest = pipeline.mine(cfg)
     auto = manifest["auto"]
     assert auto["param"] == "perc" and manifest["mining"]["perc"] == auto["picked"]
+    page = report.mine_page(manifest["dir"])
+    assert html.escape(f"mining.perc=auto picked {auto['picked']}: {auto['why']}") in page
     if audited:
         assert [r["perc"] for r in auto["audit"]] == list(pipeline.AUTO_VALUES["perc"])
         want, _ = pipeline.pick_auto([{"fn_rate": r["fn_rate"], "examples": 1,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from posmine import pipeline
+from posmine import pipeline, report
 from posmine.config import TeacherConfig, TrainConfig, load_config
 from posmine.io import storage
 from posmine.models.encoder import Encoder
@@ -91,7 +91,8 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
     from posmine.cli import main
 
     out = str(tmp_path / "out")
-    args = _overrides(tiny_beir, tiny_model, out, "train.track=mlflow")
+    args = _overrides(tiny_beir, tiny_model, out, "train.track=mlflow", "mining.rule=topk_percpos",
+                      "mining.perc=auto")
     assert main(["run", "jobs/configs/scifact.yaml", *args]) == 0
     summary = storage.read_json(f"{out}/summary.json")
     printed = capsys.readouterr().out
@@ -123,9 +124,15 @@ def test_ray_train_exports_a_loadable_model(ray_local: None, tiny_beir: Path, ti
     # the model card: the base, the rule, the steps, the evaluation table, the config
     card = (Path(model_dir) / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: sentence-transformers\n") and "posmine" in card
-    assert "Rule `naive_topk`, anchored per `pair`" in card and "4 steps of batch 2" in card
+    mined = storage.read_manifest(f"{out}/mine")
+    picked = mined["mining"]["perc"]  # perc=auto: picked once, said in the manifest, card and report
+    assert mined["auto"]["picked"] == picked in pipeline.AUTO_VALUES["perc"]
+    assert f"Rule `topk_percpos (perc={picked})`, anchored per `pair`" in card
+    assert "4 steps of batch 2" in card
+    assert f"mining.perc=auto picked {picked}: {mined['auto']['why']}." in card
+    assert f"mining.perc=auto picked {picked}: " in report.run_page(out)
     assert f"| ndcg@10 | {summary['base']['ndcg@10']:.4f} | {summary['fine_tuned']['ndcg@10']:.4f} |" in card
-    assert "posmine run config.yaml" in card and "rule: naive_topk" in card
+    assert "posmine run config.yaml" in card and "rule: topk_percpos" in card
     # The same command again, in a fresh process: every stage current, answered from the
     # manifests without starting Ray, the same table printed.
     rerun = subprocess.run([sys.executable, "-c", NO_RAY_AFTER, "run", "jobs/configs/scifact.yaml", *args],

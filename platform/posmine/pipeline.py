@@ -25,7 +25,7 @@ from posmine.config import (
     resolve_teachers,
     to_dict,
 )
-from posmine.core.mining import survivor_window
+from posmine.core.mining import describe_auto, survivor_window
 from posmine.io import prepared, storage
 from posmine.models import backbone, model_card
 from posmine.stages import audit as audit_stage
@@ -135,15 +135,21 @@ def mine(cfg: Config, teacher: TeacherConfig | None = None, mining: MiningConfig
     With extra teachers (default: the config's `extra_teachers`), teacher i mines into
     `<name>-t<i>` and `mining.combine` merges them into `<name>`.
     """
-    teacher, mining = teacher or cfg.teacher, mining or cfg.mining
+    return _mine(cfg, teacher or cfg.teacher, mining or cfg.mining, name, extra_teachers)[0]
+
+
+def _mine(cfg: Config, teacher: TeacherConfig, mining: MiningConfig, name: str,
+          extra_teachers: Sequence[TeacherConfig] | None) -> tuple[dict[str, Any], MiningConfig]:
+    """`mine`, and the mining config it ran with (an `auto` value picked, and said in the
+    manifest, once)."""
     mining, picked = resolve_auto(cfg, teacher, mining)
     extra = resolve_teachers(cfg)[1:] if extra_teachers is None else list(extra_teachers)
     if not extra:
-        return _mine_one(cfg, teacher, mining, name, picked)
+        return _mine_one(cfg, teacher, mining, name, picked), mining
     parts = [_mine_one(cfg, t, mining, f"{name}-t{i}", picked) for i, t in enumerate([teacher, *extra])]
     manifest = mine_stage.combine(mining, parts, cfg.output.dir, name=name)
     manifest["dir"] = storage.join(cfg.output.dir, name)
-    return manifest
+    return manifest, mining
 
 
 def _mine_one(cfg: Config, teacher: TeacherConfig, mining: MiningConfig, name: str,
@@ -199,12 +205,13 @@ def resolve_auto(cfg: Config, teacher: TeacherConfig, mining: MiningConfig
     rows = audit(cfg, teacher, fixed, dataclasses.replace(cfg.audit, grid=grid,
                                                           anchors=(mining.anchor,)))["stats"]["settings"]
     value, why = pick_auto(rows, AUTO_VALUES[name], mining.max_fn_rate)
-    log.info("mining.%s=auto: %s (%s)", name, value, why)
     table = [{name: v, "fn_rate": round(r["fn_rate"], 4),
               "short_share": round(r["examples_short"] / max(1, r["examples"]), 4)}
              for v, r in zip(AUTO_VALUES[name], rows, strict=True)]
     picked = dataclasses.replace(mining, **{**defaults, name: value})
-    return picked, {"param": name, "picked": value, "why": why, "audit": table}
+    auto_record = {"param": name, "picked": value, "why": why, "audit": table}
+    log.info("%s", describe_auto(auto_record))
+    return picked, auto_record
 
 
 def pick_auto(rows: Sequence[dict[str, Any]], values: Sequence[float], max_fn_rate: float
@@ -247,10 +254,10 @@ def train(cfg: Config) -> dict[str, Any]:
         suffix = f"-{i}" if len(stages) > 1 else ""
         if remine and i > 0:
             teacher = student_view(cfg, student)
-        mining, _ = resolve_auto(cfg, teacher, mining)  # the bound below reads the number
-        # The extra teachers join the configured teacher, not a re-mining student.
-        mined = mine(cfg, teacher, mining, name=f"mine{suffix}",
-                     extra_teachers=None if teacher == cfg.teacher else ())
+        # The extra teachers join the configured teacher, not a re-mining student. The bound
+        # below reads the mined config: an `auto` value as picked.
+        mined, mining = _mine(cfg, teacher, mining, f"mine{suffix}",
+                              None if teacher == cfg.teacher else ())
         trained = train_stage.run(dataclasses.replace(train_cfg, model=student), mined["dir"],
                                   cfg.output.dir, upstream=str(mined["config_hash"]),
                                   name=f"train{suffix}", bound=teacher_bound(cfg, teacher, mining))

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from posmine.core.mining import describe_rule
+from posmine.core.mining import describe_auto, describe_rule
 from posmine.io import storage
 
 
@@ -224,9 +224,18 @@ def _mine_section(manifest: Mapping[str, Any]) -> str:
     warn = f'<p class="warn">{html.escape(stats["warning"])}</p>' if stats.get("warning") else ""
     rows = [{"count": k, "value": stats[k], "what it counts": what}
             for k, what in MINE_STATS.items() if k in stats]
-    return (f"<p>{html.escape(setting)}</p>{warn}"
+    return (f"<p>{html.escape(setting)}</p>{warn}{_auto_section(manifest.get('auto'))}"
             f"{html_table(rows, ('count', 'value', 'what it counts'))}"
             f"{html_image(histogram_png(manifest), 'teacher score histogram')}")
+
+
+def _auto_section(auto: Mapping[str, Any] | None) -> str:
+    """How an `auto` value was picked, with the audit it was picked from."""
+    if not auto:
+        return ""
+    name = auto.get("param", "")
+    table = html_table(auto["audit"], (name, "fn_rate", "short_share")) if auto.get("audit") else ""
+    return f"<p>{html.escape(describe_auto(auto))}</p>{table}"
 
 
 def mine_page(mined_dir: str) -> str:

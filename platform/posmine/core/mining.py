@@ -146,6 +146,13 @@ def describe_rule(mining: Mapping[str, Any]) -> str:
     return f"{rule} ({used})" if used else rule
 
 
+def describe_auto(auto: Mapping[str, Any]) -> str:
+    """`mining.perc=auto picked 0.99: <why>`: what a mine manifest's `auto` record says."""
+    if "param" not in auto:  # the rule reads none of the auto values: they were left at their defaults
+        return ", ".join(f"mining.{k}=auto" for k in auto["picked"]) + f": {auto['why']}"
+    return f"mining.{auto['param']}=auto picked {auto['picked']}: {auto['why']}"
+
+
 def number(cfg: MiningConfig, name: str) -> float:
     """`mining.perc` or `mining.margin` as a number; `auto` is picked before mining starts."""
     value = getattr(cfg, name)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from posmine.config import MODEL_DEFAULT, Config, dump_yaml
-from posmine.core.mining import describe_rule
+from posmine.core.mining import describe_auto, describe_rule
 from posmine.io import storage
 from posmine.models.backbone import MODEL_CARD as CARD
 
@@ -67,7 +67,8 @@ def card_text(cfg: Config, data: Mapping[str, Any], mine: Mapping[str, Any],
         f"{stats.get('negatives_kept', '?')} hard negatives kept ({m.get('num_negatives')} per "
         f"example), {stats.get('examples_too_few', 0)} examples short of negatives; "
         f"{stats.get('dropped_by_rule', '?')} times a candidate was passed over as too close to "
-        "the positive (counted once per example whose window it was in).\n",
+        "the positive (counted once per example whose window it was in)."
+        + (f" {describe_auto(mine['auto'])}." if mine.get("auto") else "") + "\n",
         "## Training\n",
         f"{train.get('rows', {}).get('steps', '?')} steps of batch {t.get('batch_size')} "
         f"(lr {t.get('lr')}, temperature {t.get('temperature')}, in-batch negatives "

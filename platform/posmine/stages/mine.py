@@ -268,6 +268,7 @@ def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: s
                               storage.join(target, MINED, "part-00000.parquet"), row_group_size=ROW_GROUP)
         return _done(cfg, len(rows), stats, f"mine ({len(teachers)} teachers)",
                       {"rule": cfg.rule, "mining": to_dict(cfg), "combine": cfg.combine,
-                       "teacher_dirs": teacher_dirs})
+                       "teacher_dirs": teacher_dirs,
+                       **({"auto": teachers[0]["auto"]} if "auto" in teachers[0] else {})})
 
     return lifecycle.run_stage(target, "mine", key, work)
