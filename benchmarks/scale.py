@@ -19,6 +19,13 @@ pool start included).
     python benchmarks/scale.py --queries 10000 100000 --docs 1000000 --index ivf \
         --json benchmarks/results/scale-ivf-1m.json
 
+With `--positives 43 --max-depth 4096` every query has 43 labelled positives and the survivors
+windows search up to 4,096 deep: the audit's hard case (a set with many positives per query and
+deep lists), e.g.
+
+    python benchmarks/scale.py --queries 2600 --docs 100000 --positives 43 --max-depth 4096 \
+        --stages data embed search mine audit --json benchmarks/results/scale-audit-deep.json
+
 With `--index ivf` (or hnsw) a `recall` step between search and mine measures the index's
 recall against exact search on 1,000 queries at the mine stage's search depth
 (not counted in the driver's peak: it is a measurement, not a stage).
@@ -43,8 +50,9 @@ from driver_memory import WORDS, make_tiny_model
 ROOT = Path("/tmp/posmine-bench-scale")
 
 
-def make_dataset(nq: int, nd: int) -> Path:
-    root = ROOT / f"v2-q{nq}-d{nd}"
+def make_dataset(nq: int, nd: int, positives: int = 0) -> Path:
+    """`positives` per query, or 0 for 1-3 (2 on average)."""
+    root = ROOT / (f"v2-q{nq}-d{nd}" + (f"-p{positives}" if positives else ""))
     if (root / "qrels" / "train.tsv").exists():
         return root
     (root / "qrels").mkdir(parents=True, exist_ok=True)
@@ -63,7 +71,7 @@ def make_dataset(nq: int, nd: int) -> Path:
     with open(root / "qrels" / "train.tsv", "w") as f:
         f.write("query-id\tcorpus-id\tscore\n")
         for i in range(nq):
-            for j in range(1 + i % 3):  # 1-3 positives: 2 on average
+            for j in range(positives or 1 + i % 3):  # 1-3 positives: 2 on average
                 f.write(f"q{i}\td{(i * 7919 + j * 104729) % nd}\t1\n")
     return root
 
@@ -71,7 +79,7 @@ def make_dataset(nq: int, nd: int) -> Path:
 STAGES = ("data", "embed", "search", "mine", "audit", "train")
 
 
-def child(data: str, model: str, out: str, steps: str, stage: str, kind: str) -> None:
+def child(data: str, model: str, out: str, steps: str, stage: str, kind: str, depth: str) -> None:
     """Run the pipeline up to `stage` (the earlier stages are done: skipped by their manifests)
     and report this process's peak RSS: the driver's peak in that stage alone."""
     from posmine import pipeline
@@ -81,7 +89,7 @@ def child(data: str, model: str, out: str, steps: str, stage: str, kind: str) ->
         f"data.path={data}", "data.split=train", f"teacher.model={model}", "teacher.max_length=16",
         "teacher.batch_size=512", "teacher.num_actors=2", "teacher.cpus_per_actor=0.5",
         "teacher.torch_threads=1", "index.num_shards=2", "index.query_batch_size=8192",
-        "mining.top_k=30", "mining.max_depth=128", f"train.model={model}", f"train.max_steps={steps}",
+        "mining.top_k=30", f"mining.max_depth={depth}", f"train.model={model}", f"train.max_steps={steps}",
         "train.batch_size=32", f"output.dir={out}"])
     sampler = MemorySampler()
     t0 = time.perf_counter()
@@ -175,7 +183,7 @@ class MemorySampler:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:8])
+        child(*sys.argv[2:9])
         return
     p = argparse.ArgumentParser()
     p.add_argument("--queries", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -185,14 +193,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
                    help="the stages to run (each needs the ones before it)")
+    p.add_argument("--positives", type=int, default=0,
+                   help="labelled positives per query (default 0: 1-3, 2 on average)")
+    p.add_argument("--max-depth", type=int, default=128,
+                   help="mining.max_depth: how deep the survivors window may search")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     model = make_tiny_model()
     runs = []
     for nq in a.queries:
-        data = make_dataset(nq, a.docs)
-        out = ROOT / f"out-v2-q{nq}-d{a.docs}-{a.index}"
+        data = make_dataset(nq, a.docs, a.positives)
+        out = ROOT / f"out-v2-q{nq}-d{a.docs}-{a.index}-p{a.positives}-depth{a.max_depth}"
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         stages = []
@@ -200,14 +212,15 @@ def main() -> None:
         stages_here = [s for s in stages_here if s in a.stages or s == "recall"]
         for stage in stages_here:  # each stage in a fresh driver process
             proc = subprocess.run([sys.executable, __file__, "--child", str(data), str(model),
-                                   str(out), str(a.steps), stage, a.index],
+                                   str(out), str(a.steps), stage, a.index, str(a.max_depth)],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(proc.stderr[-4000:])
             stages += [json.loads(line.split("STAGE", 1)[1]) for line in proc.stdout.splitlines()
                        if line.startswith("STAGE")]
         mine = next(s for s in stages if s["stage"] == "mine")
-        runs.append({"queries": nq, "docs": a.docs, "index": a.index, "stages": stages,
+        runs.append({"queries": nq, "docs": a.docs, "index": a.index, "positives": a.positives,
+                     "max_depth": a.max_depth, "stages": stages,
                      "driver_peak_rss_mib": max(s["driver_peak_rss_mib"] for s in stages
                                                 if s["stage"] in STAGES),
                      "driver_peak_private_mib": max(s["driver_peak_private_mib"] for s in stages
