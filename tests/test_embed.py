@@ -175,6 +175,27 @@ def test_ray_data_stage_equals_plain_encoder(ray_local: None, tiny_beir: Path, t
     assert other["config_hash"] != emb["config_hash"]
 
 
+def test_the_stage_keeps_input_order_whatever_the_global_context(ray_local: None, tiny_beir: Path,
+                                                                  tmp_path: Path) -> None:
+    """A part's vectors are written in the order of its rows, the same in every run (else the
+    index's rows, and float ties in the search, change between runs). Ray Data copies the
+    process's global context into a dataset as it is built: the stage's dataset keeps input order
+    even where that context does not (a fresh process), and leaves the context as it was."""
+    from ray.data import DataContext
+
+    out = str(tmp_path / "out")
+    prepare(DataConfig(path=str(tiny_beir)), out)
+    listed = list_parts(f"{out}/data/corpus")
+    options = DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, False  # a fresh process's default
+    try:
+        ds = embed_dataset(TeacherConfig(num_actors=2), listed, sorted(listed.rows), "corpus")
+        assert ds.context.execution_options.preserve_order is True
+        assert options.preserve_order is False
+    finally:
+        options.preserve_order = before
+
+
 def test_ray_data_stage_streams_without_a_barrier(ray_local: None, tiny_beir: Path,
                                                   tmp_path: Path) -> None:
     """Blocks go to the encoder actors as they are read: no all-to-all operator, which would

@@ -16,13 +16,14 @@ retries its batches; a part's rows are checked to arrive exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
@@ -234,26 +235,42 @@ def embed_dataset(cfg: TeacherConfig, listed: Parts, pending: list[str], side: s
     """The Ray Data pipeline of the stage: `pending` parts -> encoder actors -> `id, embedding,
     path` rows, in input order. Built, not run."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     use_gpu = pick_device(cfg.device).type == "cuda"
     fs, root = storage.arrow_filesystem(listed.dir)
     todo = sum(listed.rows[p] for p in pending)
-    ds = ray.data.read_parquet([f"{root}/{p}" for p in pending], filesystem=fs, include_paths=True)
-    # Streaming repartition: a block goes to an actor as soon as it is read. (`repartition(n)`
-    # is an all-to-all barrier: the whole input read and split before the first actor starts.)
-    ds = ds.repartition(target_num_rows_per_block=block_rows(todo, cfg.num_actors))
-    ds = ds.map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={"cfg": cfg, "side": side, "kept": kept or {}},
-        batch_format="pyarrow",
-        batch_size=cfg.batch_size * 8,
-        compute=ActorPoolStrategy(size=cfg.num_actors),
-        num_cpus=0 if use_gpu else cfg.cpus_per_actor,
-        num_gpus=1 if use_gpu else 0,
-    )
-    DataContext.get_current().execution_options.preserve_order = True
-    return ds
+    with _in_input_order():
+        ds = ray.data.read_parquet([f"{root}/{p}" for p in pending], filesystem=fs, include_paths=True)
+        # Streaming repartition: a block goes to an actor as soon as it is read. (`repartition(n)`
+        # is an all-to-all barrier: the whole input read and split before the first actor starts.)
+        ds = ds.repartition(target_num_rows_per_block=block_rows(todo, cfg.num_actors))
+        return ds.map_batches(
+            EmbedActor,
+            fn_constructor_kwargs={"cfg": cfg, "side": side, "kept": kept or {}},
+            batch_format="pyarrow",
+            batch_size=cfg.batch_size * 8,
+            compute=ActorPoolStrategy(size=cfg.num_actors),
+            num_cpus=0 if use_gpu else cfg.cpus_per_actor,
+            num_gpus=1 if use_gpu else 0,
+        )
+
+
+@contextlib.contextmanager
+def _in_input_order() -> Iterator[None]:
+    """Datasets built inside return their rows in input order, so a part's vectors are written
+    in the order of its rows, the same in every run. Ray Data copies the global `DataContext`
+    into a dataset as it is built: the setting is made before and undone after, leaving the
+    caller's context as it was."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    before = options.preserve_order
+    options.preserve_order = True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 def embed_ray(cfg: TeacherConfig, listed: Parts, dst: str, side: str) -> int:
