@@ -12,6 +12,7 @@ import pytest
 from posmine import pipeline, report
 from posmine.config import ConfigError, load_config
 from posmine.core.mining import describe_auto, rule_threshold
+from posmine.io import storage
 from tests.conftest import write_beir
 
 VALUES = (0.80, 0.90, 0.95, 0.99)
@@ -79,3 +80,18 @@ def test_mine_picks_perc_from_labels_and_says_why(ray_local: None, tiny_model: s
         assert auto["picked"] == want and auto["why"].startswith(("the loosest", "none", "every"))
     else:
         assert auto["picked"] == 0.95 and "one positive per query" in auto["why"]
+
+
+def test_several_teachers_say_the_pick_in_the_merged_manifest(ray_local: None, tiny_model: str,
+                                                              tmp_path: Path) -> None:
+    """The pick is made once, with the first teacher; every teacher mines with it, and the
+    merged manifest (what training and the report read) says it as the first teacher's does."""
+    root = write_beir(tmp_path / "data", qrels=MULTI)
+    cfg = load_config(None, [f"data.path={root}", f"teacher.model={tiny_model}",
+                             f"output.dir={tmp_path / 'out'}", "teacher.num_actors=1",
+                             "mining.top_k=5", "mining.perc=auto", "data.share_positives_by_text=false",
+                             "extra_teachers=[{pooling: cls}]"])
+    manifest = pipeline.mine(cfg)
+    first = storage.read_manifest(f"{tmp_path / 'out'}/mine-t0")
+    assert manifest["combine"] == "intra_sample" and manifest["auto"] == first["auto"]
+    assert manifest["mining"]["perc"] == first["mining"]["perc"] == manifest["auto"]["picked"]

@@ -147,7 +147,7 @@ def _mine(cfg: Config, teacher: TeacherConfig, mining: MiningConfig, name: str,
     if not extra:
         return _mine_one(cfg, teacher, mining, name, picked), mining
     parts = [_mine_one(cfg, t, mining, f"{name}-t{i}", picked) for i, t in enumerate([teacher, *extra])]
-    manifest = mine_stage.combine(mining, parts, cfg.output.dir, name=name)
+    manifest = mine_stage.combine(mining, parts, cfg.output.dir, name=name, auto=picked)
     manifest["dir"] = storage.join(cfg.output.dir, name)
     return manifest, mining
 

@@ -233,8 +233,7 @@ def _auto_section(auto: Mapping[str, Any] | None) -> str:
     """How an `auto` value was picked, with the audit it was picked from."""
     if not auto:
         return ""
-    name = auto.get("param", "")
-    table = html_table(auto["audit"], (name, "fn_rate", "short_share")) if auto.get("audit") else ""
+    table = html_table(auto["audit"], (auto["param"], "fn_rate", "short_share")) if "audit" in auto else ""
     return f"<p>{html.escape(describe_auto(auto))}</p>{table}"
 
 

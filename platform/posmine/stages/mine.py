@@ -249,11 +249,11 @@ def _done(cfg: MiningConfig, examples: int, stats: dict[str, Any], what: str,
 
 
 def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: str,
-            name: str = "mine") -> dict[str, Any]:
+            name: str = "mine", auto: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge the mine outputs of several teachers into `<out_dir>/<name>` (`mining.combine`).
 
     `teachers` are the finished mine stages' manifests (with their "dir"), the primary
-    teacher's first; skipped when current.
+    teacher's first; skipped when current. `auto`: as in `run`.
     """
     target = storage.join(out_dir, name)
     key = config_hash(cfg, config_hash(*(t["config_hash"] for t in teachers)), "combine")
@@ -268,7 +268,6 @@ def combine(cfg: MiningConfig, teachers: Sequence[Mapping[str, Any]], out_dir: s
                               storage.join(target, MINED, "part-00000.parquet"), row_group_size=ROW_GROUP)
         return _done(cfg, len(rows), stats, f"mine ({len(teachers)} teachers)",
                       {"rule": cfg.rule, "mining": to_dict(cfg), "combine": cfg.combine,
-                       "teacher_dirs": teacher_dirs,
-                       **({"auto": teachers[0]["auto"]} if "auto" in teachers[0] else {})})
+                       "teacher_dirs": teacher_dirs, **({"auto": auto} if auto else {})})
 
     return lifecycle.run_stage(target, "mine", key, work)
